@@ -1,0 +1,304 @@
+"""The ``fedguard`` command line.
+
+Every option of ``fedguard simulate`` can also live in a TOML file
+(``--config run.toml``) under the same name without the leading dashes; flags
+given on the command line win over the file. Errors print one line, no
+traceback, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedguard.core.config import (
+    DatasetName,
+    Engine,
+    GradSampleMode,
+    NoiseSource,
+    OptimizerKind,
+    RunConfig,
+)
+from fedguard.core.errors import ConfigError, FedguardError
+
+_DEFAULTS = RunConfig().to_options()
+
+
+def _choices(enum: Any) -> list[str]:
+    return [m.value for m in enum]
+
+
+def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "simulate",
+        help="simulate a consortium of silos on this machine",
+        description=(
+            "Simulate a consortium: a built-in data set split across silos, each training "
+            "locally with DP-SGD under a persistent privacy ledger, aggregated by the server. "
+            "By default the DP run is followed by its non-private twin (--no-baseline skips it). "
+            "Writes OUT/RUN/report.json, report.md and PNG plots."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = _DEFAULTS
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.toml",
+        help="TOML file with any of these options (keys without leading dashes)",
+    )
+    data = p.add_argument_group("data and consortium")
+    data.add_argument(
+        "--dataset",
+        choices=_choices(DatasetName),
+        default=None,
+        help=f"built-in data set [default: {d['dataset']}]",
+    )
+    data.add_argument(
+        "--clients", type=int, default=None, help=f"number of silos [default: {d['clients']}]"
+    )
+    data.add_argument(
+        "--partition",
+        default=None,
+        metavar="{iid,dirichlet:ALPHA,column:NAME}",
+        help=f"how rows are split across silos [default: {d['partition']}]",
+    )
+    data.add_argument(
+        "--min-silo-size",
+        type=int,
+        default=None,
+        help=f"smallest silo a partition may leave [default: {d['min-silo-size']}]",
+    )
+    data.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help=f"held-out test share of each silo [default: {d['test-fraction']}]",
+    )
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--rounds", type=int, default=None, help=f"federated rounds [default: {d['rounds']}]"
+    )
+    train.add_argument(
+        "--local-epochs",
+        type=int,
+        default=None,
+        help=f"local epochs per round [default: {d['local-epochs']}]",
+    )
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"expected (Poisson) batch size [default: {d['batch-size']}]",
+    )
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help=f"local learning rate [default: {d['learning-rate']}]",
+    )
+    train.add_argument(
+        "--optimizer",
+        choices=_choices(OptimizerKind),
+        default=None,
+        help=f"local optimizer [default: {d['optimizer']}]",
+    )
+    train.add_argument(
+        "--momentum", type=float, default=None, help=f"SGD momentum [default: {d['momentum']}]"
+    )
+    train.add_argument(
+        "--hidden",
+        default=None,
+        metavar="H1,H2,...",
+        help=f"hidden layer sizes of the tabular MLP [default: {d['hidden']}]",
+    )
+    privacy = p.add_argument_group("local DP-SGD (sample-level, per silo)")
+    privacy.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help=f"each silo's ε budget [default: {d['target-epsilon']}]",
+    )
+    privacy.add_argument(
+        "--delta", type=float, default=None, help=f"each silo's δ [default: {d['delta']}]"
+    )
+    privacy.add_argument(
+        "--no-dp",
+        action="store_true",
+        default=None,
+        help="non-private baseline: same everything else, no clipping or noise",
+    )
+    privacy.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help=f"per-sample gradient clipping norm [default: {d['max-grad-norm']}]",
+    )
+    privacy.add_argument(
+        "--grad-sample-mode",
+        choices=_choices(GradSampleMode),
+        default=None,
+        help=f"Opacus per-sample gradient engine [default: {d['grad-sample-mode']}]",
+    )
+    privacy.add_argument(
+        "--noise-source",
+        choices=_choices(NoiseSource),
+        default=None,
+        help=f"csprng: AES-CTR from the OS; seeded: reproducible, research only "
+        f"[default: {d['noise-source']}]",
+    )
+    privacy.add_argument(
+        "--max-noise-multiplier",
+        type=float,
+        default=None,
+        help=f"largest σ a silo accepts before calling the budget infeasible "
+        f"[default: {d['max-noise-multiplier']}]",
+    )
+    central = p.add_argument_group("central DP (user-level, on the server)")
+    central.add_argument(
+        "--central-dp",
+        action="store_true",
+        default=None,
+        help="add DP-FedAvg: clip each silo's update, Gaussian noise on the sum",
+    )
+    central.add_argument(
+        "--central-clip-norm",
+        type=float,
+        default=None,
+        help=f"L2 bound on a silo's update [default: {d['central-clip-norm']}]",
+    )
+    central.add_argument(
+        "--central-noise-multiplier",
+        type=float,
+        default=None,
+        help=f"noise std / clip norm [default: {d['central-noise-multiplier']}]",
+    )
+    central.add_argument(
+        "--client-sampling-rate",
+        type=float,
+        default=None,
+        help=f"Poisson rate of silo sampling [default: {d['client-sampling-rate']}]",
+    )
+    central.add_argument(
+        "--central-delta",
+        type=float,
+        default=None,
+        help=f"δ of the central guarantee [default: {d['central-delta']}]",
+    )
+    run = p.add_argument_group("run")
+    run.add_argument(
+        "--seed", type=int, default=None, help=f"seed of everything seeded [default: {d['seed']}]"
+    )
+    run.add_argument("--out", default=None, help=f"folder for run folders [default: {d['out']}]")
+    run.add_argument(
+        "--run-name", default=None, help="name of the run folder [default: DATASET-TIMESTAMP]"
+    )
+    run.add_argument(
+        "--engine",
+        choices=_choices(Engine),
+        default=None,
+        help=f"ray: Flower's simulation engine; inprocess: one process, no Ray "
+        f"[default: {d['engine']}]",
+    )
+    run.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the non-private twin and compare",
+    )
+    run.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedguard",
+        description="fedguard: federated learning for regulated industries.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _simulate_parser(sub)
+    return parser
+
+
+_NOT_OPTIONS = {"command", "config", "baseline", "quiet"}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    options: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            options.update(tomllib.loads(Path(args.config).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {args.config} does not exist") from None
+        except tomllib.TOMLDecodeError as bad:
+            raise ConfigError(f"config file {args.config} is not valid TOML: {bad}") from None
+    for key, value in vars(args).items():
+        if key in _NOT_OPTIONS or value is None:
+            continue
+        options[key.replace("_", "-")] = value
+    return RunConfig.from_options(options)
+
+
+def _progress(variant: str, record: Any) -> None:
+    ev = record.evaluation
+    auc = f" auc {ev.auc:.3f}" if ev.auc is not None else ""
+    eps = max(record.silo_epsilon.values()) if record.silo_epsilon else None
+    eps_text = f" max ε {eps:.2f}" if eps is not None else ""
+    extra = ""
+    if record.round > 0:
+        extra = (
+            f" | {record.count('ok')}/{record.sampled} accepted"
+            + (f", {record.count('refused')} refused" if record.count("refused") else "")
+            + (f", {record.count('rejected')} rejected" if record.count("rejected") else "")
+            + (f", {record.count('error')} failed" if record.count("error") else "")
+        )
+    print(
+        f"[{variant}] round {record.round:>3}: loss {ev.loss:.4f} acc {ev.accuracy:.3f}{auc}"
+        f"{eps_text}{extra} ({record.seconds:.1f}s)",
+        flush=True,
+    )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedguard.simulation.report import summary_table, write_report
+    from fedguard.simulation.runner import simulate
+
+    config = config_from_args(args)
+    run_dir, results, plans = simulate(
+        config, baseline=args.baseline, on_round=None if args.quiet else _progress
+    )
+    paths = write_report(run_dir, config, results, plans)
+    import json
+
+    report = json.loads(paths["json"].read_text())
+    print()
+    print(summary_table(config, report))
+    print(f"\nrun folder: {run_dir}")
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "simulate":
+            return cmd_simulate(args)
+    except FedguardError as error:
+        print(f"fedguard: error: {error}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The silo agent: a Flower ``ClientApp`` (Message API) that trains with DP-SGD.
+
+:class:`SiloAgent` holds the handlers and knows nothing of how Flower built it,
+so a Flower user can put them in their own ``ClientApp``::
+
+    app = make_client_app(lambda context: settings_from_node_config(context.node_config))
+
+Privacy flow of one ``train`` message (the ledger is written before training):
+
+1. parse and check the instruction and the global model;
+2. open the silo's persistent ledger; on the run's first round, calibrate the
+   noise multiplier σ so that the planned rounds fit the silo's remaining budget,
+   and store that plan in the ledger (σ stays fixed for the run);
+3. charge this round's DP-SGD event; if it would exceed the budget, reply
+   ``refused`` and train nothing;
+4. train with Opacus, mark the charge completed (or failed: it stays charged);
+5. reply with the new weights and the ledger's ε.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from fedguard.client.silo import SiloSettings, settings_from_node_config
+from fedguard.client.training import (
+    LocalData,
+    evaluate,
+    train_dp_sgd,
+    train_non_private,
+)
+from fedguard.core import protocol
+from fedguard.core.datasets import SiloData
+from fedguard.core.errors import (
+    BudgetExhaustedError,
+    FedguardError,
+    InfeasibleBudgetError,
+    LedgerError,
+    ProtocolError,
+    TrainingRefusedError,
+)
+from fedguard.core.models import build_model
+from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.protocol import ReplyStatus, RoundInstructions
+from fedguard.core.seeding import derive_seed
+from fedguard.core.serialization import load_weights, record_to_weights, weights_to_record
+from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
+from fedguard.privacy.events import DpSgdRound
+from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger, RoundPlan
+
+log = logging.getLogger(__name__)
+
+
+def _reply(
+    message: Message,
+    silo_id: str,
+    status: ReplyStatus,
+    reason: str = "",
+    records: dict[str, Any] | None = None,
+) -> Message:
+    content = RecordDict(
+        {protocol.STATUS: protocol.status_record(status, reason, silo_id), **(records or {})}
+    )
+    return Message(content, reply_to=message)
+
+
+class SiloAgent:
+    """The handlers of one silo, for one message."""
+
+    def __init__(self, settings: SiloSettings, allow_non_private: bool = False) -> None:
+        self.settings = settings
+        self.allow_non_private = allow_non_private
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def handle(self, message: Message, action: Callable[[Message], Message]) -> Message:
+        """Run ``action``; a typed fedguard error becomes an ``error`` reply with its reason."""
+        try:
+            return action(message)
+        except (BudgetExhaustedError, InfeasibleBudgetError, TrainingRefusedError) as refused:
+            # Policy decisions of the silo: a budget that cannot pay, a non-private request.
+            log.warning("silo %s refused: %s", self.settings.silo_id, refused)
+            return _reply(message, self.settings.silo_id, ReplyStatus.REFUSED, str(refused))
+        except FedguardError as failed:
+            log.error("silo %s failed: %s", self.settings.silo_id, failed)
+            return _reply(
+                message,
+                self.settings.silo_id,
+                ReplyStatus.ERROR,
+                f"{type(failed).__name__}: {failed}",
+            )
+
+    def feature_statistics(self, message: Message) -> Message:
+        silo = self._load(message)
+        stats = FeatureStatistics.from_features(silo.train)
+        record = ArrayRecord({k: _array(v) for k, v in stats.to_arrays().items()})
+        return _reply(
+            message, self.settings.silo_id, ReplyStatus.OK, records={protocol.STATISTICS: record}
+        )
+
+    def train(self, message: Message) -> Message:
+        instructions = self._instructions(message)
+        silo = self._load(message)
+        model = build_model(silo.schema, instructions.model)
+        load_weights(model, record_to_weights(self._record(message, protocol.ARRAYS)))
+        data = self._local_data(message, silo, train=True)
+        seed = derive_seed(instructions.seed, "train", self.settings.silo_id, instructions.round)
+        if not instructions.local_dp.enabled:
+            if not self.allow_non_private:
+                raise TrainingRefusedError(
+                    f"silo {self.settings.silo_id} only trains with DP-SGD; "
+                    "the server asked for non-private training"
+                )
+            result = train_non_private(model, data, instructions.training, seed)
+            metrics: dict[str, float] = {"dp": 0}  # no ε to report: nothing was protected
+        else:
+            with PrivacyLedger.open(
+                self.settings.state_dir, self.settings.silo_id, self.settings.budget
+            ) as ledger:
+                event = self._round_event(ledger, instructions, len(data))
+                entry = ledger.charge(instructions.run_id, instructions.round, event)
+                try:
+                    result = train_dp_sgd(
+                        model,
+                        data,
+                        instructions.training,
+                        instructions.local_dp,
+                        event.noise_multiplier,
+                        seed,
+                    )
+                except BaseException:
+                    ledger.mark(entry.entry_id, ChargeStatus.FAILED)
+                    raise
+                ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
+                metrics = {
+                    "epsilon-spent": entry.epsilon_after,
+                    "noise-multiplier": event.noise_multiplier,
+                }
+        metric_record = MetricRecord(
+            {
+                "num-examples": result.num_examples,
+                "train-loss": result.mean_loss,
+                "steps": result.steps,
+                "sample-rate": result.sample_rate,
+                "epsilon-budget": self.settings.budget.epsilon,
+                "delta": self.settings.budget.delta,
+                **metrics,
+            }
+        )
+        return _reply(
+            message,
+            self.settings.silo_id,
+            ReplyStatus.OK,
+            records={
+                protocol.ARRAYS: weights_to_record(result.weights),
+                protocol.METRICS: metric_record,
+            },
+        )
+
+    def evaluate(self, message: Message) -> Message:
+        instructions = self._instructions(message)
+        silo = self._load(message)
+        model = build_model(silo.schema, instructions.model)
+        load_weights(model, record_to_weights(self._record(message, protocol.ARRAYS)))
+        result = evaluate(
+            model, self._local_data(message, silo, train=False), silo.schema.num_classes
+        )
+        records: dict[str, Any] = {
+            protocol.METRICS: MetricRecord(
+                {
+                    "num-examples": result.num_examples,
+                    "loss-sum": result.loss_sum,
+                    "correct": result.correct,
+                }
+            )
+        }
+        if result.positive_histogram is not None and result.negative_histogram is not None:
+            records[protocol.HISTOGRAMS] = ArrayRecord(
+                {
+                    "positive": _array(result.positive_histogram),
+                    "negative": _array(result.negative_histogram),
+                }
+            )
+        return _reply(message, self.settings.silo_id, ReplyStatus.OK, records=records)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _round_event(
+        self, ledger: PrivacyLedger, instructions: RoundInstructions, num_examples: int
+    ) -> DpSgdRound:
+        """This round's DP-SGD event, from the run's plan (calibrated on first use)."""
+        sample_rate, steps = poisson_schedule(
+            num_examples, instructions.training.batch_size, instructions.training.local_epochs
+        )
+        plan = ledger.plan(instructions.run_id)
+        if plan is None:
+            remaining = self.settings.budget.epsilon - ledger.spent_epsilon()
+            if remaining <= 0:
+                raise BudgetExhaustedError(
+                    f"silo {self.settings.silo_id} has spent its whole budget "
+                    f"ε={self.settings.budget.epsilon:g}"
+                )
+            # Planning the run on the remaining ε is a heuristic (basic composition would
+            # also add the δs); the ledger's joint PLD check before each round decides.
+            try:
+                sigma = calibrate_noise_multiplier(
+                    sample_rate=sample_rate,
+                    steps_per_round=steps,
+                    rounds=instructions.planned_rounds,
+                    target_epsilon=remaining,
+                    delta=self.settings.budget.delta,
+                    max_noise_multiplier=instructions.local_dp.max_noise_multiplier,
+                )
+            except InfeasibleBudgetError as too_small:
+                raise InfeasibleBudgetError(
+                    f"silo {self.settings.silo_id}, remaining ε={remaining:.4g} of its budget "
+                    f"ε={self.settings.budget.epsilon:g}: {too_small}"
+                ) from None
+            plan = RoundPlan(sample_rate, sigma, steps, instructions.planned_rounds)
+            ledger.set_plan(instructions.run_id, plan)
+        elif plan.sample_rate != sample_rate or plan.steps_per_round != steps:
+            raise LedgerError(
+                f"run {instructions.run_id} was planned with q={plan.sample_rate}, "
+                f"{plan.steps_per_round} steps/round, but this round would use q={sample_rate}, "
+                f"{steps} steps: the silo's data or the batch settings changed mid-run"
+            )
+        return DpSgdRound(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
+
+    def _instructions(self, message: Message) -> RoundInstructions:
+        if protocol.CONFIG not in message.content.config_records:
+            raise ProtocolError("instruction has no config record")
+        instructions = RoundInstructions.from_record(
+            message.content.config_records[protocol.CONFIG]
+        )
+        if instructions.dataset != self.settings.data.dataset:
+            raise ProtocolError(
+                f"the server trains on {instructions.dataset.value!r}, "
+                f"but silo {self.settings.silo_id} holds {self.settings.data.dataset.value!r}"
+            )
+        return instructions
+
+    def _load(self, message: Message) -> SiloData:
+        return self.settings.data.load()
+
+    @staticmethod
+    def _record(message: Message, key: str) -> ArrayRecord:
+        if key not in message.content.array_records:
+            raise ProtocolError(f"instruction has no {key!r} array record")
+        return message.content.array_records[key]
+
+    def _local_data(self, message: Message, silo: SiloData, *, train: bool) -> LocalData:
+        scaler_arrays = {k: v.numpy() for k, v in self._record(message, protocol.SCALER).items()}
+        scaler = FeatureScaler.from_arrays(scaler_arrays)
+        part = silo.train if train else silo.test
+        features = scaler.transform(part.features).reshape((-1, *silo.schema.input_shape))
+        return LocalData(np.ascontiguousarray(features, dtype=np.float32), part.labels)
+
+
+def _array(value: np.ndarray) -> Any:
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(value))
+
+
+def make_client_app(
+    resolve_settings: Callable[[Context], SiloSettings],
+    allow_non_private: bool = False,
+    mods: list[Mod] | None = None,
+) -> ClientApp:
+    """A ``ClientApp`` whose silo settings come from ``resolve_settings(context)``.
+
+    ``mods`` are Flower mods wrapped around every handler (simulation uses them to
+    play misbehaving silos).
+    """
+    app = ClientApp(mods=mods)
+
+    def dispatch(message: Message, context: Context, handler: str) -> Message:
+        try:
+            silo_agent = SiloAgent(resolve_settings(context), allow_non_private=allow_non_private)
+        except FedguardError as misconfigured:
+            log.error("silo misconfigured: %s", misconfigured)
+            reply = RecordDict(
+                {
+                    protocol.STATUS: protocol.status_record(
+                        ReplyStatus.ERROR, f"{type(misconfigured).__name__}: {misconfigured}"
+                    )
+                }
+            )
+            return Message(reply, reply_to=message)
+        return silo_agent.handle(message, getattr(silo_agent, handler))
+
+    @app.query("feature_statistics")
+    def _feature_statistics(message: Message, context: Context) -> Message:
+        return dispatch(message, context, "feature_statistics")
+
+    @app.train()
+    def _train(message: Message, context: Context) -> Message:
+        return dispatch(message, context, "train")
+
+    @app.evaluate()
+    def _evaluate(message: Message, context: Context) -> Message:
+        return dispatch(message, context, "evaluate")
+
+    return app
+
+
+def _deployed_settings(context: Context) -> SiloSettings:
+    return settings_from_node_config(context.node_config)
+
+
+# The deployed silo agent (``fedguard.client.app:app``): settings from the SuperNode's
+# ``--node-config``; non-private training is refused.
+app = make_client_app(_deployed_settings)

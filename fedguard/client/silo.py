@@ -1,0 +1,128 @@
+"""A silo's own settings: where its data and state live, and its privacy budget.
+
+These are chosen by the silo (Flower's ``node_config``), never by the server: a
+server cannot raise a hospital's ε budget or point it at another file.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from fedguard.core.config import DatasetName, PartitionSpec, PrivacyBudget
+from fedguard.core.datasets import (
+    SiloData,
+    load_silo_frame,
+    schema_for,
+    silo_from_frame,
+    simulation_silos,
+)
+from fedguard.core.errors import ConfigError
+from fedguard.core.seeding import derive_seed
+
+
+class SiloDataSource(Protocol):
+    """Where a silo's records come from."""
+
+    @property
+    def dataset(self) -> DatasetName: ...
+
+    def load(self) -> SiloData: ...
+
+
+@dataclass(frozen=True)
+class CsvSiloSource:
+    """A silo's own CSV file with the data set's raw columns (deployment)."""
+
+    path: Path
+    dataset: DatasetName
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def load(self) -> SiloData:
+        return _load_csv_silo(self.path.resolve(), self.dataset, self.test_fraction, self.seed)
+
+
+@dataclass(frozen=True)
+class SimulatedSiloSource:
+    """Silo ``index`` of a seeded partition of a built-in data set (simulation)."""
+
+    dataset: DatasetName
+    num_silos: int
+    partition: PartitionSpec
+    index: int
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.num_silos:
+            raise ConfigError(f"silo index {self.index} outside 0..{self.num_silos - 1}")
+
+    def load(self) -> SiloData:
+        silos = _simulated_silos(
+            self.dataset, self.num_silos, self.partition, self.test_fraction, self.seed
+        )
+        return silos[self.index]
+
+
+# One load per process: a simulated ClientApp is rebuilt for every message, but the
+# Ray actor (or process) running it lives on, and reloading data every round is waste.
+@functools.lru_cache(maxsize=8)
+def _simulated_silos(
+    dataset: DatasetName, num_silos: int, partition: PartitionSpec, test_fraction: float, seed: int
+) -> tuple[SiloData, ...]:
+    return tuple(simulation_silos(dataset, num_silos, partition, test_fraction, seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_csv_silo(path: Path, dataset: DatasetName, test_fraction: float, seed: int) -> SiloData:
+    schema = schema_for(dataset)
+    frame = load_silo_frame(path, schema)
+    return silo_from_frame(schema, frame, test_fraction, derive_seed(seed, "split", str(path)))
+
+
+@dataclass(frozen=True)
+class SiloSettings:
+    silo_id: str
+    state_dir: Path
+    budget: PrivacyBudget
+    data: SiloDataSource
+
+    def __post_init__(self) -> None:
+        if not self.silo_id or "/" in self.silo_id:
+            raise ConfigError(f"silo id must be a non-empty name without '/', got {self.silo_id!r}")
+
+
+def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings:
+    """Parse a deployed SuperNode's ``--node-config`` once, at the boundary.
+
+    Keys: ``silo-id``, ``dataset``, ``data-path``, ``state-dir``, ``target-epsilon``,
+    ``delta`` and optionally ``test-fraction``, ``seed``.
+    """
+    required = ("silo-id", "dataset", "data-path", "state-dir", "target-epsilon", "delta")
+    missing = [k for k in required if k not in node_config]
+    if missing:
+        raise ConfigError(f"node config lacks {missing}; a silo needs all of {list(required)}")
+    try:
+        budget = PrivacyBudget(
+            epsilon=float(str(node_config["target-epsilon"])),
+            delta=float(str(node_config["delta"])),
+        )
+        test_fraction = float(str(node_config.get("test-fraction", 0.2)))
+        seed = int(str(node_config.get("seed", 0)))
+    except ValueError as bad:
+        raise ConfigError(f"node config has a malformed number: {bad}") from None
+    return SiloSettings(
+        silo_id=str(node_config["silo-id"]),
+        state_dir=Path(str(node_config["state-dir"])),
+        budget=budget,
+        data=CsvSiloSource(
+            path=Path(str(node_config["data-path"])),
+            dataset=DatasetName.parse(str(node_config["dataset"])),
+            test_fraction=test_fraction,
+            seed=seed,
+        ),
+    )

@@ -1,0 +1,276 @@
+"""Local training inside one silo: DP-SGD with Opacus, a non-private twin, and evaluation.
+
+DP-SGD (Abadi et al., CCS 2016) as Opacus implements it: Poisson sampling of each
+record with rate ``q`` per step, per-sample gradients clipped to ``max_grad_norm``,
+Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` on the
+sum, divided by the expected batch size. The number of steps and ``q`` are those
+of :func:`fedguard.privacy.analysis.dp_sgd.poisson_schedule`; the loader Opacus
+builds is checked against them, so the ledger charges what actually runs.
+
+Two details Opacus leaves to the caller:
+
+* Empty Poisson batches. The privacy analysis counts every step as one noisy
+  release, so an empty batch still takes a step made of noise alone (skipping it
+  would reveal that the batch was empty). Opacus's ``ew`` engine cannot run a
+  forward pass on an empty batch, so all engines take the same explicit path.
+* The noise source. Opacus draws noise from torch's Mersenne Twister unless
+  ``secure_mode=True``, which needs torchcsprng (not installable here). With
+  :attr:`NoiseSource.CSPRNG` the optimizer's ``add_noise`` draws from
+  :class:`fedguard.privacy.noise.CsprngGaussian` instead (see that module for the
+  threat model). Opacus has no hook for a non-torch noise source, so the
+  optimizer's class is swapped for a subclass that overrides only ``add_noise``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedguard.core.config import LocalDPConfig, LocalTrainingConfig, NoiseSource, OptimizerKind
+from fedguard.core.errors import ConfigError, FedguardError
+from fedguard.core.metrics import score_histograms
+from fedguard.core.serialization import ModelWeights, model_weights
+from fedguard.privacy.analysis.dp_sgd import poisson_schedule
+from fedguard.privacy.noise import CsprngGaussian, seeded_torch_generator
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """One silo's scaled features (float32) and labels (int64), ready for torch."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.features.dtype != np.float32 or self.labels.dtype != np.int64:
+            raise ConfigError("LocalData needs float32 features and int64 labels")
+        if len(self.features) != len(self.labels):
+            raise ConfigError(f"{len(self.features)} feature rows but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def dataset(self) -> TensorDataset:
+        return TensorDataset(torch.from_numpy(self.features), torch.from_numpy(self.labels))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    weights: ModelWeights
+    num_examples: int
+    steps: int
+    sample_rate: float
+    mean_loss: float
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Sums, not means, so the server can pool silos exactly."""
+
+    num_examples: int
+    loss_sum: float
+    correct: int
+    # Binary tasks only: histograms of the positive-class probability per true label.
+    positive_histogram: np.ndarray | None = None
+    negative_histogram: np.ndarray | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.num_examples if self.num_examples else float("nan")
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.num_examples if self.num_examples else float("nan")
+
+
+class TrainingError(FedguardError):
+    """Local training failed (for example, it diverged to NaN)."""
+
+
+def _make_optimizer(model: nn.Module, training: LocalTrainingConfig) -> torch.optim.Optimizer:
+    if training.optimizer is OptimizerKind.ADAM:
+        return torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    return torch.optim.SGD(
+        model.parameters(), lr=training.learning_rate, momentum=training.momentum
+    )
+
+
+def train_dp_sgd(
+    model: nn.Module,
+    data: LocalData,
+    training: LocalTrainingConfig,
+    dp: LocalDPConfig,
+    noise_multiplier: float,
+    seed: int,
+) -> TrainResult:
+    """Run ``training.local_epochs`` epochs of DP-SGD on ``model`` (modified in place).
+
+    ``seed`` drives Poisson sampling and, with :attr:`NoiseSource.SEEDED`, the
+    noise; with :attr:`NoiseSource.CSPRNG` the noise ignores it.
+    """
+    if len(data) == 0:
+        raise ConfigError("cannot train on an empty data set")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ConfigError(f"noise multiplier must be finite and >= 0, got {noise_multiplier}")
+    sample_rate, steps = poisson_schedule(len(data), training.batch_size, training.local_epochs)
+    torch.manual_seed(seed)
+    loader = DataLoader(data.dataset(), batch_size=training.batch_size)
+    criterion: Any = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        # Opacus warns that its secure RNG is off; fedguard supplies its own noise source.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")  # fedguard's ledger accounts; this one is unused
+    generator = seeded_torch_generator(seed) if dp.noise_source is NoiseSource.SEEDED else None
+    wrapped = engine.make_private(
+        module=model,
+        optimizer=_make_optimizer(model, training),
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=dp.grad_sample_mode.value,
+        noise_generator=generator,
+    )
+    if len(wrapped) == 4:
+        private_model, optimizer, criterion, private_loader = wrapped
+    else:
+        private_model, optimizer, private_loader = wrapped
+    actual_rate = private_loader.batch_sampler.sample_rate
+    if not math.isclose(actual_rate, sample_rate, rel_tol=1e-12) or (
+        len(private_loader) * training.local_epochs != steps
+    ):
+        raise TrainingError(
+            f"Opacus sampling (q={actual_rate}, {len(private_loader)} steps/epoch) differs "
+            f"from the accounted schedule (q={sample_rate}, {steps} steps); refusing to train"
+        )
+    if dp.noise_source is NoiseSource.CSPRNG:
+        use_csprng_noise(optimizer, CsprngGaussian())
+
+    private_model.train()
+    # Opacus's hooks fire on the first layer although the inputs need no gradient.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    losses: list[float] = []
+    taken = 0
+    for _ in range(training.local_epochs):
+        for features, labels in private_loader:
+            optimizer.zero_grad()
+            if len(labels) == 0:
+                _noise_only_step(optimizer)
+            else:
+                loss = criterion(private_model(features), labels)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            taken += 1
+    if taken != steps:
+        raise TrainingError(f"took {taken} DP-SGD steps, the ledger charged {steps}")
+    weights = model_weights(model)
+    if not all(np.isfinite(v).all() for v in weights.values()):
+        raise TrainingError("local DP-SGD diverged: the model holds NaN or Inf")
+    return TrainResult(
+        weights=weights,
+        num_examples=len(data),
+        steps=steps,
+        sample_rate=sample_rate,
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+    )
+
+
+def _noise_only_step(optimizer: DPOptimizer) -> None:
+    """One DP-SGD step for an empty Poisson batch: a zero gradient plus noise."""
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype)
+        p.grad = torch.zeros_like(p)  # the ghost-clipping optimizer reads p.grad
+    optimizer.step()
+
+
+def train_non_private(
+    model: nn.Module, data: LocalData, training: LocalTrainingConfig, seed: int
+) -> TrainResult:
+    """The ``--no-dp`` twin: same epochs, batch size and optimizer; shuffled batches."""
+    if len(data) == 0:
+        raise ConfigError("cannot train on an empty data set")
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        data.dataset(), batch_size=training.batch_size, shuffle=True, generator=generator
+    )
+    optimizer = _make_optimizer(model, training)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    losses: list[float] = []
+    steps = 0
+    for _ in range(training.local_epochs):
+        for features, labels in loader:
+            optimizer.zero_grad()
+            loss = criterion(model(features), labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+    weights = model_weights(model)
+    if not all(np.isfinite(v).all() for v in weights.values()):
+        raise TrainingError("local training diverged: the model holds NaN or Inf")
+    return TrainResult(
+        weights=weights,
+        num_examples=len(data),
+        steps=steps,
+        sample_rate=1.0,
+        mean_loss=float(np.mean(losses)),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: LocalData, num_classes: int) -> EvaluationResult:
+    """Loss and accuracy sums, plus score histograms for a binary task."""
+    model.eval()
+    if len(data) == 0:
+        return EvaluationResult(num_examples=0, loss_sum=0.0, correct=0)
+    features = torch.from_numpy(data.features)
+    labels = torch.from_numpy(data.labels)
+    logits = model(features)
+    loss_sum = float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    correct = int((logits.argmax(dim=1) == labels).sum())
+    if num_classes != 2:
+        return EvaluationResult(len(data), loss_sum, correct)
+    scores = torch.softmax(logits, dim=1)[:, 1].numpy()
+    positive, negative = score_histograms(scores, data.labels)
+    return EvaluationResult(len(data), loss_sum, correct, positive, negative)
+
+
+# --- CSPRNG noise inside Opacus's optimizer -----------------------------------------
+
+_CSPRNG_CLASSES: dict[type, type] = {}
+
+
+def _csprng_add_noise(self: Any) -> None:
+    # Mirrors DPOptimizer.add_noise (Opacus 1.6) with the noise drawn from a CSPRNG.
+    if getattr(self, "_adjusted_noise_multiplier", None) is not None:
+        raise TrainingError("adaptive clipping is not supported with CSPRNG noise")
+    sampler: CsprngGaussian = self._fedguard_noise
+    std = self.noise_multiplier * self.max_grad_norm
+    for p in self.params:
+        _check_processed_flag(p.summed_grad)
+        noise = sampler.sample(tuple(p.summed_grad.shape), std=std, dtype=p.summed_grad.dtype)
+        p.grad = (p.summed_grad + noise).view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
+def use_csprng_noise(optimizer: DPOptimizer, sampler: CsprngGaussian) -> None:
+    """Make ``optimizer`` draw its Gaussian noise from ``sampler``."""
+    base = type(optimizer)
+    cls = _CSPRNG_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"Csprng{base.__name__}", (base,), {"add_noise": _csprng_add_noise})
+        _CSPRNG_CLASSES[base] = cls
+    optimizer.__class__ = cls
+    setattr(optimizer, "_fedguard_noise", sampler)  # noqa: B010 - an attribute Opacus lacks

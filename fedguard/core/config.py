@@ -1,0 +1,442 @@
+"""Typed, validated configuration.
+
+Every setting lives in a frozen dataclass validated in ``__post_init__``; choices
+are enums, never free strings. Strings from the command line, a TOML file or
+Flower's ``run_config`` / ``node_config`` are parsed once, at the boundary, by the
+``parse``/``from_*`` constructors here; everything past the boundary receives
+typed objects.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedguard.core.errors import ConfigError, UnknownDatasetError
+
+
+class DatasetName(StrEnum):
+    """Built-in data sets. Each ships inside a package; nothing is downloaded."""
+
+    BREAST_CANCER = "breast-cancer"
+    DIGITS = "digits"
+    FLCHAIN = "flchain"
+    CREDIT = "credit"
+
+    @classmethod
+    def parse(cls, value: str) -> DatasetName:
+        try:
+            return cls(value)
+        except ValueError:
+            known = ", ".join(m.value for m in cls)
+            raise UnknownDatasetError(f"unknown data set {value!r}; known: {known}") from None
+
+
+class PartitionKind(StrEnum):
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    COLUMN = "column"
+
+
+class GradSampleMode(StrEnum):
+    """Opacus per-sample-gradient engines (``make_private(grad_sample_mode=...)``)."""
+
+    HOOKS = "hooks"
+    FUNCTORCH = "functorch"
+    EW = "ew"
+    GHOST = "ghost"
+
+
+class NoiseSource(StrEnum):
+    """Where DP-SGD's Gaussian noise comes from.
+
+    ``csprng``: AES-256-CTR keystream keyed from ``os.urandom`` (see
+    :mod:`fedguard.privacy.noise` for the threat model). ``seeded``: torch's
+    Mersenne Twister seeded from the run seed; reproducible, for research only.
+    """
+
+    CSPRNG = "csprng"
+    SEEDED = "seeded"
+
+
+class OptimizerKind(StrEnum):
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class Engine(StrEnum):
+    """Simulation engine: Flower's Ray engine, or fedguard's in-process engine."""
+
+    RAY = "ray"
+    INPROCESS = "inprocess"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _finite_positive(name: str, value: float) -> None:
+    _require(
+        isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+        f"{name} must be a finite number > 0, got {value!r}",
+    )
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How a pooled data set is split across silos (simulation only)."""
+
+    kind: PartitionKind
+    alpha: float | None = None
+    column: str | None = None
+    min_silo_size: int = 50
+
+    def __post_init__(self) -> None:
+        if self.kind is PartitionKind.DIRICHLET:
+            if self.alpha is None:
+                raise ConfigError("dirichlet partition needs alpha")
+            _finite_positive("dirichlet alpha", self.alpha)
+        else:
+            _require(self.alpha is None, f"{self.kind.value} partition takes no alpha")
+        if self.kind is PartitionKind.COLUMN:
+            _require(bool(self.column), "column partition needs a column name")
+        else:
+            _require(self.column is None, f"{self.kind.value} partition takes no column")
+        _require(
+            isinstance(self.min_silo_size, int) and self.min_silo_size >= 1,
+            f"min_silo_size must be an integer >= 1, got {self.min_silo_size!r}",
+        )
+
+    @classmethod
+    def parse(cls, text: str, min_silo_size: int = 50) -> PartitionSpec:
+        """Parse ``iid``, ``dirichlet:ALPHA`` or ``column:NAME``."""
+        head, _, arg = text.partition(":")
+        try:
+            kind = PartitionKind(head.strip())
+        except ValueError:
+            raise ConfigError(
+                f"unknown partition {text!r}; use iid, dirichlet:ALPHA or column:NAME"
+            ) from None
+        if kind is PartitionKind.IID:
+            _require(not arg, f"iid partition takes no argument, got {text!r}")
+            return cls(kind, min_silo_size=min_silo_size)
+        if kind is PartitionKind.DIRICHLET:
+            try:
+                alpha = float(arg)
+            except ValueError:
+                raise ConfigError(f"dirichlet partition needs a number, got {text!r}") from None
+            return cls(kind, alpha=alpha, min_silo_size=min_silo_size)
+        return cls(kind, column=arg.strip(), min_silo_size=min_silo_size)
+
+    def __str__(self) -> str:
+        if self.kind is PartitionKind.DIRICHLET:
+            return f"dirichlet:{self.alpha:g}"
+        if self.kind is PartitionKind.COLUMN:
+            return f"column:{self.column}"
+        return "iid"
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """A sample-level (ε, δ) budget of one silo, over the silo's whole life."""
+
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        _finite_positive("target epsilon", self.epsilon)
+        _require(
+            isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0,
+            f"delta must lie in (0, 1), got {self.delta!r}",
+        )
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    """What every silo does in one round. Agreed by the consortium; sent by the server."""
+
+    local_epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 0.05
+    optimizer: OptimizerKind = OptimizerKind.SGD
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.local_epochs, int) and self.local_epochs >= 1,
+            f"local_epochs must be an integer >= 1, got {self.local_epochs!r}",
+        )
+        _require(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"batch_size must be an integer >= 1, got {self.batch_size!r}",
+        )
+        _finite_positive("learning_rate", self.learning_rate)
+        _require(0.0 <= self.momentum < 1.0, f"momentum must lie in [0, 1), got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class LocalDPConfig:
+    """Sample-level DP-SGD inside each silo (Opacus, Poisson sampling)."""
+
+    enabled: bool = True
+    max_grad_norm: float = 1.0
+    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
+    noise_source: NoiseSource = NoiseSource.CSPRNG
+    max_noise_multiplier: float = 30.0
+
+    def __post_init__(self) -> None:
+        _finite_positive("max_grad_norm", self.max_grad_norm)
+        _finite_positive("max_noise_multiplier", self.max_noise_multiplier)
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Optional user-level (silo-level) DP added by the server (DP-FedAvg).
+
+    McMahan et al., "Learning Differentially Private Recurrent Language Models",
+    ICLR 2018: Poisson client sampling with rate ``client_sampling_rate``, each
+    client's update clipped to ``clip_norm``, Gaussian noise of standard deviation
+    ``noise_multiplier * clip_norm`` on the sum, fixed denominator.
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    client_sampling_rate: float = 1.0
+    delta: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        _finite_positive("central clip_norm", self.clip_norm)
+        _finite_positive("central noise_multiplier", self.noise_multiplier)
+        _require(
+            0.0 < self.client_sampling_rate <= 1.0,
+            f"client_sampling_rate must lie in (0, 1], got {self.client_sampling_rate}",
+        )
+        _require(0.0 < self.delta < 1.0, f"central delta must lie in (0, 1), got {self.delta}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Model architecture. ``hidden`` sizes apply to the tabular MLP."""
+
+    hidden: tuple[int, ...] = (64, 64)
+
+    def __post_init__(self) -> None:
+        _require(
+            len(self.hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in self.hidden),
+            f"hidden sizes must be integers >= 1, got {self.hidden!r}",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs (simulation adds clients, partition, engine)."""
+
+    dataset: DatasetName = DatasetName.FLCHAIN
+    num_clients: int = 5
+    num_rounds: int = 10
+    partition: PartitionSpec = field(
+        default_factory=lambda: PartitionSpec(PartitionKind.DIRICHLET, alpha=1.0)
+    )
+    budget: PrivacyBudget = field(default_factory=lambda: PrivacyBudget(4.0, 1e-5))
+    training: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
+    local_dp: LocalDPConfig = field(default_factory=LocalDPConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    test_fraction: float = 0.2
+    seed: int = 0
+    out: Path = Path("runs")
+    engine: Engine = Engine.RAY
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.num_clients, int) and self.num_clients >= 1,
+            f"clients must be an integer >= 1, got {self.num_clients!r}",
+        )
+        _require(
+            isinstance(self.num_rounds, int) and self.num_rounds >= 1,
+            f"rounds must be an integer >= 1, got {self.num_rounds!r}",
+        )
+        _require(
+            0.0 < self.test_fraction < 1.0,
+            f"test_fraction must lie in (0, 1), got {self.test_fraction}",
+        )
+        _require(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+            f"seed must be an integer in [0, 2^63), got {self.seed!r}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (enums as their values, paths as strings)."""
+        return _jsonable(asdict(self))  # type: ignore[no-any-return]
+
+    def to_options(self) -> dict[str, Any]:
+        """The flat option mapping :meth:`from_options` reads (TOML / run_config form)."""
+        return {
+            "dataset": self.dataset.value,
+            "clients": self.num_clients,
+            "rounds": self.num_rounds,
+            "partition": str(self.partition),
+            "min-silo-size": self.partition.min_silo_size,
+            "target-epsilon": self.budget.epsilon,
+            "delta": self.budget.delta,
+            "local-epochs": self.training.local_epochs,
+            "batch-size": self.training.batch_size,
+            "learning-rate": self.training.learning_rate,
+            "optimizer": self.training.optimizer.value,
+            "momentum": self.training.momentum,
+            "no-dp": not self.local_dp.enabled,
+            "max-grad-norm": self.local_dp.max_grad_norm,
+            "grad-sample-mode": self.local_dp.grad_sample_mode.value,
+            "noise-source": self.local_dp.noise_source.value,
+            "max-noise-multiplier": self.local_dp.max_noise_multiplier,
+            "central-dp": self.central_dp.enabled,
+            "central-clip-norm": self.central_dp.clip_norm,
+            "central-noise-multiplier": self.central_dp.noise_multiplier,
+            "client-sampling-rate": self.central_dp.client_sampling_rate,
+            "central-delta": self.central_dp.delta,
+            "hidden": ",".join(str(h) for h in self.model.hidden),
+            "test-fraction": self.test_fraction,
+            "seed": self.seed,
+            "out": str(self.out),
+            "engine": self.engine.value,
+            "run-name": self.run_name or "",
+        }
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> RunConfig:
+        """Parse a flat option mapping: a TOML file, CLI flags or Flower's ``run_config``.
+
+        Keys are the long CLI option names without dashes in front (``target-epsilon``);
+        a missing key takes the default; an unknown key is an error, so a typo is
+        never silently ignored.
+        """
+        defaults = cls().to_options()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(defaults)}")
+        o = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+        try:
+            return cls(
+                dataset=DatasetName.parse(str(o["dataset"])),
+                num_clients=_as_int("clients", o["clients"]),
+                num_rounds=_as_int("rounds", o["rounds"]),
+                partition=PartitionSpec.parse(
+                    str(o["partition"]), min_silo_size=_as_int("min-silo-size", o["min-silo-size"])
+                ),
+                budget=PrivacyBudget(
+                    _as_float("target-epsilon", o["target-epsilon"]), _as_float("delta", o["delta"])
+                ),
+                training=LocalTrainingConfig(
+                    local_epochs=_as_int("local-epochs", o["local-epochs"]),
+                    batch_size=_as_int("batch-size", o["batch-size"]),
+                    learning_rate=_as_float("learning-rate", o["learning-rate"]),
+                    optimizer=_as_enum(OptimizerKind, "optimizer", o["optimizer"]),
+                    momentum=_as_float("momentum", o["momentum"]),
+                ),
+                local_dp=LocalDPConfig(
+                    enabled=not _as_bool("no-dp", o["no-dp"]),
+                    max_grad_norm=_as_float("max-grad-norm", o["max-grad-norm"]),
+                    grad_sample_mode=_as_enum(
+                        GradSampleMode, "grad-sample-mode", o["grad-sample-mode"]
+                    ),
+                    noise_source=_as_enum(NoiseSource, "noise-source", o["noise-source"]),
+                    max_noise_multiplier=_as_float(
+                        "max-noise-multiplier", o["max-noise-multiplier"]
+                    ),
+                ),
+                central_dp=CentralDPConfig(
+                    enabled=_as_bool("central-dp", o["central-dp"]),
+                    clip_norm=_as_float("central-clip-norm", o["central-clip-norm"]),
+                    noise_multiplier=_as_float(
+                        "central-noise-multiplier", o["central-noise-multiplier"]
+                    ),
+                    client_sampling_rate=_as_float(
+                        "client-sampling-rate", o["client-sampling-rate"]
+                    ),
+                    delta=_as_float("central-delta", o["central-delta"]),
+                ),
+                model=ModelSpec(hidden=_as_int_tuple("hidden", o["hidden"])),
+                test_fraction=_as_float("test-fraction", o["test-fraction"]),
+                seed=_as_int("seed", o["seed"]),
+                out=Path(str(o["out"])),
+                engine=_as_enum(Engine, "engine", o["engine"]),
+                run_name=str(o["run-name"]) or None,
+            )
+        except (TypeError, ValueError) as bad:
+            if isinstance(bad, ConfigError):
+                raise
+            raise ConfigError(str(bad)) from None
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(_as_int(name, item) for item in items if str(item).strip())
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _as_enum(enum: type[_E], name: str, value: Any) -> _E:
+    try:
+        return enum(str(value))
+    except ValueError:
+        choices = ", ".join(m.value for m in enum)
+        raise ConfigError(f"{name} must be one of {choices}; got {value!r}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def dataclass_field_names(cls: type[Any]) -> set[str]:
+    return {f.name for f in fields(cls)}

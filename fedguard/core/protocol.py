@@ -1,0 +1,190 @@
+"""fedguard's message protocol on Flower's Message API.
+
+The server sends three kinds of instruction; each silo answers with a reply whose
+``status`` record says ``ok``, ``refused`` (a policy decision of the silo, such as
+an exhausted privacy budget) or ``error`` (the silo could not do it), with a reason.
+
+================  =====================  ==========================================
+message type      instruction content    reply content
+================  =====================  ==========================================
+``query.feature_statistics``  ``config``  ``statistics`` (count, total, total_squares)
+``train``         ``config``, ``arrays``, ``scaler``  ``arrays``, ``metrics``
+``evaluate``      ``config``, ``arrays``, ``scaler``  ``metrics`` [, ``histograms``]
+================  =====================  ==========================================
+
+Every reply also carries ``status``. Instructions are parsed into the frozen,
+validated :class:`RoundInstructions` once, at the silo's boundary; a malformed
+instruction raises :class:`~fedguard.core.errors.ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedguard.core.config import (
+    DatasetName,
+    GradSampleMode,
+    LocalDPConfig,
+    LocalTrainingConfig,
+    ModelSpec,
+    NoiseSource,
+    OptimizerKind,
+)
+from fedguard.core.errors import ConfigError, ProtocolError, UnknownDatasetError
+
+PROTOCOL_VERSION = 1
+
+FEATURE_STATISTICS = "query.feature_statistics"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+CONFIG = "config"
+ARRAYS = "arrays"
+SCALER = "scaler"
+METRICS = "metrics"
+STATUS = "status"
+STATISTICS = "statistics"
+HISTOGRAMS = "histograms"
+
+
+class ReplyStatus(StrEnum):
+    OK = "ok"
+    REFUSED = "refused"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """What the server asks of a silo in one round."""
+
+    run_id: str
+    round: int
+    planned_rounds: int
+    seed: int
+    dataset: DatasetName
+    model: ModelSpec
+    training: LocalTrainingConfig
+    local_dp: LocalDPConfig
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            raise ProtocolError("run id is empty")
+        if self.round < 0 or self.planned_rounds < 1:
+            raise ProtocolError(
+                f"bad round numbers: round {self.round} of {self.planned_rounds} planned"
+            )
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "protocol-version": PROTOCOL_VERSION,
+                "run-id": self.run_id,
+                "round": self.round,
+                "planned-rounds": self.planned_rounds,
+                "seed": self.seed,
+                "dataset": self.dataset.value,
+                "hidden": list(self.model.hidden),
+                "local-epochs": self.training.local_epochs,
+                "batch-size": self.training.batch_size,
+                "learning-rate": self.training.learning_rate,
+                "optimizer": self.training.optimizer.value,
+                "momentum": self.training.momentum,
+                "dp-enabled": self.local_dp.enabled,
+                "max-grad-norm": self.local_dp.max_grad_norm,
+                "grad-sample-mode": self.local_dp.grad_sample_mode.value,
+                "noise-source": self.local_dp.noise_source.value,
+                "max-noise-multiplier": self.local_dp.max_noise_multiplier,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> RoundInstructions:
+        try:
+            version = _int(record, "protocol-version")
+            if version != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"protocol version {version!r}; this silo speaks {PROTOCOL_VERSION}"
+                )
+            hidden = record["hidden"]
+            if not isinstance(hidden, list) or not all(
+                isinstance(h, int) and not isinstance(h, bool) for h in hidden
+            ):
+                raise ProtocolError("'hidden' must be a list of integer layer sizes")
+            return cls(
+                run_id=_str(record, "run-id"),
+                round=_int(record, "round"),
+                planned_rounds=_int(record, "planned-rounds"),
+                seed=_int(record, "seed"),
+                dataset=DatasetName.parse(_str(record, "dataset")),
+                model=ModelSpec(hidden=tuple(int(h) for h in hidden)),
+                training=LocalTrainingConfig(
+                    local_epochs=_int(record, "local-epochs"),
+                    batch_size=_int(record, "batch-size"),
+                    learning_rate=_float(record, "learning-rate"),
+                    optimizer=OptimizerKind(_str(record, "optimizer")),
+                    momentum=_float(record, "momentum"),
+                ),
+                local_dp=LocalDPConfig(
+                    enabled=_bool(record, "dp-enabled"),
+                    max_grad_norm=_float(record, "max-grad-norm"),
+                    grad_sample_mode=GradSampleMode(_str(record, "grad-sample-mode")),
+                    noise_source=NoiseSource(_str(record, "noise-source")),
+                    max_noise_multiplier=_float(record, "max-noise-multiplier"),
+                ),
+            )
+        except KeyError as missing:
+            raise ProtocolError(f"instruction lacks field {missing}") from None
+        except UnknownDatasetError:
+            raise
+        except (ConfigError, ValueError) as bad:
+            raise ProtocolError(f"malformed instruction: {bad}") from None
+
+
+def _int(record: ConfigRecord, key: str) -> int:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"field {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _float(record: ConfigRecord, key: str) -> float:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"field {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _str(record: ConfigRecord, key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise ProtocolError(f"field {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _bool(record: ConfigRecord, key: str) -> bool:
+    value = record[key]
+    if not isinstance(value, bool):
+        raise ProtocolError(f"field {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def status_record(status: ReplyStatus, reason: str = "", silo_id: str = "") -> ConfigRecord:
+    return ConfigRecord({"status": status.value, "reason": reason, "silo-id": silo_id})
+
+
+def reply_status(reply: Message) -> tuple[ReplyStatus, str]:
+    """The status of a silo's reply; a Flower error or a missing status is ``ERROR``."""
+    if reply.has_error():
+        return ReplyStatus.ERROR, f"Flower error {reply.error.code}: {reply.error.reason}"
+    content: RecordDict = reply.content
+    if STATUS not in content.config_records:
+        return ReplyStatus.ERROR, "reply has no status record"
+    record = content.config_records[STATUS]
+    try:
+        status = ReplyStatus(str(record["status"]))
+    except (KeyError, ValueError):
+        return ReplyStatus.ERROR, f"reply has an unknown status {record.get('status')!r}"
+    return status, str(record.get("reason", ""))

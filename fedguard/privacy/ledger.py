@@ -1,0 +1,522 @@
+"""The persistent per-silo privacy ledger (SQLite, write-ahead).
+
+A silo's sample-level (ε, δ) spend is the composition of the DP-SGD it actually
+ran, over every round it took part in, across every run of its life. Selection
+by the server gives no amplification credit here: the server knows who took part,
+so each round the silo trains is charged in full.
+
+Write-ahead protocol (what the client does each round)::
+
+    entry = ledger.charge(run_id, server_round, DpSgdRound(q, sigma, steps))  # durable
+    try:
+        ... train, send the update ...
+        ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
+    except BaseException:
+        ledger.mark(entry.entry_id, ChargeStatus.FAILED)  # still charged
+        raise
+
+``charge`` checks and inserts inside one ``BEGIN IMMEDIATE`` transaction (the
+write lock is taken before the budget is read, so two processes sharing the file
+cannot both pass the check) and commits with ``PRAGMA synchronous=EXTRA`` (FULL,
+plus the directory sync that makes a rollback-journal commit survive a power
+cut), so the charge is on disk before a single noisy gradient exists. If the process dies
+mid-round the charge stays: a crash can only over-count, never under-count. A
+failed round stays charged because its noisy update may have left the silo.
+Nothing is ever deleted; status changes never reduce the spend.
+
+File layout: ``<state_dir>/privacy-ledger.sqlite`` with ``PRAGMA application_id``
+set to :data:`APPLICATION_ID`, a ``schema_version`` table (version
+:data:`SCHEMA_VERSION`), a one-row ``silo`` table (silo id and budget, fixed at
+creation), ``charges`` and ``plans``. Events are stored as versioned JSON (see
+:mod:`fedguard.privacy.events`). The rollback journal (not WAL) is used so the
+file also works on file systems without shared memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from fedguard.core.config import PrivacyBudget
+from fedguard.core.errors import BudgetExhaustedError, ConfigError, LedgerError
+from fedguard.privacy.accountant import AccountantKind, PrivacyAccountant
+from fedguard.privacy.events import DpSgdRound
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "ChargeStatus",
+    "LedgerEntry",
+    "PrivacyLedger",
+    "RoundPlan",
+]
+
+#: ``PRAGMA application_id`` of a fedguard ledger ("FGPL"); anything else is foreign.
+APPLICATION_ID = 0x4647504C
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_S = 60.0
+
+_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE silo (
+    silo_id TEXT NOT NULL,
+    budget_epsilon REAL NOT NULL,
+    budget_delta REAL NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE charges (
+    entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    epsilon_after REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('charged', 'completed', 'failed')),
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE (run_id, round)
+);
+CREATE TABLE plans (
+    run_id TEXT PRIMARY KEY,
+    plan TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+_TABLES = {"schema_version", "silo", "charges", "plans"}
+
+
+class ChargeStatus(StrEnum):
+    CHARGED = "charged"  # written before training starts
+    COMPLETED = "completed"  # training finished and the update was produced
+    FAILED = "failed"  # training failed; still charged (the noise may have been released)
+
+
+# Allowed status changes. Every status counts against the budget.
+_TRANSITIONS: dict[ChargeStatus, frozenset[ChargeStatus]] = {
+    ChargeStatus.CHARGED: frozenset(ChargeStatus),
+    ChargeStatus.COMPLETED: frozenset({ChargeStatus.COMPLETED}),
+    ChargeStatus.FAILED: frozenset({ChargeStatus.FAILED}),
+}
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    entry_id: int
+    run_id: str
+    round: int
+    event: DpSgdRound
+    epsilon_after: float  # the silo's total ε (at its budget's δ) once this round was charged
+    status: ChargeStatus
+    created_at: str  # ISO 8601, UTC
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The DP-SGD parameters a silo fixed for one run (σ is calibrated once per run)."""
+
+    sample_rate: float
+    noise_multiplier: float
+    steps_per_round: int
+    planned_rounds: int
+
+    def __post_init__(self) -> None:
+        q = self.sample_rate
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+            raise ConfigError(f"plan sample_rate must lie in (0, 1], got {q!r}")
+        z = self.noise_multiplier
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
+            raise ConfigError(f"plan noise_multiplier must be a finite number > 0, got {z!r}")
+        for name in ("steps_per_round", "planned_rounds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"plan {name} must be an integer >= 1, got {v!r}")
+        object.__setattr__(self, "sample_rate", float(q))
+        object.__setattr__(self, "noise_multiplier", float(z))
+
+    def round_event(self) -> DpSgdRound:
+        """What one round of this plan costs."""
+        return DpSgdRound(self.sample_rate, self.noise_multiplier, self.steps_per_round)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "sample_rate": self.sample_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "steps_per_round": self.steps_per_round,
+            "planned_rounds": self.planned_rounds,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> RoundPlan:
+        keys = {"version", "sample_rate", "noise_multiplier", "steps_per_round", "planned_rounds"}
+        if not isinstance(data, dict) or set(data) != keys or data["version"] != 1:
+            raise LedgerError(f"malformed or unknown-version round plan {data!r}")
+        try:
+            return cls(
+                data["sample_rate"],
+                data["noise_multiplier"],
+                data["steps_per_round"],
+                data["planned_rounds"],
+            )
+        except ConfigError as exc:
+            raise LedgerError(f"invalid round plan {data!r}: {exc}") from exc
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class PrivacyLedger:
+    """One silo's lifetime privacy spend, on disk. Open with :meth:`open`."""
+
+    FILENAME = "privacy-ledger.sqlite"
+
+    def __init__(
+        self, path: Path, conn: sqlite3.Connection, silo_id: str, budget: PrivacyBudget
+    ) -> None:
+        # Private: use PrivacyLedger.open.
+        self._path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._silo_id = silo_id
+        self._budget = budget
+        self._lock = threading.RLock()
+        self._spent_cache: tuple[tuple[int, int], float] | None = None
+
+    # ----------------------------------------------------------------------- opening
+
+    @classmethod
+    def open(cls, state_dir: Path, silo_id: str, budget: PrivacyBudget) -> PrivacyLedger:
+        """Open the silo's ledger in ``state_dir``, creating it on first use.
+
+        Raises ``LedgerError`` if the file is not a fedguard ledger (naming the
+        path), has an unknown schema version, or was created for another silo or
+        another budget: a budget is fixed at creation and never changed silently.
+        """
+        if not isinstance(silo_id, str) or not silo_id:
+            raise ConfigError(f"silo_id must be a non-empty string, got {silo_id!r}")
+        if not isinstance(budget, PrivacyBudget):
+            raise ConfigError(f"budget must be a PrivacyBudget, got {budget!r}")
+        state_dir = Path(state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create ledger directory {state_dir}: {exc}") from exc
+        path = state_dir / cls.FILENAME
+        try:
+            conn = sqlite3.connect(
+                path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open privacy ledger {path}: {exc}") from exc
+        try:
+            # EXTRA = FULL (journal and database fsynced at every commit) plus an fsync
+            # of the directory once the rollback journal is unlinked; with plain FULL a
+            # power cut right after a commit can leave a hot journal behind that rolls
+            # the charge back (sqlite.org/pragma.html#pragma_synchronous).
+            conn.execute("PRAGMA synchronous=EXTRA")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cls._create_or_check(conn, path, silo_id, budget)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise LedgerError(f"{path} is not a readable fedguard privacy ledger: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, conn, silo_id, budget)
+
+    @staticmethod
+    def _create_or_check(
+        conn: sqlite3.Connection, path: Path, silo_id: str, budget: PrivacyBudget
+    ) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables.discard("sqlite_sequence")
+        if app_id == 0 and not tables:  # a new (or empty) file: create the ledger
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            conn.execute(
+                "INSERT INTO silo (silo_id, budget_epsilon, budget_delta, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (silo_id, float(budget.epsilon), float(budget.delta), _now()),
+            )
+            return
+        if app_id != APPLICATION_ID or not tables >= _TABLES:
+            raise LedgerError(f"{path} is not a fedguard privacy ledger (foreign SQLite file)")
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
+        if versions != [SCHEMA_VERSION]:
+            raise LedgerError(
+                f"{path} has ledger schema version {versions}; this fedguard reads "
+                f"version {SCHEMA_VERSION}"
+            )
+        rows = conn.execute("SELECT silo_id, budget_epsilon, budget_delta FROM silo").fetchall()
+        if len(rows) != 1:
+            raise LedgerError(f"{path} is corrupt: {len(rows)} silo records")
+        stored_id, stored_eps, stored_delta = rows[0]
+        if stored_id != silo_id:
+            raise LedgerError(
+                f"{path} belongs to silo {stored_id!r}, not {silo_id!r}; each silo needs its "
+                f"own state directory"
+            )
+        if stored_eps != float(budget.epsilon) or stored_delta != float(budget.delta):
+            raise LedgerError(
+                f"{path} was created with budget ε={stored_eps!r}, δ={stored_delta!r}, but "
+                f"ε={budget.epsilon!r}, δ={budget.delta!r} was given; a silo's budget is "
+                f"fixed for its life and is never changed silently (to start over with a new "
+                f"budget, archive this ledger deliberately)"
+            )
+
+    # ----------------------------------------------------------------------- plumbing
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def silo_id(self) -> str:
+        return self._silo_id
+
+    @property
+    def budget(self) -> PrivacyBudget:
+        return self._budget
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise LedgerError(f"privacy ledger {self._path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _transaction(self, immediate: bool) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"privacy ledger {self._path}: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                _rollback(conn)
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise LedgerError(f"privacy ledger {self._path}: commit failed: {exc}") from exc
+
+    def _row_to_entry(self, row: tuple[Any, ...]) -> LedgerEntry:
+        entry_id, run_id, round_, event_json, eps_after, status, created_at = row
+        try:
+            event = DpSgdRound.from_json(json.loads(event_json))
+            status_ = ChargeStatus(status)
+        except (ValueError, TypeError) as exc:  # json errors and unknown statuses
+            raise LedgerError(f"{self._path}: corrupt charge {entry_id}: {exc}") from exc
+        return LedgerEntry(entry_id, run_id, round_, event, eps_after, status_, created_at)
+
+    def _read_entries(self, conn: sqlite3.Connection) -> list[LedgerEntry]:
+        rows = conn.execute(
+            "SELECT entry_id, run_id, round, event, epsilon_after, status, created_at "
+            "FROM charges ORDER BY entry_id"
+        ).fetchall()
+        return [self._row_to_entry(r) for r in rows]
+
+    def _epsilon(self, events: list[DpSgdRound]) -> float:
+        accountant = PrivacyAccountant(AccountantKind.PLD)
+        for event in events:
+            accountant.compose(event)
+        return accountant.epsilon(self._budget.delta)
+
+    def _spent(self, entries: list[LedgerEntry]) -> float:
+        # Entries are never deleted nor changed (only their status), so the count and
+        # the last id identify the set of charged events.
+        key = (len(entries), entries[-1].entry_id if entries else 0)
+        if self._spent_cache is None or self._spent_cache[0] != key:
+            self._spent_cache = (key, self._epsilon([e.event for e in entries]))
+        return self._spent_cache[1]
+
+    # ----------------------------------------------------------------------- queries
+
+    def entries(self) -> list[LedgerEntry]:
+        with self._transaction(immediate=False) as conn:
+            return self._read_entries(conn)
+
+    def spent_epsilon(self) -> float:
+        """ε spent so far (PLD at the budget's δ over every charge); 0.0 when none."""
+        return self._spent(self.entries())
+
+    def epsilon_if_charged(self, event: DpSgdRound) -> float:
+        """ε the silo would have spent after ``event``; writes nothing."""
+        _check_event(event)
+        return self._epsilon([*(e.event for e in self.entries()), event])
+
+    # ----------------------------------------------------------------------- charging
+
+    def charge(self, run_id: str, round: int, event: DpSgdRound) -> LedgerEntry:
+        """Durably charge one round before it is trained.
+
+        Raises:
+            BudgetExhaustedError: the round would take the silo past its budget;
+                nothing is written.
+            LedgerError: ``(run_id, round)`` was already charged (a replayed round is
+                never trained twice), or the file cannot be written.
+        """
+        if not isinstance(run_id, str) or not run_id:
+            raise ConfigError(f"run_id must be a non-empty string, got {run_id!r}")
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise ConfigError(f"round must be an integer >= 0, got {round!r}")
+        _check_event(event)
+        with self._transaction(immediate=True) as conn:
+            existing = conn.execute(
+                "SELECT entry_id, status FROM charges WHERE run_id = ? AND round = ?",
+                (run_id, round),
+            ).fetchone()
+            if existing is not None:
+                raise LedgerError(
+                    f"round {round} of run {run_id!r} was already charged (entry "
+                    f"{existing[0]}, {existing[1]}); a replayed round is never trained twice"
+                )
+            entries = self._read_entries(conn)
+            after = self._epsilon([*(e.event for e in entries), event])
+            if not after <= self._budget.epsilon:
+                spent = self._spent(entries)
+                alone = self._epsilon([event])
+                raise BudgetExhaustedError(
+                    f"silo {self._silo_id!r}: round {round} of run {run_id!r} would cost "
+                    f"ε={alone:.4g} on its own and take the spend from ε={spent:.4g} to "
+                    f"ε={after:.4g}, past the budget ε={self._budget.epsilon:g} "
+                    f"(δ={self._budget.delta:g}); nothing was charged"
+                )
+            now = _now()
+            cursor = conn.execute(
+                "INSERT INTO charges (run_id, round, event, epsilon_after, status, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    round,
+                    json.dumps(event.to_json()),
+                    after,
+                    ChargeStatus.CHARGED.value,
+                    now,
+                    now,
+                ),
+            )
+            entry_id = cursor.lastrowid
+            if entry_id is None:  # pragma: no cover - sqlite always sets it after INSERT
+                raise LedgerError(f"{self._path}: insert returned no row id")
+        # The write lock was held from the read to the commit, so these are all entries.
+        self._spent_cache = ((len(entries) + 1, entry_id), after)
+        return LedgerEntry(entry_id, run_id, round, event, after, ChargeStatus.CHARGED, now)
+
+    def mark(self, entry_id: int, status: ChargeStatus) -> None:
+        """Record how a charged round ended (charged → completed or failed).
+
+        Every status stays charged; a finished entry cannot change to another
+        status (``LedgerError``), marking it again with the same status is a no-op.
+        """
+        if not isinstance(status, ChargeStatus):
+            raise ConfigError(f"status must be a ChargeStatus, got {status!r}")
+        with self._transaction(immediate=True) as conn:
+            row = conn.execute(
+                "SELECT status FROM charges WHERE entry_id = ?", (entry_id,)
+            ).fetchone()
+            if row is None:
+                raise LedgerError(f"{self._path}: no charge with entry_id {entry_id!r}")
+            current = ChargeStatus(row[0])
+            if status not in _TRANSITIONS[current]:
+                raise LedgerError(
+                    f"charge {entry_id} is {current.value}; it cannot become {status.value}"
+                )
+            if status is not current:
+                conn.execute(
+                    "UPDATE charges SET status = ?, updated_at = ? WHERE entry_id = ?",
+                    (status.value, _now(), entry_id),
+                )
+
+    # ----------------------------------------------------------------------- plans
+
+    def plan(self, run_id: str) -> RoundPlan | None:
+        with self._transaction(immediate=False) as conn:
+            row = conn.execute("SELECT plan FROM plans WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except ValueError as exc:
+            raise LedgerError(f"{self._path}: corrupt plan for run {run_id!r}: {exc}") from exc
+        return RoundPlan.from_json(data)
+
+    def set_plan(self, run_id: str, plan: RoundPlan) -> None:
+        """Fix the plan of ``run_id``; setting the same plan again is a no-op.
+
+        Raises ``LedgerError`` if the run already has a different plan.
+        """
+        if not isinstance(run_id, str) or not run_id:
+            raise ConfigError(f"run_id must be a non-empty string, got {run_id!r}")
+        if not isinstance(plan, RoundPlan):
+            raise ConfigError(f"plan must be a RoundPlan, got {plan!r}")
+        with self._transaction(immediate=True) as conn:
+            row = conn.execute("SELECT plan FROM plans WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO plans (run_id, plan, created_at) VALUES (?, ?, ?)",
+                    (run_id, json.dumps(plan.to_json()), _now()),
+                )
+                return
+            try:
+                stored = RoundPlan.from_json(json.loads(row[0]))
+            except ValueError as exc:
+                raise LedgerError(f"{self._path}: corrupt plan for run {run_id!r}") from exc
+            if stored != plan:
+                raise LedgerError(
+                    f"run {run_id!r} already has plan {stored}; refusing to change it to {plan}"
+                )
+
+    # ----------------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger({str(self._path)!r}, silo_id={self._silo_id!r})"
+
+
+def _check_event(event: object) -> None:
+    if not isinstance(event, DpSgdRound):
+        raise ConfigError(f"a silo's ledger charges DpSgdRound events, got {event!r}")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # No transaction may be open (it failed to start, or SQLite already rolled back).
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")

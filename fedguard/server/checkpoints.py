@@ -1,0 +1,86 @@
+"""Per-round checkpoints, written atomically so a crash never leaves half a file.
+
+Each completed round writes ``round-NNNN.npz`` (global weights and the feature
+scaler) and ``round-NNNN.json`` (round number, metrics history, accountant
+state). Files are written to a temporary name, fsynced and renamed; the JSON goes
+last, so a round exists only once both files are whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedguard.core.errors import CheckpointError
+
+_NAME = re.compile(r"^round-(\d{4,})\.json$")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    arrays: dict[str, np.ndarray]
+    state: dict[str, Any]
+
+
+class CheckpointStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def save(self, round_number: int, arrays: Mapping[str, np.ndarray], state: Any) -> Path:
+        if round_number < 0:
+            raise CheckpointError(f"round must be >= 0, got {round_number}")
+        buffer = io.BytesIO()
+        payload: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+        np.savez(buffer, **payload)
+        stem = self.directory / f"round-{round_number:04d}"
+        atomic_write_bytes(stem.with_suffix(".npz"), buffer.getvalue())
+        atomic_write_json(stem.with_suffix(".json"), {"round": round_number, "state": state})
+        return stem.with_suffix(".json")
+
+    def rounds(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = (_NAME.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def load(self, round_number: int) -> Checkpoint:
+        stem = self.directory / f"round-{round_number:04d}"
+        try:
+            meta = json.loads(stem.with_suffix(".json").read_text())
+            with np.load(stem.with_suffix(".npz")) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, KeyError) as bad:
+            raise CheckpointError(f"checkpoint {stem} is unreadable: {bad}") from None
+        return Checkpoint(int(meta["round"]), arrays, dict(meta["state"]))
+
+    def latest(self) -> Checkpoint | None:
+        rounds = self.rounds()
+        return self.load(rounds[-1]) if rounds else None

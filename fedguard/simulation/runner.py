@@ -1,0 +1,246 @@
+"""``fedguard simulate``: a consortium of silos on one machine.
+
+The same ServerApp and ClientApp code as a deployment, on Flower's Ray
+simulation engine (or fedguard's in-process engine). Each virtual silo holds one
+part of a seeded partition of a built-in data set, a state directory with its
+own persistent privacy ledger, and its own held-out test split.
+
+A run folder holds one or two variants of the run: ``dp`` (local DP-SGD) and
+``no-dp`` (the same everything else, without DP), plus the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+
+from fedguard.client.app import make_client_app
+from fedguard.client.silo import SiloSettings, SimulatedSiloSource
+from fedguard.core.config import Engine, RunConfig
+from fedguard.core.datasets import SiloData, simulation_silos
+from fedguard.core.errors import InfeasibleBudgetError
+from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
+from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.server.app import make_server_app
+from fedguard.server.orchestrator import RoundRecord
+from fedguard.simulation.inprocess import run_inprocess
+
+log = logging.getLogger(__name__)
+
+Printer = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SiloPlan:
+    """What a silo will hold and spend, known before the engine starts."""
+
+    silo_id: str
+    train_examples: int
+    test_examples: int
+    positive_rate: float | None
+    sample_rate: float | None
+    steps_per_round: int | None
+    noise_multiplier: float | None
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One variant (``dp`` or ``no-dp``) of a simulated run."""
+
+    name: str
+    config: RunConfig
+    run_dir: Path
+    history: list[dict[str, Any]]
+    ledgers: dict[str, list[dict[str, Any]]]
+    seconds: float
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def silo_id(index: int) -> str:
+    return f"silo-{index}"
+
+
+def plan_silos(config: RunConfig) -> tuple[list[SiloData], list[SiloPlan]]:
+    """Partition the data and, with DP, calibrate each silo's σ: fails fast on bad input.
+
+    The silos calibrate again themselves when the run starts (the server never
+    sets a silo's noise); this pre-flight only reports errors before any engine
+    starts: an empty silo, a budget too small for one round.
+    """
+    silos = simulation_silos(
+        config.dataset, config.num_clients, config.partition, config.test_fraction, config.seed
+    )
+    plans = []
+    for index, silo in enumerate(silos):
+        positive = float(silo.train.labels.mean()) if silo.schema.num_classes == 2 else None
+        q = steps = sigma = None
+        if config.local_dp.enabled:
+            q, steps = poisson_schedule(
+                len(silo.train), config.training.batch_size, config.training.local_epochs
+            )
+            try:
+                sigma = calibrate_noise_multiplier(
+                    sample_rate=q,
+                    steps_per_round=steps,
+                    rounds=config.num_rounds,
+                    target_epsilon=config.budget.epsilon,
+                    delta=config.budget.delta,
+                    max_noise_multiplier=config.local_dp.max_noise_multiplier,
+                )
+            except InfeasibleBudgetError as too_small:
+                raise InfeasibleBudgetError(f"{silo_id(index)}: {too_small}") from None
+        plans.append(
+            SiloPlan(silo_id(index), len(silo.train), len(silo.test), positive, q, steps, sigma)
+        )
+    return silos, plans
+
+
+def _client_settings(config: RunConfig, run_dir: Path) -> Callable[[Context], SiloSettings]:
+    def resolve(context: Context) -> SiloSettings:
+        index = int(str(context.node_config["partition-id"]))
+        return SiloSettings(
+            silo_id=silo_id(index),
+            state_dir=run_dir / "silos" / silo_id(index),
+            budget=config.budget,
+            data=SimulatedSiloSource(
+                dataset=config.dataset,
+                num_silos=config.num_clients,
+                partition=config.partition,
+                index=index,
+                test_fraction=config.test_fraction,
+                seed=config.seed,
+            ),
+        )
+
+    return resolve
+
+
+def run_variant(
+    config: RunConfig,
+    name: str,
+    run_dir: Path,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> VariantResult:
+    """Run one variant on the configured engine and read back its history and ledgers."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    history: list[RoundRecord] = []
+
+    def record(round_record: RoundRecord) -> None:
+        history.append(round_record)
+        if on_round is not None:
+            on_round(round_record)
+
+    run_id = f"{run_dir.parent.name}/{name}"
+    server_app = make_server_app(config, run_id, run_dir, record)
+    client_app = make_client_app(_client_settings(config, run_dir), allow_non_private=True)
+    started = time.monotonic()
+    if config.engine is Engine.INPROCESS:
+        run_inprocess(server_app, client_app, config.num_clients)
+    else:
+        _run_on_ray(server_app, client_app, config.num_clients)
+    seconds = time.monotonic() - started
+    return VariantResult(
+        name=name,
+        config=config,
+        run_dir=run_dir,
+        history=[r.to_dict() for r in history],
+        ledgers=read_ledgers(config, run_dir) if config.local_dp.enabled else {},
+        seconds=seconds,
+    )
+
+
+def _run_on_ray(server_app: Any, client_app: Any, num_clients: int) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation
+
+    cpus = os.cpu_count() or 1
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_clients,
+        backend_config={
+            # One CPU per virtual silo (Flower's default is two, which on a 2-core
+            # machine runs one silo at a time).
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
+        },
+    )
+
+
+def read_ledgers(config: RunConfig, run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each silo's ledger entries, straight from its SQLite file (the authority on ε)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for index in range(config.num_clients):
+        state_dir = run_dir / "silos" / silo_id(index)
+        if not (state_dir / PrivacyLedger.FILENAME).exists():
+            out[silo_id(index)] = []
+            continue
+        with PrivacyLedger.open(state_dir, silo_id(index), config.budget) as ledger:
+            out[silo_id(index)] = [
+                {
+                    "run_id": e.run_id,
+                    "round": e.round,
+                    "epsilon_after": e.epsilon_after,
+                    "status": e.status.value,
+                    **e.event.to_json(),
+                }
+                for e in ledger.entries()
+            ]
+    return out
+
+
+def default_run_name(config: RunConfig) -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return config.run_name or f"{config.dataset.value}-{stamp}"
+
+
+def simulate(
+    config: RunConfig,
+    *,
+    baseline: bool = True,
+    echo: Printer = print,
+    on_round: Callable[[str, RoundRecord], None] | None = None,
+) -> tuple[Path, list[VariantResult], list[SiloPlan]]:
+    """Run the configured variant and, with ``baseline``, its non-private twin."""
+    run_dir = config.out / default_run_name(config)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        from fedguard.core.errors import ConfigError
+
+        raise ConfigError(f"run folder {run_dir} exists and is not empty; pick another --run-name")
+    _, plans = plan_silos(config)
+    variants: list[tuple[str, RunConfig]] = []
+    if config.local_dp.enabled:
+        variants.append(("dp", config))
+        if baseline:
+            no_dp = dataclasses.replace(
+                config, local_dp=dataclasses.replace(config.local_dp, enabled=False)
+            )
+            variants.append(("no-dp", no_dp))
+    else:
+        variants.append(("no-dp", config))
+    results = []
+    for name, variant_config in variants:
+        echo(
+            f"--- {name}: {variant_config.num_clients} silos, {variant_config.num_rounds} rounds, "
+            f"engine {variant_config.engine.value} ---"
+        )
+
+        def forward(record: RoundRecord, variant: str = name) -> None:
+            if on_round is not None:
+                on_round(variant, record)
+
+        results.append(run_variant(variant_config, name, run_dir / name, forward))
+    return run_dir, results, plans

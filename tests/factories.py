@@ -1,0 +1,116 @@
+"""Builders shared by the tests: real silos, real messages, real apps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+
+from fedguard.client.silo import SiloSettings, SimulatedSiloSource
+from fedguard.core import protocol
+from fedguard.core.config import (
+    DatasetName,
+    Engine,
+    LocalDPConfig,
+    LocalTrainingConfig,
+    ModelSpec,
+    NoiseSource,
+    PartitionSpec,
+    PrivacyBudget,
+    RunConfig,
+)
+from fedguard.core.datasets import schema_for
+from fedguard.core.models import build_model
+from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.protocol import RoundInstructions
+from fedguard.core.seeding import seed_torch
+from fedguard.core.serialization import ModelWeights, model_weights, weights_to_record
+
+DATASET = DatasetName.BREAST_CANCER
+PARTITION = PartitionSpec.parse("iid", min_silo_size=20)
+
+
+def small_config(tmp_path: Path, **overrides: object) -> RunConfig:
+    base = dict(
+        dataset=DATASET,
+        num_clients=3,
+        num_rounds=3,
+        partition=PARTITION,
+        budget=PrivacyBudget(3.0, 1e-5),
+        training=LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.1),
+        local_dp=LocalDPConfig(noise_source=NoiseSource.SEEDED),
+        out=tmp_path / "runs",
+        engine=Engine.INPROCESS,
+        seed=0,
+    )
+    base.update(overrides)
+    return RunConfig(**base)  # type: ignore[arg-type]
+
+
+def silo_settings(tmp_path: Path, index: int, budget: PrivacyBudget | None = None) -> SiloSettings:
+    return SiloSettings(
+        silo_id=f"silo-{index}",
+        state_dir=tmp_path / f"silo-{index}",
+        budget=budget or PrivacyBudget(3.0, 1e-5),
+        data=SimulatedSiloSource(DATASET, 3, PARTITION, index, 0.2, 0),
+    )
+
+
+def initial_weights(model: ModelSpec | None = None) -> ModelWeights:
+    seed_torch(0)
+    return model_weights(build_model(schema_for(DATASET), model or ModelSpec()))
+
+
+def local_scaler(settings: SiloSettings) -> FeatureScaler:
+    silo = settings.data.load()
+    return FeatureScaler.from_statistics(FeatureStatistics.from_features(silo.train), silo.schema)
+
+
+def instruction(
+    round_number: int,
+    weights: ModelWeights,
+    scaler: FeatureScaler,
+    *,
+    planned_rounds: int = 3,
+    dp: LocalDPConfig | None = None,
+    run_id: str = "run-a",
+    dataset: DatasetName = DATASET,
+    message_type: str = protocol.TRAIN,
+) -> Message:
+    instructions = RoundInstructions(
+        run_id=run_id,
+        round=round_number,
+        planned_rounds=planned_rounds,
+        seed=0,
+        dataset=dataset,
+        model=ModelSpec(),
+        training=LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.1),
+        local_dp=dp or LocalDPConfig(noise_source=NoiseSource.SEEDED),
+    )
+    content = RecordDict(
+        {
+            protocol.CONFIG: instructions.to_record(),
+            protocol.ARRAYS: weights_to_record(weights),
+            protocol.SCALER: ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in scaler.to_arrays().items()}
+            ),
+        }
+    )
+    message = Message(content, dst_node_id=7, message_type=message_type, group_id=str(round_number))
+    message.metadata.__dict__["_message_id"] = f"m-{round_number}"
+    return message
+
+
+def node_context(partition: int, num: int = 3) -> Context:
+    return Context(
+        run_id=1,
+        node_id=100 + partition,
+        node_config={"partition-id": partition, "num-partitions": num},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+Resolver = Callable[[Context], SiloSettings]

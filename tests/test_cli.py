@@ -1,0 +1,98 @@
+"""The command line: documented options, TOML configs and one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from fedguard.cli import build_parser, config_from_args, main
+from fedguard.core.config import RunConfig
+
+
+def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in RunConfig().to_options():
+        assert f"--{option}" in text, option
+    for option in ("--config", "--baseline", "--no-baseline"):
+        assert option in text
+
+
+def test_toml_file_and_flags_combine_flags_winning(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text('dataset = "digits"\nclients = 4\nrounds = 7\npartition = "dirichlet:0.5"\n')
+    args = build_parser().parse_args(["simulate", "--config", str(toml), "--rounds", "3"])
+    config = config_from_args(args)
+    assert (config.dataset.value, config.num_clients, config.num_rounds) == ("digits", 4, 3)
+    assert str(config.partition) == "dirichlet:0.5"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--target-epsilon", "0"], "epsilon"),
+        (["--target-epsilon", "-2"], "epsilon"),
+        (["--partition", "dirichlet:abc"], "dirichlet"),
+        (["--config", "/nonexistent/run.toml"], "does not exist"),
+        (["--dataset", "breast-cancer", "--clients", "60", "--min-silo-size", "10"], "silo"),
+        (["--dataset", "breast-cancer", "--target-epsilon", "0.00001"], "one round"),
+    ],
+)
+def test_bad_input_gives_one_line_and_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code = main(["simulate", "--out", str(tmp_path), "--engine", "inprocess", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("fedguard: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_unknown_dataset_is_rejected_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--dataset", "mnist"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_unknown_key_in_toml_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text("epsilon = 3\n")
+    assert main(["simulate", "--config", str(toml)]) == 2
+    assert "unknown option" in capsys.readouterr().err
+
+
+def test_simulate_in_process_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "simulate",
+            "--dataset",
+            "breast-cancer",
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--partition",
+            "iid",
+            "--min-silo-size",
+            "20",
+            "--engine",
+            "inprocess",
+            "--out",
+            str(tmp_path),
+            "--run-name",
+            "cli",
+            "--noise-source",
+            "seeded",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "[dp] round   2" in out and "[no-dp] round   2" in out
+    assert "DP keeps" in out
+    assert (tmp_path / "cli" / "report.md").exists()
