@@ -200,27 +200,26 @@ class SiloAgent:
         )
         plan = ledger.plan(instructions.run_id)
         if plan is None:
-            remaining = self.settings.budget.epsilon - ledger.spent_epsilon()
-            if remaining <= 0:
-                raise BudgetExhaustedError(
-                    f"silo {self.settings.silo_id} has spent its whole budget "
-                    f"ε={self.settings.budget.epsilon:g}"
-                )
-            # Planning the run on the remaining ε is a heuristic (basic composition would
-            # also add the δs); the ledger's joint PLD check before each round decides.
+            entries = ledger.entries()
+            spent = ledger.spent_epsilon()
+            # The run is planned against the whole budget with everything already spent
+            # composed in (exactly as the ledger will measure it), not against "budget
+            # minus spent", which is not a valid composition rule at a fixed δ.
             try:
                 sigma = calibrate_noise_multiplier(
                     sample_rate=sample_rate,
                     steps_per_round=steps,
                     rounds=instructions.planned_rounds,
-                    target_epsilon=remaining,
+                    target_epsilon=self.settings.budget.epsilon,
                     delta=self.settings.budget.delta,
                     max_noise_multiplier=instructions.local_dp.max_noise_multiplier,
+                    prior=[e.event.to_dp_event() for e in entries],
                 )
             except InfeasibleBudgetError as too_small:
                 raise InfeasibleBudgetError(
-                    f"silo {self.settings.silo_id}, remaining ε={remaining:.4g} of its budget "
-                    f"ε={self.settings.budget.epsilon:g}: {too_small}"
+                    f"silo {self.settings.silo_id} (spent ε={spent:.4g} of its budget "
+                    f"ε={self.settings.budget.epsilon:g} in {len(entries)} earlier rounds): "
+                    f"{too_small}"
                 ) from None
             plan = RoundPlan(sample_rate, sigma, steps, instructions.planned_rounds)
             ledger.set_plan(instructions.run_id, plan)

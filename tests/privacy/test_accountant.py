@@ -26,8 +26,8 @@ from fedguard.privacy.events import (
 
 DELTA = 1e-5
 # Large σ keeps every PLD here cheap (a few ms).
-ROUND = DpSgdRound(0.05, 3.0, 20)
-OTHER = DpSgdRound(0.05, 4.0, 20)
+ROUND = DpSgdRound(0.05, 6.0, 20)
+OTHER = DpSgdRound(0.05, 8.0, 20)
 CENTRAL = DpFedAvgRound(0.2, 8.0)
 FIXED_SIZE = dp_accounting.SampledWithoutReplacementDpEvent(
     1000, 10, dp_accounting.GaussianDpEvent(1.0)
@@ -48,7 +48,7 @@ def test_k_identical_rounds_equal_one_self_composition(kind: AccountantKind) -> 
     accountant = PrivacyAccountant(kind)
     for _ in range(7):
         accountant.compose(ROUND)
-    expected = _reference_epsilon(kind, dp_sgd_event(0.05, 3.0, 7 * 20))
+    expected = _reference_epsilon(kind, dp_sgd_event(0.05, 6.0, 7 * 20))
     assert accountant.epsilon(DELTA) == pytest.approx(expected, rel=1e-12)
     assert accountant.events == ((ROUND, 7),)
 
@@ -107,12 +107,12 @@ def test_heterogeneous_events() -> None:
     accountant.compose(ROUND, 2)
     accountant.compose(OTHER)
     expected = epsilon_pld(
-        dp_accounting.ComposedDpEvent([dp_sgd_event(0.05, 3.0, 40), dp_sgd_event(0.05, 4.0, 20)]),
+        dp_accounting.ComposedDpEvent([dp_sgd_event(0.05, 6.0, 40), dp_sgd_event(0.05, 8.0, 20)]),
         DELTA,
     )
     assert accountant.epsilon(DELTA) == pytest.approx(expected, rel=1e-12)
     alone = [
-        epsilon_pld(dp_sgd_event(0.05, 3.0, 40), DELTA),
+        epsilon_pld(dp_sgd_event(0.05, 6.0, 40), DELTA),
         epsilon_pld(OTHER.to_dp_event(), DELTA),
     ]
     assert max(alone) < accountant.epsilon(DELTA) <= sum(alone)
@@ -260,7 +260,7 @@ def test_event_json_form_is_stable() -> None:
         "type": "dp-sgd-round",
         "version": 1,
         "sample_rate": 0.05,
-        "noise_multiplier": 3.0,
+        "noise_multiplier": 6.0,
         "steps": 20,
     }
     assert CENTRAL.to_json() == {
@@ -306,13 +306,13 @@ def test_fedavg_round_validation_and_event() -> None:
     with pytest.raises(ConfigError):
         DpFedAvgRound(0.5, -1.0)
     assert CENTRAL.to_dp_event() == dp_fedavg_event(0.2, 8.0, 1)
-    assert ROUND.to_dp_event() == dp_sgd_event(0.05, 3.0, 20)
+    assert ROUND.to_dp_event() == dp_sgd_event(0.05, 6.0, 20)
 
 
 def test_events_are_frozen_and_hashable() -> None:
     with pytest.raises(AttributeError):
         ROUND.steps = 5  # type: ignore[misc]
-    assert len({ROUND, DpSgdRound(0.05, 3, 20), OTHER}) == 2
+    assert len({ROUND, DpSgdRound(0.05, 6, 20), OTHER}) == 2
 
 
 def test_dp_event_json_accepts_only_dp_accounting_classes() -> None:

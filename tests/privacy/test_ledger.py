@@ -44,7 +44,7 @@ def ledger(tmp_path: Path) -> Iterator[PrivacyLedger]:
 # --------------------------------------------------------------------------- exact accounting
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(indices=st.lists(st.integers(0, len(ROUNDS) - 1), min_size=1, max_size=5))
 def test_spent_equals_pld_of_composed_events(indices: list[int]) -> None:
     budget = PrivacyBudget(epsilon=50.0, delta=DELTA)
@@ -99,7 +99,7 @@ def test_refusal_writes_nothing(ledger: PrivacyLedger) -> None:
 
 def test_calibrated_plan_fits_the_ledger(tmp_path: Path) -> None:
     """A σ calibrated for R rounds is charged R times without refusal (same accountant)."""
-    budget = PrivacyBudget(epsilon=1.0, delta=DELTA)
+    budget = PrivacyBudget(epsilon=0.5, delta=DELTA)
     q, steps, rounds = 0.05, 20, 4
     sigma = calibrate_noise_multiplier(q, steps, rounds, budget.epsilon, DELTA, 30.0)
     with PrivacyLedger.open(tmp_path, "silo", budget) as ledger:

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from fedguard.core.config import CentralDPConfig
@@ -56,3 +58,24 @@ def test_central_noise_has_the_configured_spread() -> None:
     lo, hi = stats.chi2.ppf([0.0005, 0.9995], k - 1)
     assert lo < statistic < hi
     assert out.details["clipped"] == 0 and out.details["denominator"] == 5.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 8),
+    d=st.integers(1, 30),
+    bound=st.floats(1e-3, 1e3),
+    scale=st.floats(1e-4, 1e4),
+)
+def test_clipping_properties(seed: int, n: int, d: int, bound: float, scale: float) -> None:
+    rows = np.random.default_rng(seed).normal(size=(n, d)) * scale
+    clipped, was = clip_rows_to_norm(rows, bound)
+    norms = np.linalg.norm(rows, axis=1)
+    out = np.linalg.norm(clipped, axis=1)
+    assert (out <= bound * (1 + 1e-9)).all()
+    # Rows inside the bound are untouched; rows outside land on the bound, same direction.
+    np.testing.assert_allclose(clipped[~was], rows[~was])
+    np.testing.assert_allclose(out[was], bound, rtol=1e-9)
+    cos = (clipped * rows).sum(axis=1)[was] / (out[was] * norms[was])
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-9)
