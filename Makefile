@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[data,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[data,dev,edge]"
 	@$(BIN)/python -c 'import torch; v = torch.__version__; assert v.startswith("2.13.0"), v'
 	touch $(STAMP)
 

@@ -285,9 +285,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DropKnownFlowerNotices(logging.Filter):
+    """Flower warns that ``run_simulation`` is deprecated in favour of ``flwr run``.
+
+    fedguard uses it on purpose: ``flwr run`` installs app dependencies and rewrites
+    the project's pyproject.toml, which a library must not do to its users.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _quiet_flower_logs() -> None:
+    flower = logging.getLogger("flwr")
+    flower.setLevel(logging.WARNING)
+    flower.propagate = False  # Flower has its own console handler; no second copy
+    for handler in flower.handlers:
+        handler.addFilter(_DropKnownFlowerNotices())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_flower_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -51,6 +51,7 @@ MT19937 with a known seed: **never use it in production**.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -155,6 +156,15 @@ class CsprngGaussian:
         return noise.to(reference.device)
 
 
+@functools.cache
+def _warn_seeded_once() -> None:
+    # Once per process: the choice is made per run, not per training step.
+    logger.warning(
+        "DP-SGD noise from a seeded Mersenne Twister: reproducible but predictable; "
+        "use noise_source=csprng outside research"
+    )
+
+
 def seeded_torch_generator(seed: int) -> torch.Generator:
     """A torch Generator (MT19937) seeded with ``seed``, for reproducible research runs.
 
@@ -163,10 +173,7 @@ def seeded_torch_generator(seed: int) -> torch.Generator:
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    logger.warning(
-        "DP-SGD noise from a seeded Mersenne Twister: reproducible but predictable; "
-        "use noise_source=csprng outside research"
-    )
+    _warn_seeded_once()
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
