@@ -28,9 +28,11 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedguard.client.outbox import Outbox, weights_sha256
 from fedguard.client.silo import SiloSettings, settings_from_node_config
 from fedguard.client.training import (
     LocalData,
+    TrainResult,
     evaluate,
     train_dp_sgd,
     train_non_private,
@@ -49,7 +51,12 @@ from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.protocol import ReplyStatus, RoundInstructions
 from fedguard.core.seeding import derive_seed
-from fedguard.core.serialization import load_weights, record_to_weights, weights_to_record
+from fedguard.core.serialization import (
+    ModelWeights,
+    load_weights,
+    record_to_weights,
+    weights_to_record,
+)
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger, RoundPlan
@@ -108,7 +115,8 @@ class SiloAgent:
         instructions = self._instructions(message)
         silo = self._load(message)
         model = build_model(silo.schema, instructions.model)
-        load_weights(model, record_to_weights(self._record(message, protocol.ARRAYS)))
+        global_weights = record_to_weights(self._record(message, protocol.ARRAYS))
+        load_weights(model, global_weights)
         data = self._local_data(message, silo, train=True)
         seed = derive_seed(instructions.seed, "train", self.settings.silo_id, instructions.round)
         if not instructions.local_dp.enabled:
@@ -118,48 +126,72 @@ class SiloAgent:
                     "the server asked for non-private training"
                 )
             result = train_non_private(model, data, instructions.training, seed)
-            metrics: dict[str, float] = {"dp": 0}  # no ε to report: nothing was protected
-        else:
-            with PrivacyLedger.open(
-                self.settings.state_dir, self.settings.silo_id, self.settings.budget
-            ) as ledger:
-                event = self._round_event(ledger, instructions, len(data))
-                entry = ledger.charge(instructions.run_id, instructions.round, event)
-                try:
-                    result = train_dp_sgd(
-                        model,
-                        data,
-                        instructions.training,
-                        instructions.local_dp,
-                        event.noise_multiplier,
-                        seed,
-                    )
-                except BaseException:
-                    ledger.mark(entry.entry_id, ChargeStatus.FAILED)
-                    raise
-                ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
-                metrics = {
-                    "epsilon-spent": entry.epsilon_after,
-                    "noise-multiplier": event.noise_multiplier,
-                }
-        metric_record = MetricRecord(
-            {
-                "num-examples": result.num_examples,
-                "train-loss": result.mean_loss,
-                "steps": result.steps,
-                "sample-rate": result.sample_rate,
-                "epsilon-budget": self.settings.budget.epsilon,
-                "delta": self.settings.budget.delta,
-                **metrics,
-            }
-        )
+            return self._train_reply(message, result.weights, self._metrics(result, {"dp": 0}))
+        outbox = Outbox(self.settings.state_dir)
+        global_sha256 = weights_sha256(global_weights)
+        with PrivacyLedger.open(
+            self.settings.state_dir, self.settings.silo_id, self.settings.budget
+        ) as ledger:
+            sent = outbox.load(instructions.run_id, instructions.round)
+            if sent is not None and sent.global_sha256 == global_sha256:
+                # A replayed round (the server resumed after a crash): resend the update
+                # already released and charged; training again would be a second release.
+                log.warning(
+                    "silo %s: round %d of run %s replayed; resending the update already sent",
+                    self.settings.silo_id,
+                    instructions.round,
+                    instructions.run_id,
+                )
+                return self._train_reply(message, sent.weights, {**sent.metrics, "replayed": 1})
+            event = self._round_event(ledger, instructions, len(data))
+            entry = ledger.charge(instructions.run_id, instructions.round, event)
+            try:
+                result = train_dp_sgd(
+                    model,
+                    data,
+                    instructions.training,
+                    instructions.local_dp,
+                    event.noise_multiplier,
+                    seed,
+                )
+                metrics = self._metrics(
+                    result,
+                    {
+                        "epsilon-spent": entry.epsilon_after,
+                        "noise-multiplier": event.noise_multiplier,
+                    },
+                )
+                # Kept before the reply leaves, so a replay can be answered identically.
+                outbox.save(
+                    instructions.run_id, instructions.round, global_sha256, result.weights, metrics
+                )
+            except BaseException:
+                ledger.mark(entry.entry_id, ChargeStatus.FAILED)
+                raise
+            ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
+        return self._train_reply(message, result.weights, metrics)
+
+    def _metrics(self, result: TrainResult, extra: dict[str, float]) -> dict[str, float]:
+        return {
+            "num-examples": result.num_examples,
+            "train-loss": result.mean_loss,
+            "steps": result.steps,
+            "sample-rate": result.sample_rate,
+            "epsilon-budget": self.settings.budget.epsilon,
+            "delta": self.settings.budget.delta,
+            **extra,
+        }
+
+    def _train_reply(
+        self, message: Message, weights: ModelWeights, metrics: dict[str, float]
+    ) -> Message:
         return _reply(
             message,
             self.settings.silo_id,
             ReplyStatus.OK,
             records={
-                protocol.ARRAYS: weights_to_record(result.weights),
-                protocol.METRICS: metric_record,
+                protocol.ARRAYS: weights_to_record(weights),
+                protocol.METRICS: MetricRecord(dict(metrics)),
             },
         )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,13 @@ from flwr.serverapp import Grid
 from fedguard.core import protocol
 from fedguard.core.config import RunConfig
 from fedguard.core.datasets import schema_for
-from fedguard.core.errors import FedguardError, ProtocolError, UpdateRejectedError
+from fedguard.core.errors import (
+    CheckpointError,
+    FedguardError,
+    ProtocolError,
+    UpdateRejectedError,
+)
+from fedguard.core.files import atomic_write_json
 from fedguard.core.metrics import AUC_BINS, binned_auc
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
@@ -52,7 +59,7 @@ from fedguard.core.serialization import (
 )
 from fedguard.privacy.accountant import PrivacyAccountant
 from fedguard.privacy.events import DpFedAvgRound
-from fedguard.server.checkpoints import CheckpointStore, atomic_write_json
+from fedguard.server.checkpoints import CheckpointStore
 from fedguard.strategies.pipeline import AggregationPipeline, ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -126,21 +133,63 @@ class FederatedRun:
         self.pipeline = AggregationPipeline(central_dp=config.central_dp)
         self.central_accountant = PrivacyAccountant() if config.central_dp.enabled else None
         self.history: list[RoundRecord] = []
+        self._prior_history: list[dict[str, Any]] = []
         self.silo_names: dict[int, str] = {}
 
     # -- the run -----------------------------------------------------------------------
 
     def run(self) -> list[RoundRecord]:
+        """Run every round; after a crash, resume from the last completed round."""
         nodes = self._wait_for_silos()
-        scaler = self._federated_scaler(nodes)
-        seed_torch(derive_seed(self.config.seed, "initial-model"))
-        model = build_model(schema_for(self.config.dataset), self.config.model)
-        weights = model_weights(model)
-        self.history.append(self._round_zero(nodes, weights, scaler))
-        for round_number in range(1, self.config.num_rounds + 1):
+        resumed = self._resume()
+        if resumed is None:
+            scaler = self._federated_scaler(nodes)
+            seed_torch(derive_seed(self.config.seed, "initial-model"))
+            weights = model_weights(build_model(schema_for(self.config.dataset), self.config.model))
+            self._round_zero(nodes, weights, scaler)
+            first = 1
+        else:
+            completed, weights, scaler = resumed
+            log.warning("resuming run %s after round %d", self.run_id, completed)
+            first = completed + 1
+        for round_number in range(first, self.config.num_rounds + 1):
             weights = self._round(round_number, nodes, weights, scaler)
         atomic_write_json(self.run_dir / "history.json", self.history_dicts())
         return self.history
+
+    def _resume(self) -> tuple[int, ModelWeights, FeatureScaler] | None:
+        """The last completed round's model, scaler and history, if this run has one.
+
+        A round counts as completed once its checkpoint is whole (the JSON is
+        written last), so a crash mid-round re-runs that round from the previous
+        model; silos answer a replayed round from what they already sent, so no
+        budget is charged twice.
+        """
+        checkpoint = self.checkpoints.latest()
+        if checkpoint is None:
+            return None
+        state = checkpoint.state
+        if state.get("run_id") != self.run_id or state.get("config") != self.config.to_options():
+            raise CheckpointError(
+                f"{self.checkpoints.directory} holds checkpoints of another run or config "
+                f"(run {state.get('run_id')!r}); use a new run folder"
+            )
+        weights: ModelWeights = OrderedDict(
+            (k.removeprefix("weights/"), v)
+            for k, v in checkpoint.arrays.items()
+            if k.startswith("weights/")
+        )
+        scaler = FeatureScaler.from_arrays(
+            {
+                k.removeprefix("scaler/"): v
+                for k, v in checkpoint.arrays.items()
+                if k.startswith("scaler/")
+            }
+        )
+        self._prior_history = list(state.get("history", []))
+        if self.central_accountant is not None and "central_accountant" in state:
+            self.central_accountant.load_state_dict(state["central_accountant"])
+        return checkpoint.round, weights, scaler
 
     def _wait_for_silos(self) -> list[int]:
         """Wait until ``num_clients`` silos are connected (engines register them late)."""
@@ -157,7 +206,8 @@ class FederatedRun:
             time.sleep(0.2)
 
     def history_dicts(self) -> list[dict[str, Any]]:
-        return [r.to_dict() for r in self.history]
+        """Rounds completed before a resume (as saved) followed by this process's rounds."""
+        return self._prior_history + [r.to_dict() for r in self.history]
 
     def _round_zero(
         self, nodes: list[int], weights: ModelWeights, scaler: FeatureScaler
@@ -232,11 +282,14 @@ class FederatedRun:
     def _finish_round(
         self, record: RoundRecord, weights: ModelWeights, scaler: FeatureScaler
     ) -> None:
-        if record.round > 0:
-            self.history.append(record)
-        arrays = {**{f"weights/{k}": v for k, v in weights.items()}}
+        self.history.append(record)
+        arrays = {f"weights/{k}": v for k, v in weights.items()}
         arrays.update({f"scaler/{k}": v for k, v in scaler.to_arrays().items()})
-        state: dict[str, Any] = {"run_id": self.run_id, "history": self.history_dicts()}
+        state: dict[str, Any] = {
+            "run_id": self.run_id,
+            "config": self.config.to_options(),
+            "history": self.history_dicts(),
+        }
         if self.central_accountant is not None:
             state["central_accountant"] = self.central_accountant.state_dict()
         self.checkpoints.save(record.round, arrays, state)

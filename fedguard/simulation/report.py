@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.core.config import RunConfig
-from fedguard.server.checkpoints import atomic_write_json
+from fedguard.core.files import atomic_write_json
 from fedguard.simulation.runner import SiloPlan, VariantResult
 
 PACKAGES = (

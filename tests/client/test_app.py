@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
@@ -59,11 +60,28 @@ def test_round_past_the_budget_is_refused_and_charges_nothing(tmp_path: Path) ->
         assert len(ledger.entries()) == 2
 
 
-def test_a_replayed_round_is_not_trained_twice(tmp_path: Path) -> None:
+def test_a_replayed_round_resends_the_same_update_and_charges_nothing(tmp_path: Path) -> None:
+    settings = silo_settings(tmp_path, 0)
+    weights, scaler = initial_weights(), local_scaler(settings)
+    first, (status, _) = _train(SiloAgent(settings), instruction(1, weights, scaler))
+    assert status is ReplyStatus.OK
+    again, (status, _) = _train(SiloAgent(settings), instruction(1, weights, scaler))
+    assert status is ReplyStatus.OK
+    assert again.content.metric_records[protocol.METRICS]["replayed"] == 1
+    sent = first.content.array_records[protocol.ARRAYS]
+    resent = again.content.array_records[protocol.ARRAYS]
+    for name in sent:
+        np.testing.assert_array_equal(sent[name].numpy(), resent[name].numpy())
+    with PrivacyLedger.open(settings.state_dir, "silo-0", settings.budget) as ledger:
+        assert len(ledger.entries()) == 1
+
+
+def test_a_replayed_round_from_another_model_is_refused(tmp_path: Path) -> None:
     settings = silo_settings(tmp_path, 0)
     weights, scaler = initial_weights(), local_scaler(settings)
     assert _train(SiloAgent(settings), instruction(1, weights, scaler))[1][0] is ReplyStatus.OK
-    _, (status, reason) = _train(SiloAgent(settings), instruction(1, weights, scaler))
+    other = {k: v + 0.5 for k, v in weights.items()}
+    _, (status, reason) = _train(SiloAgent(settings), instruction(1, other, scaler))
     assert status is ReplyStatus.ERROR
     assert "already" in reason
 

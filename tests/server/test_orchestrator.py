@@ -12,7 +12,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedguard.client.app import make_client_app
 from fedguard.client.silo import SiloSettings
 from fedguard.core import protocol
-from fedguard.core.config import PrivacyBudget, RunConfig
+from fedguard.core.config import LocalDPConfig, NoiseSource, PrivacyBudget, RunConfig
+from fedguard.core.errors import CheckpointError
 from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import PrivacyLedger
 from fedguard.server.app import make_server_app
@@ -100,13 +101,15 @@ def test_a_bad_update_is_rejected_with_its_reason_and_the_round_completes(
 
 
 def test_a_refusing_silo_is_skipped_and_the_run_goes_on(tmp_path: Path) -> None:
-    # silo-0 spent almost its whole budget (ε≈2.98 of 3) in an earlier run: the rest
+    # silo-0 spent almost its whole budget (ε≈2.9955 of 3) in an earlier run: the rest
     # cannot pay for this run, so it refuses every round.
     budget = PrivacyBudget(3.0, 1e-5)
     spent = silo_settings(tmp_path, 0, budget)
     with PrivacyLedger.open(spent.state_dir, "silo-0", budget) as ledger:
-        ledger.charge("earlier-run", 1, DpSgdRound(0.2, 3.0, 100))
-    records = _run(tmp_path, small_config(tmp_path, num_rounds=2))
+        ledger.charge("earlier-run", 1, DpSgdRound(0.2, 2.985, 100))
+    # The consortium caps σ at 3 (more noise would make the update useless).
+    dp = LocalDPConfig(noise_source=NoiseSource.SEEDED, max_noise_multiplier=3.0)
+    records = _run(tmp_path, small_config(tmp_path, num_rounds=2, local_dp=dp))
     for record in records[1:]:
         by_silo = {o.silo_id: o for o in record.outcomes}
         assert by_silo["silo-0"].status == "refused"
@@ -136,3 +139,31 @@ def test_central_dp_is_accounted_and_noised(tmp_path: Path) -> None:
     eps = [r.central_epsilon for r in records[1:]]
     assert eps[0] is not None and eps[1] is not None and 0 < eps[0] < eps[1]
     assert all(r.aggregation["rule"] == "dp-fedavg" for r in records[1:])
+
+
+def test_a_crashed_server_resumes_without_lost_doubled_or_recharged_rounds(tmp_path: Path) -> None:
+    config = small_config(tmp_path, num_rounds=3)
+    first = _run(tmp_path, config)
+    assert [r.round for r in first] == [0, 1, 2, 3]
+    # The crash: round 3 was trained and charged by every silo, but the server died
+    # before its checkpoint was whole.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "round-0003.json").unlink()
+    (tmp_path / "run" / "history.json").unlink()
+    resumed = _run(tmp_path, config)
+    assert [r.round for r in resumed] == [3]  # only the lost round runs again
+    assert all(o.status == "ok" for o in resumed[0].outcomes)
+    assert all(o.metrics.get("replayed") == 1 for o in resumed[0].outcomes)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    for i in range(3):
+        with PrivacyLedger.open(
+            tmp_path / f"silo-{i}", f"silo-{i}", PrivacyBudget(3.0, 1e-5)
+        ) as ledger:
+            assert [e.round for e in ledger.entries()] == [1, 2, 3]  # nothing charged twice
+
+
+def test_checkpoints_of_another_run_are_not_resumed(tmp_path: Path) -> None:
+    _run(tmp_path, small_config(tmp_path, num_rounds=1))
+    with pytest.raises(CheckpointError, match="another run"):
+        _run(tmp_path, small_config(tmp_path, num_rounds=2))

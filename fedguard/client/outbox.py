@@ -1,0 +1,95 @@
+"""What a silo has sent, kept so a replayed round costs no privacy budget.
+
+If the server crashes after a silo trained round r but before the server saved
+round r, the resumed server sends round r again, from the same global model. The
+silo must not train again (that would be a second, charged release), and need
+not refuse: it answers with the very update it already released, which is
+post-processing of a release already in its ledger. The outbox holds that
+update, keyed by run and round, with the SHA-256 of the global model it was
+trained from: a replay from a different model is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedguard.core.errors import LedgerError
+from fedguard.core.files import atomic_write_bytes
+from fedguard.core.serialization import ModelWeights
+
+
+def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
+    """A content hash of named float32 tensors (names, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, value in weights.items():
+        array = np.ascontiguousarray(value)
+        digest.update(name.encode() + b"\0" + str(array.shape).encode() + b"\0")
+        digest.update(array.dtype.str.encode() + b"\0" + array.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SentUpdate:
+    global_sha256: str
+    weights: ModelWeights
+    metrics: dict[str, float]
+
+
+class Outbox:
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = state_dir / "outbox"
+
+    def _path(self, run_id: str, round_number: int) -> Path:
+        run_key = hashlib.sha256(run_id.encode()).hexdigest()[:16]
+        return self.directory / run_key / f"round-{round_number:05d}.npz"
+
+    def save(
+        self,
+        run_id: str,
+        round_number: int,
+        global_sha256: str,
+        weights: Mapping[str, np.ndarray],
+        metrics: Mapping[str, float],
+    ) -> None:
+        meta = json.dumps(
+            {
+                "run_id": run_id,
+                "round": round_number,
+                "global_sha256": global_sha256,
+                "metrics": dict(metrics),
+                "names": list(weights),
+            }
+        )
+        buffer = io.BytesIO()
+        arrays: dict[str, Any] = {f"w{i}": np.asarray(v) for i, v in enumerate(weights.values())}
+        np.savez(
+            buffer,
+            meta=np.frombuffer(meta.encode(), dtype=np.uint8),
+            **arrays,
+        )
+        atomic_write_bytes(self._path(run_id, round_number), buffer.getvalue())
+
+    def load(self, run_id: str, round_number: int) -> SentUpdate | None:
+        path = self._path(run_id, round_number)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as data:
+                meta = json.loads(bytes(data["meta"]).decode())
+                weights: ModelWeights = OrderedDict(
+                    (name, data[f"w{i}"]) for i, name in enumerate(meta["names"])
+                )
+        except (OSError, ValueError, KeyError) as bad:
+            raise LedgerError(f"outbox entry {path} is unreadable: {bad}") from None
+        if meta["run_id"] != run_id or meta["round"] != round_number:
+            raise LedgerError(f"outbox entry {path} belongs to another run or round")
+        return SentUpdate(str(meta["global_sha256"]), weights, dict(meta["metrics"]))
