@@ -191,6 +191,33 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         help=f"δ of the central guarantee [default: {d['central-delta']}]",
     )
+    secure = p.add_argument_group("secure aggregation (SecAgg+: the server sees only sums)")
+    secure.add_argument(
+        "--secagg",
+        action="store_true",
+        default=None,
+        help="aggregate with fedguard's SecAgg+ (X25519, Shamir, AES-CTR masks)",
+    )
+    secure.add_argument(
+        "--secagg-clip-range",
+        type=float,
+        default=None,
+        help=f"each update coordinate is clipped to ±this before fixed-point "
+        f"encoding; clipped values are counted [default: {d['secagg-clip-range']}]",
+    )
+    secure.add_argument(
+        "--secagg-value-bits",
+        type=int,
+        default=None,
+        help=f"fixed-point bits per value [default: {d['secagg-value-bits']}]",
+    )
+    secure.add_argument(
+        "--secagg-dropout-rate",
+        type=float,
+        default=None,
+        help=f"planned dropout share, sets the neighbour degree and threshold "
+        f"[default: {d['secagg-dropout-rate']}]",
+    )
     run = p.add_argument_group("run")
     run.add_argument(
         "--seed", type=int, default=None, help=f"seed of everything seeded [default: {d['seed']}]"

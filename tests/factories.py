@@ -49,12 +49,14 @@ def small_config(tmp_path: Path, **overrides: object) -> RunConfig:
     return RunConfig(**base)  # type: ignore[arg-type]
 
 
-def silo_settings(tmp_path: Path, index: int, budget: PrivacyBudget | None = None) -> SiloSettings:
+def silo_settings(
+    tmp_path: Path, index: int, budget: PrivacyBudget | None = None, num_silos: int = 3
+) -> SiloSettings:
     return SiloSettings(
         silo_id=f"silo-{index}",
         state_dir=tmp_path / f"silo-{index}",
         budget=budget or PrivacyBudget(3.0, 1e-5),
-        data=SimulatedSiloSource(DATASET, 3, PARTITION, index, 0.2, 0),
+        data=SimulatedSiloSource(DATASET, num_silos, PARTITION, index, 0.2, 0),
     )
 
 

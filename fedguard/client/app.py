@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedguard.client.outbox import Outbox, weights_sha256
+from fedguard.client.secure import SecureAggregationClient, update_delta
 from fedguard.client.silo import SiloSettings, settings_from_node_config
 from fedguard.client.training import (
     LocalData,
@@ -77,6 +79,15 @@ def _reply(
     return Message(content, reply_to=message)
 
 
+@dataclass(frozen=True)
+class LocalUpdate:
+    """A silo's trained model for one round, the global model it started from, metrics."""
+
+    global_weights: ModelWeights
+    weights: ModelWeights
+    metrics: dict[str, float]
+
+
 class SiloAgent:
     """The handlers of one silo, for one message."""
 
@@ -112,6 +123,11 @@ class SiloAgent:
         )
 
     def train(self, message: Message) -> Message:
+        update = self.local_update(message)
+        return self._train_reply(message, update.weights, update.metrics)
+
+    def local_update(self, message: Message) -> LocalUpdate:
+        """Train on the global model in ``message`` (charging the ledger first)."""
         instructions = self._instructions(message)
         silo = self._load(message)
         model = build_model(silo.schema, instructions.model)
@@ -126,7 +142,7 @@ class SiloAgent:
                     "the server asked for non-private training"
                 )
             result = train_non_private(model, data, instructions.training, seed)
-            return self._train_reply(message, result.weights, self._metrics(result, {"dp": 0}))
+            return LocalUpdate(global_weights, result.weights, self._metrics(result, {"dp": 0}))
         outbox = Outbox(self.settings.state_dir)
         global_sha256 = weights_sha256(global_weights)
         with PrivacyLedger.open(
@@ -142,7 +158,7 @@ class SiloAgent:
                     instructions.round,
                     instructions.run_id,
                 )
-                return self._train_reply(message, sent.weights, {**sent.metrics, "replayed": 1})
+                return LocalUpdate(global_weights, sent.weights, {**sent.metrics, "replayed": 1})
             event = self._round_event(ledger, instructions, len(data))
             entry = ledger.charge(instructions.run_id, instructions.round, event)
             try:
@@ -169,7 +185,12 @@ class SiloAgent:
                 ledger.mark(entry.entry_id, ChargeStatus.FAILED)
                 raise
             ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
-        return self._train_reply(message, result.weights, metrics)
+        return LocalUpdate(global_weights, result.weights, metrics)
+
+    def encodable_update(self, message: Message) -> tuple[np.ndarray, dict[str, float]]:
+        """The round's update as one vector Δ = new − global, for secure aggregation."""
+        update = self.local_update(message)
+        return update_delta(update.global_weights, update.weights), update.metrics
 
     def _metrics(self, result: TrainResult, extra: dict[str, float]) -> dict[str, float]:
         return {
@@ -311,7 +332,9 @@ def make_client_app(
     """
     app = ClientApp(mods=mods)
 
-    def dispatch(message: Message, context: Context, handler: str) -> Message:
+    def dispatch(
+        message: Message, context: Context, action: Callable[[SiloAgent, Message], Message]
+    ) -> Message:
         try:
             silo_agent = SiloAgent(resolve_settings(context), allow_non_private=allow_non_private)
         except FedguardError as misconfigured:
@@ -324,19 +347,37 @@ def make_client_app(
                 }
             )
             return Message(reply, reply_to=message)
-        return silo_agent.handle(message, getattr(silo_agent, handler))
+        return silo_agent.handle(message, lambda m: action(silo_agent, m))
+
+    def secure(stage: str) -> Callable[[Message, Context], Message]:
+        def handler(message: Message, context: Context) -> Message:
+            def run(silo_agent: SiloAgent, m: Message) -> Message:
+                client = SecureAggregationClient(context, silo_agent.settings.silo_id)
+                if stage == "setup":
+                    return client.setup(m, silo_agent.encodable_update)
+                return getattr(client, stage)(m)  # type: ignore[no-any-return]
+
+            return dispatch(message, context, run)
+
+        return handler
+
+    app.train("secagg_setup")(secure("setup"))
+    app.train("secagg_share")(secure("share_keys"))
+    app.train("secagg_mask")(secure("mask"))
+    app.train("secagg_consistency")(secure("consistency"))
+    app.train("secagg_unmask")(secure("unmask"))
 
     @app.query("feature_statistics")
     def _feature_statistics(message: Message, context: Context) -> Message:
-        return dispatch(message, context, "feature_statistics")
+        return dispatch(message, context, SiloAgent.feature_statistics)
 
     @app.train()
     def _train(message: Message, context: Context) -> Message:
-        return dispatch(message, context, "train")
+        return dispatch(message, context, SiloAgent.train)
 
     @app.evaluate()
     def _evaluate(message: Message, context: Context) -> Message:
-        return dispatch(message, context, "evaluate")
+        return dispatch(message, context, SiloAgent.evaluate)
 
     return app
 

@@ -223,6 +223,34 @@ class CentralDPConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """SecAgg+ on the server (:mod:`fedguard.privacy.secagg`): it sees only sums.
+
+    ``clip_range`` bounds each coordinate of a silo's update Δ before fixed-point
+    encoding (clipped values are counted and logged); ``value_bits`` is the
+    fixed-point precision; ``dropout_rate`` is the planned share of silos that may
+    drop, used with the security parameter to choose the neighbour degree k and the
+    threshold t (Bell et al., CCS 2020).
+    """
+
+    enabled: bool = False
+    clip_range: float = 0.5
+    value_bits: int = 16
+    dropout_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        _finite_positive("secagg clip_range", self.clip_range)
+        _require(
+            isinstance(self.value_bits, int) and 1 <= self.value_bits <= 24,
+            f"secagg value_bits must be an integer in [1, 24], got {self.value_bits!r}",
+        )
+        _require(
+            0.0 <= self.dropout_rate < 0.5,
+            f"secagg dropout_rate must lie in [0, 0.5), got {self.dropout_rate}",
+        )
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Model architecture. ``hidden`` sizes apply to the tabular MLP."""
 
@@ -249,6 +277,7 @@ class RunConfig:
     training: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
     local_dp: LocalDPConfig = field(default_factory=LocalDPConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    secagg: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     test_fraction: float = 0.2
     seed: int = 0
@@ -303,6 +332,10 @@ class RunConfig:
             "central-noise-multiplier": self.central_dp.noise_multiplier,
             "client-sampling-rate": self.central_dp.client_sampling_rate,
             "central-delta": self.central_dp.delta,
+            "secagg": self.secagg.enabled,
+            "secagg-clip-range": self.secagg.clip_range,
+            "secagg-value-bits": self.secagg.value_bits,
+            "secagg-dropout-rate": self.secagg.dropout_rate,
             "hidden": ",".join(str(h) for h in self.model.hidden),
             "test-fraction": self.test_fraction,
             "seed": self.seed,
@@ -363,6 +396,12 @@ class RunConfig:
                         "client-sampling-rate", o["client-sampling-rate"]
                     ),
                     delta=_as_float("central-delta", o["central-delta"]),
+                ),
+                secagg=SecureAggregationConfig(
+                    enabled=_as_bool("secagg", o["secagg"]),
+                    clip_range=_as_float("secagg-clip-range", o["secagg-clip-range"]),
+                    value_bits=_as_int("secagg-value-bits", o["secagg-value-bits"]),
+                    dropout_rate=_as_float("secagg-dropout-rate", o["secagg-dropout-rate"]),
                 ),
                 model=ModelSpec(hidden=_as_int_tuple("hidden", o["hidden"])),
                 test_fraction=_as_float("test-fraction", o["test-fraction"]),

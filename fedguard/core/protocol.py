@@ -10,6 +10,8 @@ message type      instruction content    reply content
 ``query.feature_statistics``  ``config``  ``statistics`` (count, total, total_squares)
 ``train``         ``config``, ``arrays``, ``scaler``  ``arrays``, ``metrics``
 ``evaluate``      ``config``, ``arrays``, ``scaler``  ``metrics`` [, ``histograms``]
+``train.secagg_setup``  as ``train`` + ``secagg``   ``secagg`` (key advertisement), ``metrics``
+``train.secagg_*``  ``secagg`` (stage request)  ``secagg`` (stage reply)
 ================  =====================  ==========================================
 
 Every reply also carries ``status``. Instructions are parsed into the frozen,
@@ -41,7 +43,15 @@ FEATURE_STATISTICS = "query.feature_statistics"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
+# SecAgg+ stages (Bonawitz et al. 2017, rounds 0-4); see fedguard.server.secure_round.
+SECAGG_SETUP = "train.secagg_setup"
+SECAGG_SHARE = "train.secagg_share"
+SECAGG_MASK = "train.secagg_mask"
+SECAGG_CONSISTENCY = "train.secagg_consistency"
+SECAGG_UNMASK = "train.secagg_unmask"
+
 CONFIG = "config"
+SECAGG = "secagg"
 ARRAYS = "arrays"
 SCALER = "scaler"
 METRICS = "metrics"

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,10 +59,15 @@ from fedguard.core.serialization import (
 )
 from fedguard.privacy.accountant import PrivacyAccountant
 from fedguard.privacy.events import DpFedAvgRound
+from fedguard.privacy.secagg import SecAggAbort
 from fedguard.server.checkpoints import CheckpointStore
-from fedguard.strategies.pipeline import AggregationPipeline, ClientUpdate
+from fedguard.server.secure_round import SecureAggregationSettings, run_secure_round
+from fedguard.strategies.pipeline import AggregationOutcome, AggregationPipeline, ClientUpdate
 
 log = logging.getLogger(__name__)
+
+# SecAggConfig needs n >= 3: with two silos each would learn the other's update.
+SECAGG_MIN_CLIENTS = 3
 
 
 class RunAbortedError(FedguardError):
@@ -223,18 +228,16 @@ class FederatedRun:
     ) -> ModelWeights:
         started = time.monotonic()
         sampled = self._sample(round_number, nodes)
-        content = self._instruction(round_number, weights, scaler)
-        replies = self._send(protocol.TRAIN, round_number, sampled, content)
-        outcomes: list[NodeOutcome] = []
-        updates: list[ClientUpdate] = []
         global_vector = flatten_weights(weights)
-        for node in sampled:
-            outcome, update = self._check_train_reply(
-                node, replies.get(node), weights, global_vector
+        if self.config.secagg.enabled:
+            outcomes, aggregated, accepted_count = self._secure_updates(
+                round_number, sampled, weights, scaler, global_vector, len(nodes)
             )
-            outcomes.append(outcome)
-            if update is not None:
-                updates.append(update)
+        else:
+            outcomes, aggregated, accepted_count = self._plain_updates(
+                round_number, sampled, weights, scaler, global_vector, len(nodes)
+            )
+        for outcome in outcomes:
             if outcome.status != "ok":
                 log.warning(
                     "round %d: silo %s %s: %s",
@@ -243,7 +246,6 @@ class FederatedRun:
                     outcome.status,
                     outcome.reason,
                 )
-        aggregated = self.pipeline.apply(global_vector, updates, population=len(nodes))
         new_weights = unflatten_weights(aggregated.new_global, weights)
         central_epsilon = None
         if self.central_accountant is not None:
@@ -270,7 +272,7 @@ class FederatedRun:
             seconds=time.monotonic() - started,
             sampled=len(sampled),
             outcomes=outcomes,
-            aggregation={**aggregated.details, "accepted": len(updates)},
+            aggregation={**aggregated.details, "accepted": accepted_count},
             train_loss=train_loss,
             evaluation=evaluation,
             silo_epsilon=silo_epsilon,
@@ -278,6 +280,104 @@ class FederatedRun:
         )
         self._finish_round(record, new_weights, scaler)
         return new_weights
+
+    def _plain_updates(
+        self,
+        round_number: int,
+        sampled: list[int],
+        weights: ModelWeights,
+        scaler: FeatureScaler,
+        global_vector: np.ndarray,
+        population: int,
+    ) -> tuple[list[NodeOutcome], AggregationOutcome, int]:
+        """Every sampled silo sends its model; each is checked, then aggregated."""
+        content = self._instruction(round_number, weights, scaler)
+        replies = self._send(protocol.TRAIN, round_number, sampled, content)
+        outcomes: list[NodeOutcome] = []
+        updates: list[ClientUpdate] = []
+        for node in sampled:
+            outcome, update = self._check_train_reply(
+                node, replies.get(node), weights, global_vector
+            )
+            outcomes.append(outcome)
+            if update is not None:
+                updates.append(update)
+        return outcomes, self.pipeline.apply(global_vector, updates, population), len(updates)
+
+    def _secure_updates(
+        self,
+        round_number: int,
+        sampled: list[int],
+        weights: ModelWeights,
+        scaler: FeatureScaler,
+        global_vector: np.ndarray,
+        population: int,
+    ) -> tuple[list[NodeOutcome], AggregationOutcome, int]:
+        """SecAgg+: the server learns only the sum of the surviving silos' updates.
+
+        Per-silo checks of names, shapes and finite values move to the silo (its
+        encoder refuses NaN/Inf and counts clipped values); the server checks the
+        masked vectors' length and every protocol message. A SecAgg abort leaves
+        the model unchanged and the run goes on with the next round.
+        """
+        central = self.config.central_dp
+        settings = SecureAggregationSettings(
+            clip_range=self.config.secagg.clip_range,
+            value_bits=self.config.secagg.value_bits,
+            dropout_rate=self.config.secagg.dropout_rate,
+            # DP-FedAvg needs uniform weights and a per-silo L2 bound before the sum.
+            weight_unit=0 if central.enabled else 1,
+            clip_norm=central.clip_norm if central.enabled else 0.0,
+        )
+
+        def send(message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+            return self._send_each(message_type, round_number, contents)
+
+        try:
+            if len(sampled) < SECAGG_MIN_CLIENTS:
+                raise SecAggAbort(
+                    "setup",
+                    f"{len(sampled)} silo(s) sampled; secure aggregation needs at least "
+                    f"{SECAGG_MIN_CLIENTS}",
+                )
+            result = run_secure_round(
+                send,
+                sampled,
+                self._instruction(round_number, weights, scaler),
+                global_vector.size,
+                settings,
+            )
+        except SecAggAbort as abort:
+            log.error("round %d: secure aggregation aborted: %s", round_number, abort)
+            outcomes = [
+                NodeOutcome(node, self.silo_name(node), "aborted", str(abort)) for node in sampled
+            ]
+            details = {"rule": "secagg", "aborted": str(abort)}
+            return outcomes, AggregationOutcome(global_vector.copy(), details), 0
+        contributors = set(result.contributors)
+        outcomes = [
+            NodeOutcome(
+                node,
+                self.silo_name(node),
+                "ok" if node in contributors else "dropout",
+                result.dropped_at.get(node, ""),
+                result.metrics.get(node, {}),
+            )
+            for node in sampled
+        ]
+        aggregated = self.pipeline.apply_sum(
+            global_vector, result.weighted_sum, result.total_weight, population
+        )
+        aggregated.details.update(
+            {
+                "secagg-degree": result.config.degree,
+                "secagg-threshold": result.config.threshold,
+                "secagg-clipped-values": sum(
+                    int(m.get("secagg-clipped", 0)) for m in result.metrics.values()
+                ),
+            }
+        )
+        return outcomes, aggregated, len(contributors)
 
     def _finish_round(
         self, record: RoundRecord, weights: ModelWeights, scaler: FeatureScaler
@@ -337,11 +437,17 @@ class FederatedRun:
     def _send(
         self, message_type: str, round_number: int, nodes: Iterable[int], content: RecordDict
     ) -> dict[int, Message]:
+        return self._send_each(message_type, round_number, dict.fromkeys(nodes, content))
+
+    def _send_each(
+        self, message_type: str, round_number: int, contents: Mapping[int, RecordDict]
+    ) -> dict[int, Message]:
+        """Send each node its own content; collect replies until the timeout."""
         messages = [
             Message(
                 content, dst_node_id=node, message_type=message_type, group_id=str(round_number)
             )
-            for node in nodes
+            for node, content in contents.items()
         ]
         if not messages:
             return {}

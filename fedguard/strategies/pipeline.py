@@ -81,3 +81,45 @@ class AggregationPipeline:
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
         mean = self.aggregator.aggregate(deltas, weights)
         return AggregationOutcome(global_vector + mean, {"rule": self.aggregator.name})
+
+    def apply_sum(
+        self,
+        global_vector: np.ndarray,
+        weighted_sum: np.ndarray,
+        total_weight: float,
+        population: int,
+    ) -> AggregationOutcome:
+        """The next global model from a securely aggregated sum Σ w_i Δ_i and Σ w_i.
+
+        Only a (weighted) mean can be computed from a sum: a robust rule needs the
+        individual inputs, so it is refused here (robust rules run over group sums).
+        With central DP the silos clipped their Δ and weighed 1 each; the server adds
+        the Gaussian noise to the unmasked sum, so the guarantee protects the released
+        model, not the sum the server itself saw.
+        """
+        dim = global_vector.shape[0]
+        if weighted_sum.shape != (dim,):
+            raise AggregationError(
+                f"aggregated sum has shape {weighted_sum.shape}, expected ({dim},)"
+            )
+        if self.central_dp.enabled:
+            if self._noise is None:
+                self._noise = CsprngGaussian()
+            noise_std = self.central_dp.noise_multiplier * self.central_dp.clip_norm
+            noise = self._noise.sample((dim,), std=noise_std).numpy().astype(np.float64)
+            denominator = self.central_dp.client_sampling_rate * population
+            return AggregationOutcome(
+                global_vector + (weighted_sum + noise) / denominator,
+                {"rule": "secagg+dp-fedavg", "noise-std": noise_std, "denominator": denominator},
+            )
+        if not isinstance(self.aggregator, WeightedMean):
+            raise AggregationError(
+                f"{self.aggregator.name} needs individual updates; over one secure sum only "
+                "the weighted mean is possible (use robust rules over secure groups)"
+            )
+        if total_weight <= 0:
+            return AggregationOutcome(global_vector.copy(), {"rule": "none: zero total weight"})
+        return AggregationOutcome(
+            global_vector + weighted_sum / float(total_weight),
+            {"rule": "secagg+weighted-mean", "total-weight": float(total_weight)},
+        )
