@@ -5,12 +5,13 @@ rebuilds the ClientApp per message inside Ray actors (ε must still accumulate,
 which it only does because the ledger lives on disk).
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from fedguard.core.config import Engine
+from fedguard.core.config import Engine, SecureAggregationConfig
 from fedguard.simulation.runner import run_variant
 from tests.factories import small_config
 
@@ -29,3 +30,17 @@ def test_ray_engine_run_improves_and_spends_epsilon(tmp_path: Path) -> None:
         assert 0 < entries[0]["epsilon_after"] < entries[1]["epsilon_after"] <= 3.0
     on_disk = json.loads((tmp_path / "ray-run" / "dp" / "history.json").read_text())
     assert len(on_disk) == 3
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_ray_engine_runs_secure_aggregation_stages(tmp_path: Path) -> None:
+    # Five SecAgg+ messages per round: the round's secrets survive between them only
+    # in the node's context.state, since Ray rebuilds the ClientApp per message.
+    config = small_config(tmp_path, num_rounds=1, engine=Engine.RAY)
+    config = dataclasses.replace(config, secagg=SecureAggregationConfig(enabled=True))
+    result = run_variant(config, "dp", tmp_path / "ray-secagg" / "dp")
+    last = result.history[-1]
+    assert [o["status"] for o in last["outcomes"]] == ["ok", "ok", "ok"]
+    assert last["aggregation"]["rule"] == "secagg+weighted-mean"
+    assert last["evaluation"]["loss"] < result.history[0]["evaluation"]["loss"]
