@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[data,dev,edge]"
+	# Test-only reference for the robust rules; --no-deps: its torchvision pin would
+	# replace the CPU torch (only byzfl.aggregators is imported, which needs neither).
+	$(BIN)/pip install --quiet --no-deps byzfl==0.0.11
 	@$(BIN)/python -c 'import torch; v = torch.__version__; assert v.startswith("2.13.0"), v'
 	touch $(STAMP)
 

@@ -1,51 +1,22 @@
-"""Contract tests every aggregator must pass, plus rule-specific checks."""
+"""WeightedMean and the shared input checks (the contract suite is in test_contract.py)."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedguard.strategies.aggregators import AggregationError, Aggregator, WeightedMean
-
-AGGREGATORS: list[Aggregator] = [WeightedMean()]
+from fedguard.strategies.aggregators import (
+    AggregationError,
+    PreconditionError,
+    WeightedMean,
+    check_inputs,
+    finite_output,
+)
 
 
 def _inputs(seed: int, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, d)), rng.integers(1, 100, n).astype(np.float64)
-
-
-@pytest.mark.parametrize("rule", AGGREGATORS, ids=lambda r: r.name)
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 12), d=st.integers(1, 20))
-def test_permutation_invariance(rule: Aggregator, seed: int, n: int, d: int) -> None:
-    updates, weights = _inputs(seed, n, d)
-    order = np.random.default_rng(seed + 1).permutation(n)
-    np.testing.assert_allclose(
-        rule.aggregate(updates, weights), rule.aggregate(updates[order], weights[order]), atol=1e-12
-    )
-
-
-@pytest.mark.parametrize("rule", AGGREGATORS, ids=lambda r: r.name)
-def test_identity_on_equal_inputs(rule: Aggregator) -> None:
-    row = np.linspace(-1, 1, 7)
-    np.testing.assert_allclose(rule.aggregate(np.tile(row, (5, 1)), np.arange(1.0, 6.0)), row)
-
-
-@pytest.mark.parametrize("rule", AGGREGATORS, ids=lambda r: r.name)
-@pytest.mark.parametrize(
-    ("updates", "weights"),
-    [
-        (np.zeros((0, 3)), np.zeros(0)),
-        (np.zeros(3), np.ones(1)),
-        (np.array([[np.nan, 0.0]]), np.ones(1)),
-        (np.ones((2, 2)), np.ones(3)),
-        (np.ones((2, 2)), np.array([1.0, -1.0])),
-    ],
-)
-def test_bad_inputs_raise(rule: Aggregator, updates: np.ndarray, weights: np.ndarray) -> None:
-    with pytest.raises(AggregationError):
-        rule.aggregate(updates, weights)
 
 
 @settings(max_examples=30, deadline=None)
@@ -62,3 +33,28 @@ def test_weighted_mean_matches_naive_loop(seed: int, n: int, d: int) -> None:
 def test_weighted_mean_refuses_zero_total_weight() -> None:
     with pytest.raises(AggregationError, match="zero"):
         WeightedMean().aggregate(np.ones((2, 2)), np.zeros(2))
+
+
+def test_weighted_mean_declares_itself() -> None:
+    assert (WeightedMean().name, WeightedMean().min_inputs, WeightedMean().uses_weights) == (
+        "weighted-mean",
+        1,
+        True,
+    )
+
+
+def test_finite_inputs_whose_sum_overflows_are_accepted() -> None:
+    """The fast finiteness check (a finite total) falls back to the exact one on overflow."""
+    check_inputs(np.full((4, 3), 1e308), np.ones(4))
+
+
+def test_an_overflowing_aggregate_is_refused() -> None:
+    with pytest.raises(AggregationError, match="overflowed"):
+        finite_output("rule", np.array([np.inf]))
+
+
+def test_precondition_error_names_rule_condition_and_numbers() -> None:
+    error = PreconditionError("krum", "n >= 2f + 3 = 7 inputs", 6, 2)
+    assert str(error) == "krum needs n >= 2f + 3 = 7 inputs; got n = 6, f = 2"
+    assert (error.rule, error.n, error.f) == ("krum", 6, 2)
+    assert isinstance(error, AggregationError)
