@@ -1,5 +1,8 @@
 """The ``fedguard`` command line.
 
+Top-level imports stay free of torch, pandas and Flower: ``fedguard predict``
+must run where only numpy and onnxruntime are installed.
+
 Every option of ``fedguard simulate`` can also live in a TOML file
 (``--config run.toml``) under the same name without the leading dashes; flags
 given on the command line win over the file. Errors print one line, no
@@ -26,6 +29,12 @@ from fedguard.core.config import (
     RunConfig,
 )
 from fedguard.core.errors import ConfigError, FedguardError
+from fedguard.edge.commands import (
+    add_export_command,
+    add_predict_command,
+    add_simulate_export_option,
+    export_after_simulate,
+)
 
 _DEFAULTS = RunConfig().to_options()
 
@@ -249,11 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="fedguard: federated learning for regulated industries.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _simulate_parser(sub)
+    simulate = _simulate_parser(sub)
+    add_simulate_export_option(simulate)
+    add_export_command(sub)
+    add_predict_command(sub)
     return parser
 
 
-_NOT_OPTIONS = {"command", "config", "baseline", "quiet"}
+_NOT_OPTIONS = {"command", "config", "baseline", "quiet", "export"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -309,6 +321,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"\nrun folder: {run_dir}")
     for name, path in paths.items():
         print(f"  {name}: {path}")
+    if args.export == "edge":
+        export_after_simulate(run_dir)
     return 0
 
 
@@ -340,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return cmd_simulate(args)
+        if args.command in ("export", "predict"):
+            return int(args.edge_handler(args))
     except FedguardError as error:
         print(f"fedguard: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,288 @@
+"""Model cards (Markdown and JSON) for exported edge models.
+
+After Mitchell et al., "Model Cards for Model Reporting", FAT* 2019: intended use,
+data (silo counts only, never records), training, the privacy guarantee, the
+aggregation and robustness set-up, metrics overall and per silo, teacher vs
+student vs int8, size and latency, and known limitations.
+
+The privacy figures are read from the silos' own ledgers (the authority on ε),
+not from the run's report: :func:`ledger_privacy` opens every
+``privacy-ledger.sqlite`` and records, per silo, the lifetime ε it reports
+(:meth:`~fedguard.privacy.ledger.PrivacyLedger.spent_epsilon`), the budget, and
+the charges of each run with the ε after its last charge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedguard.core.config import PrivacyBudget
+from fedguard.privacy.ledger import PrivacyLedger
+
+__all__ = [
+    "CARD_VERSION",
+    "PRIVACY_ACCOUNTANT",
+    "PRIVACY_UNIT",
+    "ledger_privacy",
+    "render_markdown",
+]
+
+CARD_VERSION = 1
+PRIVACY_UNIT = "one record (patient/customer) of one silo: sample-level DP, add/remove-one"
+PRIVACY_ACCOUNTANT = (
+    "dp_accounting PLD (pessimistic estimate, value discretization 1e-4), composed over "
+    "every round a silo trained in every run of its life; no credit for client selection"
+)
+
+
+def ledger_privacy(
+    silo_dirs: Mapping[str, Path], budget: PrivacyBudget
+) -> dict[str, dict[str, Any]]:
+    """Per silo: budget, lifetime ε spent and the charges of each run, from its ledger.
+
+    A silo without a ledger file (a non-private run) is reported with ``ledger: false``
+    and no ε. Nothing is created or written.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    # ε is a deterministic function of the charged events: silos with identical
+    # histories (equal-sized silos of one run) share one PLD computation.
+    spent_by_events: dict[tuple[Any, ...], float] = {}
+    for silo_id, state_dir in silo_dirs.items():
+        if not (Path(state_dir) / PrivacyLedger.FILENAME).is_file():
+            out[silo_id] = {"ledger": False}
+            continue
+        with PrivacyLedger.open(Path(state_dir), silo_id, budget) as ledger:
+            entries = ledger.entries()
+            runs: dict[str, dict[str, Any]] = {}
+            for entry in entries:
+                run = runs.setdefault(
+                    entry.run_id,
+                    {
+                        "rounds_charged": 0,
+                        "noise_multiplier": entry.event.noise_multiplier,
+                        "sample_rate": entry.event.sample_rate,
+                        "steps_per_round": entry.event.steps,
+                        "statuses": {},
+                    },
+                )
+                run["rounds_charged"] += 1
+                run["epsilon_after_last_round"] = entry.epsilon_after
+                run["statuses"][entry.status.value] = run["statuses"].get(entry.status.value, 0) + 1
+            events = tuple(e.event for e in entries)
+            if events not in spent_by_events:
+                spent_by_events[events] = ledger.spent_epsilon()
+            spent = spent_by_events[events]
+            out[silo_id] = {
+                "ledger": True,
+                "ledger_file": str(ledger.path),
+                "epsilon_budget": ledger.budget.epsilon,
+                "delta": ledger.budget.delta,
+                "epsilon_spent": spent,
+                "rounds_charged": len(entries),
+                "runs": runs,
+            }
+    return out
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(card: Mapping[str, Any]) -> str:
+    """The card as Markdown for people (the JSON is the machine-readable record)."""
+    model = card["model"]
+    data = card["data"]
+    privacy = card["privacy"]
+    metrics = card["metrics"]
+    out = [
+        f"# Model card: {model['name']}",
+        "",
+        f"{model['summary']}",
+        "",
+        "## Model",
+        "",
+        f"* Task: {model['task']}; classes: {', '.join(model['classes'])}.",
+        f"* Student: {model['student']['architecture']} "
+        f"({model['student']['parameters']} parameters); teacher: "
+        f"{model['teacher']['architecture']} ({model['teacher']['parameters']} parameters).",
+        f"* Quantization: {model['quantization']['method']}; {model['quantization']['scheme']}.",
+        f"* Calibration data: {model['quantization']['calibration']}.",
+        f"* Input: {model['input']['description']}",
+        "* Files: "
+        + "; ".join(
+            f"`{f['path']}` ({f['bytes']} bytes, sha256 {f['sha256'][:16]}…)"
+            for f in model["files"].values()
+        ),
+        f"* Exported by fedguard {model['fedguard_version']} on {model['created_at']}.",
+        "",
+        "## Intended use",
+        "",
+        f"* {card['intended_use']['primary']}",
+        f"* Users: {card['intended_use']['users']}",
+        "* Out of scope: " + "; ".join(card["intended_use"]["out_of_scope"]) + ".",
+        "",
+        "## Data",
+        "",
+        f"* Data set: `{data['dataset']}` ({data['source']}).",
+        f"* {data['num_silos']} silos, partition `{data['partition']}`; each silo keeps its "
+        f"own held-out test split ({data['test_fraction']:g} of its rows).",
+        "",
+        *_table(
+            ["silo", "train records", "test records"],
+            [[s["silo_id"], s["train_examples"], s["test_examples"]] for s in data["silos"]],
+        ),
+        "",
+        "## Training",
+        "",
+        f"* Teacher: {card['training']['teacher']['summary']}",
+        f"* Distillation: {card['training']['distillation']['summary']}",
+        "",
+        "## Privacy",
+        "",
+        f"* Guarantee: {privacy['statement']}",
+        f"* Unit of privacy: {privacy['unit']}.",
+        f"* Accountant: {privacy['accountant']}.",
+        f"* DP-SGD noise source: `{privacy['noise_source']}`.",
+        f"* Distillation's privacy cost: {privacy['distillation_cost']}",
+    ]
+    silos = privacy["silos"]
+    if any(s.get("ledger") for s in silos.values()):
+        rows = []
+        for silo_id, s in silos.items():
+            if not s.get("ledger"):
+                rows.append([silo_id, "—", "—", "—", "—", "—"])
+                continue
+            teacher_run = s["runs"].get(privacy["teacher_run_id"], {})
+            distill_run = s["runs"].get(privacy.get("distillation_run_id") or "", {})
+            rows.append(
+                [
+                    silo_id,
+                    s["epsilon_budget"],
+                    f"{s['delta']:g}",
+                    teacher_run.get("epsilon_after_last_round"),
+                    distill_run.get("epsilon_after_last_round"),
+                    s["epsilon_spent"],
+                ]
+            )
+        out += [
+            "",
+            "Per silo, from its privacy ledger (ε at the silo's δ):",
+            "",
+            *_table(
+                ["silo", "ε budget", "δ", "ε after teacher run", "ε after distillation", "ε spent"],
+                rows,
+            ),
+        ]
+    if privacy.get("central"):
+        c = privacy["central"]
+        out += [
+            "",
+            f"* Central (silo-level) DP-FedAvg: ε = {_fmt(c['epsilon'])} at δ = {c['delta']:g} "
+            f"over {c['rounds']} rounds.",
+        ]
+    out += ["", "Not protected by differential privacy:", ""]
+    out += [f"* {item}" for item in privacy["not_protected"]]
+    agg = card["aggregation"]
+    out += [
+        "",
+        "## Aggregation and robustness",
+        "",
+        f"* Rule: {agg['rule']}.",
+        f"* Central DP: {_fmt(agg['central_dp']['enabled'])}"
+        + (
+            f" (clip {agg['central_dp']['clip_norm']:g}, noise multiplier "
+            f"{agg['central_dp']['noise_multiplier']:g}, client sampling rate "
+            f"{agg['central_dp']['client_sampling_rate']:g})"
+            if agg["central_dp"]["enabled"]
+            else ""
+        )
+        + ".",
+        f"* Update checks: {agg['update_checks']}",
+        f"* Robust aggregation: {agg['robustness']}",
+        *(f"* `{name}`: `{value}`" for name, value in agg.get("run_config", {}).items()),
+        "",
+        "## Metrics",
+        "",
+        "Pooled over the silos' held-out test splits "
+        f"({metrics['overall']['teacher']['num_examples']} records), computed in each silo; "
+        "only sums leave a silo.",
+        "",
+    ]
+    models = ("teacher", "student_fp32", "student_int8")
+    has_auc = metrics["overall"]["teacher"].get("auc") is not None
+    header = ["model", "accuracy"] + (["AUC"] if has_auc else [])
+    rows = []
+    for name in models:
+        m = metrics["overall"][name]
+        rows.append([name, m["accuracy"]] + ([m.get("auc")] if has_auc else []))
+    out += _table(header, rows)
+    out += ["", "Per silo (accuracy):", ""]
+    out += _table(
+        ["silo", *models],
+        [
+            [silo_id, *(per[name]["accuracy"] for name in models)]
+            for silo_id, per in metrics["per_silo"].items()
+        ],
+    )
+    out += ["", "int8 against fp32 (same student):", ""]
+    out += _table(
+        ["rows", "records", "top-1 agreement", "max |logit error|", "mean |logit error|"],
+        [
+            [
+                where,
+                a["rows"],
+                a["top1_agreement"],
+                a["max_abs_logit_error"],
+                a["mean_abs_logit_error"],
+            ]
+            for where, a in metrics["agreement"].items()
+        ],
+    )
+    size = card["size_latency"]
+    out += [
+        "",
+        "## Size and latency",
+        "",
+        f"{size['setting']}",
+        "",
+        *_table(
+            ["model", "runtime", "bytes", "p50 latency, 1 record (ms)", "batch-256 records/s"],
+            [
+                [
+                    name,
+                    s["runtime"],
+                    s["bytes"],
+                    s["p50_latency_ms"],
+                    f"{s['throughput_batch256']:.0f}",
+                ]
+                for name, s in size["models"].items()
+            ],
+        ),
+        "",
+        f"Student int8 vs teacher fp32: {size['ratios']['size']:.1f}× smaller, "
+        f"{size['ratios']['throughput']:.1f}× the batch-256 throughput, "
+        f"{size['ratios']['accuracy_points']:+.2f} accuracy points.",
+        "",
+        "## Known limitations",
+        "",
+    ]
+    out += [f"* {item}" for item in card["limitations"]]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,749 @@
+"""Knowledge distillation of the global model (teacher) into an edge-sized student.
+
+Loss (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network",
+2015): ``α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, y)`` with
+teacher logits ``t``, student logits ``s``, temperature ``T``; the ``T²`` keeps
+the soft term's gradients on the scale of the hard term's as ``T`` grows.
+
+Two modes (:class:`DistillMode`):
+
+``federated`` — extra federated rounds in which every silo trains the student on
+    its own training split against the teacher's soft labels (teacher logits
+    computed locally by the silo on its own records) **under DP-SGD**, and the
+    server averages the students with the run's aggregation pipeline. Each silo
+    charges its own persistent :class:`~fedguard.privacy.ledger.PrivacyLedger`
+    (the same ledger file, a new run id), exactly as
+    :class:`~fedguard.client.app.SiloAgent` does: before the first round σ is
+    calibrated so that the planned distillation rounds fit the silo's whole
+    budget *with everything already spent composed in*; every round is charged
+    (write-ahead) before training and marked completed or failed. A silo whose
+    budget cannot pay stops the export before anything is charged. Each record's
+    tuple (features, label, teacher logits) is one sample of DP-SGD, so the
+    usual sample-level guarantee holds; the teacher itself is a DP release (post-
+    processing), and the student's guarantee is the silo ledger's composition of
+    both runs.
+
+    **This is the in-process path**: :func:`distill_federated` runs the silos'
+    side in this process over silo data rebuilt from a saved simulation run
+    (:func:`fedguard.core.datasets.simulation_silos` with the run's config). A
+    deployed path needs a ``distill`` message type in fedguard's protocol carrying
+    teacher and student weights, a silo handler (in ``SiloAgent``) that computes
+    the teacher's logits on its records, charges its ledger and calls
+    :func:`train_dp_sgd_distill`, and a server loop like the orchestrator's; the
+    functions here are written to be those handlers' bodies.
+
+``server`` — the server distils on an unlabeled transfer set: a public data set
+    when one is given, otherwise synthetic rows drawn from the federated feature
+    statistics (:func:`fedguard.edge.quantize.synthetic_features`). No silo record
+    is touched and **no privacy budget is spent**: the student is post-processing
+    of the (DP) teacher and of the statistics the server already holds (which are
+    not DP-protected; the model card says so). There are no labels, so the loss
+    is the soft term alone (``α = 1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedguard.client.training import (
+    LocalData,
+    TrainingError,
+    TrainResult,
+    _make_optimizer,
+    _noise_only_step,
+    use_csprng_noise,
+)
+from fedguard.core.config import (
+    CentralDPConfig,
+    GradSampleMode,
+    LocalDPConfig,
+    LocalTrainingConfig,
+    NoiseSource,
+    OptimizerKind,
+    PrivacyBudget,
+)
+from fedguard.core.datasets import FeatureSchema
+from fedguard.core.errors import (
+    BudgetExhaustedError,
+    ConfigError,
+    InfeasibleBudgetError,
+    LedgerError,
+)
+from fedguard.core.seeding import derive_seed, numpy_rng, seed_torch
+from fedguard.core.serialization import (
+    flatten_weights,
+    load_weights,
+    model_weights,
+    unflatten_weights,
+)
+from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
+from fedguard.privacy.events import DpFedAvgRound, DpSgdRound
+from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger, RoundPlan
+from fedguard.privacy.noise import CsprngGaussian, seeded_torch_generator
+from fedguard.strategies.pipeline import AggregationPipeline, ClientUpdate
+
+__all__ = [
+    "DistillConfig",
+    "DistillMode",
+    "DistillSilo",
+    "FederatedDistillResult",
+    "ServerDistillResult",
+    "SiloDistillPlan",
+    "StudentCNN",
+    "StudentKind",
+    "StudentSpec",
+    "distill_federated",
+    "distill_on_transfer_set",
+    "distillation_loss",
+    "next_distill_run_id",
+    "teacher_logits",
+    "train_dp_sgd_distill",
+]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- students
+
+
+class StudentKind(StrEnum):
+    AUTO = "auto"  # a CNN for image data sets, an MLP for tables
+    MLP = "mlp"
+    CNN = "cnn"
+
+
+class StudentCNN(nn.Module):
+    """One 3x3 convolution, ReLU, 2x2 max-pool and a linear classifier (no norm layer).
+
+    No BatchNorm (DP-SGD needs per-sample gradients) and no GroupNorm either: at
+    this size it is not needed, and it would stay float after quantization.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: int = 8):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ConfigError(
+                f"StudentCNN needs a (channels, height, width) input, got {input_shape}"
+            )
+        in_channels, height, width = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(channels * (height // 2) * (width // 2), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(start_dim=1))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The student's architecture. Defaults are edge-sized: MLP (16,), CNN with 8 channels."""
+
+    kind: StudentKind = StudentKind.AUTO
+    hidden: tuple[int, ...] = (16,)
+    channels: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, StudentKind):
+            raise ConfigError(f"student kind must be a StudentKind, got {self.kind!r}")
+        if not self.hidden or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
+        ):
+            raise ConfigError(f"student hidden sizes must be integers >= 1, got {self.hidden!r}")
+        if (
+            isinstance(self.channels, bool)
+            or not isinstance(self.channels, int)
+            or self.channels < 1
+        ):
+            raise ConfigError(f"student channels must be an integer >= 1, got {self.channels!r}")
+
+    def resolve(self, schema: FeatureSchema) -> StudentKind:
+        if self.kind is StudentKind.AUTO:
+            return StudentKind.CNN if len(schema.input_shape) == 3 else StudentKind.MLP
+        if self.kind is StudentKind.CNN and len(schema.input_shape) != 3:
+            raise ConfigError(f"a CNN student needs image data; {schema.dataset} is tabular")
+        return self.kind
+
+    def build(self, schema: FeatureSchema) -> nn.Module:
+        from fedguard.core.models import TabularMLP
+
+        if self.resolve(schema) is StudentKind.CNN:
+            return StudentCNN(schema.input_shape, schema.num_classes, self.channels)
+        return TabularMLP(math.prod(schema.input_shape), self.hidden, schema.num_classes)
+
+    def describe(self, schema: FeatureSchema) -> str:
+        if self.resolve(schema) is StudentKind.CNN:
+            return f"CNN: conv3x3({self.channels}) + ReLU + maxpool2 + linear"
+        sizes = [math.prod(schema.input_shape), *self.hidden, schema.num_classes]
+        return "MLP " + "-".join(str(s) for s in sizes)
+
+
+# --------------------------------------------------------------------------- config
+
+
+class DistillMode(StrEnum):
+    FEDERATED = "federated"
+    SERVER = "server"
+
+
+def _positive(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation settings for both modes.
+
+    ``alpha`` weighs the soft (teacher) term against the hard (label) term in the
+    federated mode; the server mode has no labels and uses the soft term alone.
+    ``alpha = 0`` in the federated mode trains the student directly on the labels
+    (no teacher): the baseline distillation is compared with.
+    """
+
+    mode: DistillMode = DistillMode.SERVER
+    temperature: float = 4.0
+    alpha: float = 0.7
+    # federated mode
+    rounds: int = 5
+    training: LocalTrainingConfig = field(
+        default_factory=lambda: LocalTrainingConfig(
+            local_epochs=1, batch_size=64, learning_rate=0.05, optimizer=OptimizerKind.SGD
+        )
+    )
+    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
+    # server mode
+    transfer_rows: int = 8192
+    server_epochs: int = 20
+    server_batch_size: int = 128
+    server_learning_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, DistillMode):
+            raise ConfigError(f"distillation mode must be a DistillMode, got {self.mode!r}")
+        _positive("temperature", self.temperature)
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+        _positive_int("distillation rounds", self.rounds)
+        _positive_int("transfer_rows", self.transfer_rows)
+        _positive_int("server_epochs", self.server_epochs)
+        _positive_int("server_batch_size", self.server_batch_size)
+        _positive("server_learning_rate", self.server_learning_rate)
+        if not isinstance(self.training, LocalTrainingConfig):
+            raise ConfigError("training must be a LocalTrainingConfig")
+        if self.grad_sample_mode is GradSampleMode.GHOST:
+            raise ConfigError(
+                "ghost clipping needs a two-argument criterion; the distillation loss takes "
+                "teacher logits too: use hooks, functorch or ew"
+            )
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Mean over the batch of ``α T² KL(p_t^T ‖ p_s^T) + (1 − α) CE(s, y)``.
+
+    ``labels=None`` (no labels) requires ``alpha == 1``.
+    """
+    t = float(temperature)
+    soft = nn.functional.kl_div(
+        torch.log_softmax(student_logits / t, dim=1),
+        torch.log_softmax(teacher_logits / t, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (t * t)
+    if alpha >= 1.0:
+        return soft
+    if labels is None:
+        raise ConfigError("alpha < 1 needs labels for the cross-entropy term")
+    hard = nn.functional.cross_entropy(student_logits, labels)
+    if alpha <= 0.0:
+        return hard
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, features: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """float32 logits of the teacher on model-shaped, scaled features."""
+    teacher.eval()
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    parts = [teacher(x[i : i + batch]) for i in range(0, x.shape[0], batch)]
+    return torch.cat(parts).numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------- server mode
+
+
+@dataclass(frozen=True)
+class ServerDistillResult:
+    rows: int
+    epochs: int
+    final_loss: float
+    transfer_source: str
+
+
+def distill_on_transfer_set(
+    teacher: nn.Module,
+    student: nn.Module,
+    transfer: np.ndarray,
+    config: DistillConfig,
+    seed: int,
+    transfer_source: str,
+) -> ServerDistillResult:
+    """Train ``student`` (in place) to match ``teacher`` on unlabeled transfer rows.
+
+    ``transfer`` is scaled and model-shaped (float32). No silo data and no privacy
+    budget are used; the soft loss alone is minimized with Adam.
+    """
+    if transfer.shape[0] == 0:
+        raise ConfigError("the transfer set is empty")
+    soft = torch.from_numpy(teacher_logits(teacher, transfer))
+    x = torch.from_numpy(np.ascontiguousarray(transfer, dtype=np.float32))
+    generator = torch.Generator().manual_seed(derive_seed(seed, "edge-server-distill"))
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.server_learning_rate)
+    student.train()
+    loss_value = float("nan")
+    for _ in range(config.server_epochs):
+        order = torch.randperm(x.shape[0], generator=generator)
+        losses = []
+        for i in range(0, x.shape[0], config.server_batch_size):
+            rows = order[i : i + config.server_batch_size]
+            optimizer.zero_grad()
+            loss = distillation_loss(student(x[rows]), soft[rows], None, config.temperature, 1.0)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        loss_value = float(np.mean(losses))
+    student.eval()
+    if not all(np.isfinite(v).all() for v in model_weights(student).values()):
+        raise TrainingError("server-side distillation diverged: the student holds NaN or Inf")
+    return ServerDistillResult(
+        rows=int(x.shape[0]),
+        epochs=config.server_epochs,
+        final_loss=loss_value,
+        transfer_source=transfer_source,
+    )
+
+
+# --------------------------------------------------------------------------- DP-SGD with KD
+
+
+def train_dp_sgd_distill(
+    model: nn.Module,
+    data: LocalData,
+    soft_targets: np.ndarray,
+    training: LocalTrainingConfig,
+    dp: LocalDPConfig,
+    noise_multiplier: float,
+    seed: int,
+    temperature: float,
+    alpha: float,
+) -> TrainResult:
+    """:func:`fedguard.client.training.train_dp_sgd` with the distillation loss.
+
+    The same Opacus set-up, schedule check against
+    :func:`~fedguard.privacy.analysis.dp_sgd.poisson_schedule`, noise-only steps for
+    empty Poisson batches and CSPRNG noise as fedguard's DP-SGD; the only change is
+    the loss, which also reads each sample's teacher logits (sampled with it).
+    """
+    if len(data) == 0:
+        raise ConfigError("cannot train on an empty data set")
+    if soft_targets.shape[0] != len(data) or soft_targets.dtype != np.float32:
+        raise ConfigError("soft targets must be float32 with one row per training record")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ConfigError(f"noise multiplier must be finite and >= 0, got {noise_multiplier}")
+    if dp.grad_sample_mode is GradSampleMode.GHOST:
+        raise ConfigError("ghost clipping is not supported for the distillation loss")
+    sample_rate, steps = poisson_schedule(len(data), training.batch_size, training.local_epochs)
+    torch.manual_seed(seed)
+    dataset = TensorDataset(
+        torch.from_numpy(data.features),
+        torch.from_numpy(data.labels),
+        torch.from_numpy(np.ascontiguousarray(soft_targets)),
+    )
+    loader = DataLoader(dataset, batch_size=training.batch_size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")  # the ledger accounts; this one is unused
+    generator = seeded_torch_generator(seed) if dp.noise_source is NoiseSource.SEEDED else None
+    private_model, optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=_make_optimizer(model, training),
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=dp.grad_sample_mode.value,
+        noise_generator=generator,
+    )
+    actual_rate = private_loader.batch_sampler.sample_rate
+    if not math.isclose(actual_rate, sample_rate, rel_tol=1e-12) or (
+        len(private_loader) * training.local_epochs != steps
+    ):
+        raise TrainingError(
+            f"Opacus sampling (q={actual_rate}, {len(private_loader)} steps/epoch) differs "
+            f"from the accounted schedule (q={sample_rate}, {steps} steps); refusing to train"
+        )
+    if dp.noise_source is NoiseSource.CSPRNG:
+        use_csprng_noise(optimizer, CsprngGaussian())
+    private_model.train()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    losses: list[float] = []
+    taken = 0
+    for _ in range(training.local_epochs):
+        for features, labels, soft in private_loader:
+            optimizer.zero_grad()
+            if len(labels) == 0:
+                _noise_only_step(optimizer)
+            else:
+                loss = distillation_loss(private_model(features), soft, labels, temperature, alpha)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            taken += 1
+    if taken != steps:
+        raise TrainingError(f"took {taken} DP-SGD steps, the ledger charged {steps}")
+    weights = model_weights(model)
+    if not all(np.isfinite(v).all() for v in weights.values()):
+        raise TrainingError("DP-SGD distillation diverged: the student holds NaN or Inf")
+    return TrainResult(
+        weights=weights,
+        num_examples=len(data),
+        steps=steps,
+        sample_rate=sample_rate,
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+    )
+
+
+def train_non_private_distill(
+    model: nn.Module,
+    data: LocalData,
+    soft_targets: np.ndarray,
+    config: DistillConfig,
+    seed: int,
+) -> TrainResult:
+    """The non-private twin of :func:`train_dp_sgd_distill` (shuffled batches, no noise).
+
+    Only for the ``no-dp`` research variant of a simulation, never for a DP run.
+    """
+    if len(data) == 0:
+        raise ConfigError("cannot train on an empty data set")
+    training = config.training
+    generator = torch.Generator().manual_seed(seed)
+    dataset = TensorDataset(
+        torch.from_numpy(data.features),
+        torch.from_numpy(data.labels),
+        torch.from_numpy(np.ascontiguousarray(soft_targets, dtype=np.float32)),
+    )
+    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
+    optimizer = _make_optimizer(model, training)
+    model.train()
+    losses: list[float] = []
+    steps = 0
+    for _ in range(training.local_epochs):
+        for features, labels, soft in loader:
+            optimizer.zero_grad()
+            loss = distillation_loss(
+                model(features), soft, labels, config.temperature, config.alpha
+            )
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+    weights = model_weights(model)
+    if not all(np.isfinite(v).all() for v in weights.values()):
+        raise TrainingError("distillation diverged: the student holds NaN or Inf")
+    return TrainResult(weights, len(data), steps, 1.0, float(np.mean(losses)))
+
+
+# --------------------------------------------------------------------------- federated mode
+
+
+@dataclass(frozen=True)
+class DistillSilo:
+    """One silo's side of federated distillation: identity, ledger, budget, train split."""
+
+    silo_id: str
+    state_dir: Path
+    budget: PrivacyBudget
+    train: LocalData  # scaled, model-shaped float32 features and labels
+
+
+@dataclass(frozen=True)
+class SiloDistillPlan:
+    silo_id: str
+    train_examples: int
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+    epsilon_before: float
+
+
+@dataclass(frozen=True)
+class FederatedDistillResult:
+    run_id: str
+    rounds: int
+    plans: list[SiloDistillPlan]
+    round_log: list[dict[str, Any]]
+    central_events: int
+    private: bool = True
+
+
+def next_distill_run_id(base_run_id: str, silos: Sequence[DistillSilo]) -> str:
+    """``BASE/edge-distill-K`` with the smallest K no silo's ledger has seen yet."""
+    used: set[str] = set()
+    plans: list[tuple[Path, str, PrivacyBudget]] = []
+    for silo in silos:
+        if (silo.state_dir / PrivacyLedger.FILENAME).exists():
+            with PrivacyLedger.open(silo.state_dir, silo.silo_id, silo.budget) as ledger:
+                used.update(e.run_id for e in ledger.entries())
+                plans.append((silo.state_dir, silo.silo_id, silo.budget))
+    k = 1
+    while True:
+        candidate = f"{base_run_id}/edge-distill-{k}"
+        if candidate not in used and not any(
+            _has_plan(state_dir, silo_id, budget, candidate) for state_dir, silo_id, budget in plans
+        ):
+            return candidate
+        k += 1
+
+
+def _has_plan(state_dir: Path, silo_id: str, budget: PrivacyBudget, run_id: str) -> bool:
+    with PrivacyLedger.open(state_dir, silo_id, budget) as ledger:
+        return ledger.plan(run_id) is not None
+
+
+_Calibrated = dict[tuple[Any, ...], float]
+
+
+def _plan_silo(
+    silo: DistillSilo,
+    run_id: str,
+    config: DistillConfig,
+    dp: LocalDPConfig,
+    calibrated: _Calibrated,
+) -> tuple[RoundPlan, float]:
+    """The silo's distillation plan, calibrated as SiloAgent calibrates a run's first round.
+
+    ``calibrated`` memoizes σ across silos with identical inputs (same schedule,
+    budget and charged events: the calibration is a deterministic function of them).
+    """
+    sample_rate, steps = poisson_schedule(
+        len(silo.train), config.training.batch_size, config.training.local_epochs
+    )
+    with PrivacyLedger.open(silo.state_dir, silo.silo_id, silo.budget) as ledger:
+        stored = ledger.plan(run_id)
+        entries = ledger.entries()
+        spent = ledger.spent_epsilon()
+        key = (
+            sample_rate,
+            steps,
+            config.rounds,
+            silo.budget,
+            dp.max_noise_multiplier,
+            tuple(e.event for e in entries),
+        )
+        if stored is not None:
+            if stored.sample_rate != sample_rate or stored.steps_per_round != steps:
+                raise LedgerError(
+                    f"silo {silo.silo_id}: run {run_id} was planned with q={stored.sample_rate}, "
+                    f"{stored.steps_per_round} steps/round; this distillation would use "
+                    f"q={sample_rate}, {steps}"
+                )
+            return stored, spent
+        # Against the whole budget with everything already spent composed in (not
+        # "budget minus spent", which is no valid composition rule at a fixed δ).
+        try:
+            sigma = calibrated.get(key) or calibrate_noise_multiplier(
+                sample_rate=sample_rate,
+                steps_per_round=steps,
+                rounds=config.rounds,
+                target_epsilon=silo.budget.epsilon,
+                delta=silo.budget.delta,
+                max_noise_multiplier=dp.max_noise_multiplier,
+                prior=[e.event.to_dp_event() for e in entries],
+            )
+        except InfeasibleBudgetError as too_small:
+            raise InfeasibleBudgetError(
+                f"silo {silo.silo_id} (spent ε={spent:.4g} of its budget ε={silo.budget.epsilon:g} "
+                f"in {len(entries)} earlier rounds) cannot pay for {config.rounds} federated "
+                f"distillation rounds: {too_small}. Nothing was charged. Distil on the server "
+                f"instead (--distill server: no privacy cost), or plan fewer rounds"
+            ) from None
+    calibrated[key] = sigma
+    return RoundPlan(sample_rate, sigma, steps, config.rounds), spent
+
+
+def distill_federated(
+    teacher: nn.Module,
+    student: nn.Module,
+    silos: Sequence[DistillSilo],
+    config: DistillConfig,
+    local_dp: LocalDPConfig,
+    central_dp: CentralDPConfig,
+    run_id: str,
+    seed: int,
+    echo: Callable[[str], None] | None = None,
+) -> FederatedDistillResult:
+    """Federated DP distillation rounds over ``silos`` in this process (see module doc).
+
+    ``student`` holds the initial global student and ends holding the final one.
+    Every silo is planned (σ calibrated, plan stored) before any round is charged,
+    so an infeasible budget anywhere stops the run with nothing charged.
+    """
+    if not silos:
+        raise ConfigError("federated distillation needs at least one silo")
+    dp = dataclasses.replace(local_dp, grad_sample_mode=config.grad_sample_mode)
+    planned: list[tuple[DistillSilo, RoundPlan | None, float]]
+    if dp.enabled:
+        calibrated: _Calibrated = {}
+        fixed = [(silo, *_plan_silo(silo, run_id, config, dp, calibrated)) for silo in silos]
+        for silo, fixed_plan, _ in fixed:
+            with PrivacyLedger.open(silo.state_dir, silo.silo_id, silo.budget) as ledger:
+                ledger.set_plan(run_id, fixed_plan)
+        planned = list(fixed)
+    else:
+        planned = [(silo, None, 0.0) for silo in silos]
+    soft = {silo.silo_id: teacher_logits(teacher, silo.train.features) for silo in silos}
+    pipeline = AggregationPipeline(central_dp=central_dp)
+    weights = model_weights(student)
+    round_log: list[dict[str, Any]] = []
+    for round_number in range(1, config.rounds + 1):
+        global_vector = flatten_weights(weights)
+        updates: list[ClientUpdate] = []
+        outcomes: dict[str, Any] = {}
+        for index, (silo, plan, _) in enumerate(planned):
+            if not _sampled(central_dp, seed, round_number, index):
+                outcomes[silo.silo_id] = {"status": "not-sampled"}
+                continue
+            local = _fresh_copy(student, weights)
+            seed_silo = derive_seed(seed, "edge-distill", silo.silo_id, round_number)
+            if plan is None:  # the non-private research twin: no DP, no ledger
+                result = train_non_private_distill(
+                    local, silo.train, soft[silo.silo_id], config, seed_silo
+                )
+                outcomes[silo.silo_id] = {"status": "ok", "train_loss": result.mean_loss}
+                delta = flatten_weights(result.weights) - global_vector
+                updates.append(ClientUpdate(index, silo.silo_id, delta, result.num_examples))
+                continue
+            event = DpSgdRound(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
+            with PrivacyLedger.open(silo.state_dir, silo.silo_id, silo.budget) as ledger:
+                try:
+                    entry = ledger.charge(run_id, round_number, event)
+                except BudgetExhaustedError as refused:
+                    outcomes[silo.silo_id] = {"status": "refused", "reason": str(refused)}
+                    continue
+                try:
+                    result = train_dp_sgd_distill(
+                        local,
+                        silo.train,
+                        soft[silo.silo_id],
+                        config.training,
+                        dp,
+                        plan.noise_multiplier,
+                        seed_silo,
+                        config.temperature,
+                        config.alpha,
+                    )
+                except BaseException:
+                    ledger.mark(entry.entry_id, ChargeStatus.FAILED)
+                    raise
+                ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
+            outcomes[silo.silo_id] = {
+                "status": "ok",
+                "epsilon_after": entry.epsilon_after,
+                "train_loss": result.mean_loss,
+            }
+            delta = flatten_weights(result.weights) - global_vector
+            updates.append(ClientUpdate(index, silo.silo_id, delta, result.num_examples))
+        aggregated = pipeline.apply(global_vector, updates, population=len(silos))
+        weights = unflatten_weights(aggregated.new_global, weights)
+        round_log.append(
+            {"round": round_number, "silos": outcomes, "aggregation": aggregated.details}
+        )
+        if echo is not None:
+            eps = [o["epsilon_after"] for o in outcomes.values() if "epsilon_after" in o]
+            echo(
+                f"[distill] round {round_number}/{config.rounds}: {len(updates)}/{len(silos)} "
+                f"silos, max ε {max(eps) if eps else float('nan'):.3f}"
+            )
+    load_weights(student, weights)
+    student.eval()
+    return FederatedDistillResult(
+        run_id=run_id,
+        rounds=config.rounds,
+        plans=[
+            SiloDistillPlan(
+                silo.silo_id,
+                len(silo.train),
+                plan.sample_rate,
+                plan.steps_per_round,
+                plan.noise_multiplier,
+                spent,
+            )
+            for silo, plan, spent in planned
+            if plan is not None
+        ],
+        private=dp.enabled,
+        round_log=round_log,
+        central_events=config.rounds if central_dp.enabled else 0,
+    )
+
+
+def _sampled(central_dp: CentralDPConfig, seed: int, round_number: int, index: int) -> bool:
+    """Poisson client sampling when central DP samples clients (its accountant assumes it)."""
+    rate = central_dp.client_sampling_rate if central_dp.enabled else 1.0
+    if rate >= 1.0:
+        return True
+    rng = numpy_rng(seed, "edge-distill-client-sampling", round_number, index)
+    return bool(rng.random() < rate)
+
+
+def central_round_event(central_dp: CentralDPConfig) -> DpFedAvgRound:
+    """What one distillation round adds to the central (silo-level) guarantee."""
+    return DpFedAvgRound(central_dp.client_sampling_rate, central_dp.noise_multiplier)
+
+
+def _fresh_copy(student: nn.Module, weights: Any) -> nn.Module:
+    import copy
+
+    local = copy.deepcopy(student)
+    load_weights(local, weights)
+    return local
+
+
+def seed_student(seed: int) -> None:
+    seed_torch(derive_seed(seed, "edge-student-init"))

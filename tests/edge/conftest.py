@@ -1,0 +1,70 @@
+"""Shared edge fixtures: one small DP run and its server-side export, built once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from fedguard.core.config import PrivacyBudget
+from fedguard.edge.distill import DistillConfig
+from fedguard.edge.export import ExportConfig, ExportResult, export_run
+from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger
+from fedguard.simulation.report import write_report
+from fedguard.simulation.runner import simulate
+from tests.factories import small_config
+
+BUDGET = PrivacyBudget(3.0, 1e-5)
+# A larger lifetime budget, of which the teacher run (planned at BUDGET) spent two thirds:
+# federated distillation then has budget left (see ``with_lifetime_budget``).
+LIFETIME = PrivacyBudget(4.5, 1e-5)
+
+FAST = ExportConfig(
+    distill=DistillConfig(transfer_rows=1024, server_epochs=5, rounds=2),
+    timing_repeats=5,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: builds a fresh virtual environment (about 20 s)")
+
+
+@pytest.fixture(scope="session")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished breast-cancer DP run folder (3 silos, 2 rounds, in-process engine)."""
+    root = tmp_path_factory.mktemp("edge-run")
+    config = small_config(root, num_rounds=2, run_name="bc", budget=BUDGET)
+    run_dir, results, plans = simulate(config, baseline=False, echo=lambda _: None)
+    write_report(run_dir, config, results, plans)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def exported(dp_run: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """The default (server-side) edge export of ``dp_run``."""
+    out = tmp_path_factory.mktemp("edge-out") / "edge"
+    return export_run(dp_run, dataclasses.replace(FAST, out_dir=out), lambda _: None)
+
+
+def with_lifetime_budget(run_dir: Path, budget: PrivacyBudget) -> None:
+    """Give every silo of a copied run folder a larger lifetime budget, charges kept.
+
+    Each ledger is rebuilt with ``budget`` and the same charges (same run ids, rounds
+    and events, so the same ε), and report.json's config says ``budget``: the state of
+    a consortium whose silos planned the teacher run with part of their lifetime budget.
+    """
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text())
+    old = PrivacyBudget(report["config"]["budget"]["epsilon"], report["config"]["budget"]["delta"])
+    for silo_dir in sorted((run_dir / "dp" / "silos").iterdir()):
+        with PrivacyLedger.open(silo_dir, silo_dir.name, old) as ledger:
+            entries = ledger.entries()
+        (silo_dir / PrivacyLedger.FILENAME).unlink()
+        with PrivacyLedger.open(silo_dir, silo_dir.name, budget) as ledger:
+            for entry in entries:
+                charged = ledger.charge(entry.run_id, entry.round, entry.event)
+                ledger.mark(charged.entry_id, ChargeStatus.COMPLETED)
+    report["config"]["budget"] = {"epsilon": budget.epsilon, "delta": budget.delta}
+    report_path.write_text(json.dumps(report))
