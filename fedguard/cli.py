@@ -35,6 +35,7 @@ from fedguard.edge.commands import (
     add_simulate_export_option,
     export_after_simulate,
 )
+from fedguard.server.commands import add_deploy_commands
 
 _DEFAULTS = RunConfig().to_options()
 
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_export_option(simulate)
     add_export_command(sub)
     add_predict_command(sub)
+    add_deploy_commands(sub)
     return parser
 
 
@@ -356,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_simulate(args)
         if args.command in ("export", "predict"):
             return int(args.edge_handler(args))
+        if hasattr(args, "deploy_handler"):
+            return int(args.deploy_handler(args))
     except FedguardError as error:
         print(f"fedguard: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,184 @@
+"""The deployment commands that need no running Flower process."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedguard.core.config import DatasetName, PrivacyBudget, RunConfig
+from fedguard.core.errors import ConfigError
+from fedguard.core.pki import load_private_key
+from fedguard.server.audit import AuditLog
+from fedguard.server.commands import (
+    SERVER_DIR_ENV,
+    ServerLayout,
+    main,
+    node_config_toml,
+    run_options,
+    superlink_command,
+    supernode_command,
+    write_app,
+    write_connection,
+)
+from fedguard.server.registry import ModelRegistry
+
+
+def test_node_config_is_toml_flower_and_fedguard_both_read(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    from fedguard.client.silo import settings_from_node_config
+
+    data = tmp_path / 'odd "dir" with spaces' / "records.csv"
+    text = node_config_toml(
+        "hospital-a",
+        DatasetName.BREAST_CANCER,
+        data,
+        tmp_path,
+        PrivacyBudget(3.0, 1e-5),
+        signing_key=tmp_path / "node.key",
+    )
+    path = tmp_path / "node-config.toml"
+    path.write_text(text)
+    parsed = parse_config_args([str(path)])  # what flower-supernode --node-config does
+    settings = settings_from_node_config(parsed)
+    assert settings.silo_id == "hospital-a"
+    assert settings.budget == PrivacyBudget(3.0, 1e-5)
+    assert settings.state_dir == tmp_path
+    assert settings.data.dataset is DatasetName.BREAST_CANCER
+    assert parsed["signing-key"] == str(tmp_path / "node.key")
+    assert parsed["data-path"] == str(data)
+
+
+def test_generated_app_carries_the_whole_run_config(tmp_path: Path) -> None:
+    options = RunConfig().to_options()
+    path = write_app(tmp_path / "app", options)
+    project = tomllib.loads(path.read_text())
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "fedguard.server.app:app",
+        "clientapp": "fedguard.client.app:app",
+    }
+    assert RunConfig.from_options(app["config"]) == RunConfig.from_options(options)
+    assert list(path.parent.iterdir()) == [path]  # no code in the bundle
+
+
+def test_flower_accepts_the_generated_app(tmp_path: Path) -> None:
+    from flwr.cli.config_utils import load_and_validate
+
+    path = write_app(tmp_path / "app", RunConfig().to_options())
+    config, warnings = load_and_validate(path)
+    assert config is not None, warnings
+
+
+def test_run_options_resolve_out_and_name_the_run(tmp_path: Path) -> None:
+    layout = ServerLayout(tmp_path / "server")
+    config = tmp_path / "trial.toml"
+    config.write_text('dataset = "breast-cancer"\nrounds = 2\n')
+    options = run_options(config, layout)
+    assert options["out"] == str((tmp_path / "server" / "runs").resolve())
+    assert options["run-name"].startswith("trial-")
+    config.write_text('rounds = 2\nout = "elsewhere"\nrun-name = "r1"\n')
+    options = run_options(config, layout)
+    assert options["out"] == str(Path("elsewhere").resolve())
+    assert options["run-name"] == "r1"
+    config.write_text("roundz = 2\n")
+    with pytest.raises(ConfigError, match="unknown option"):
+        run_options(config, layout)
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_options(tmp_path / "absent.toml", layout)
+
+
+def test_flower_commands_have_the_security_flags(tmp_path: Path) -> None:
+    layout = ServerLayout(tmp_path)
+    for name in ("ca.crt", "server.crt", "server.key"):
+        (tmp_path / name).write_text("x")
+    link = superlink_command(layout, "0.0.0.0:9092")
+    for flag in (
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--ssl-certfile",
+        "--ssl-keyfile",
+        "--ssl-ca-certfile",
+        "--database",
+    ):
+        assert flag in link
+    assert "--insecure" not in link
+    assert link[link.index("--host") + 1] == "0.0.0.0"
+    node = supernode_command(
+        "link:9092", tmp_path / "ca.crt", tmp_path / "k", tmp_path / "c.toml", 9100, "warm"
+    )
+    assert node[node.index("--isolation") + 1] == "process"
+    assert "--auth-supernode-private-key" in node and "--root-certificates" in node
+    assert "--isolation" not in supernode_command(
+        "link:9092", tmp_path / "ca.crt", tmp_path / "k", tmp_path / "c.toml", 9100, "flower"
+    )
+    connection = tomllib.loads(write_connection(layout, "0.0.0.0:9092").read_text())
+    assert connection["superlink"]["fedguard"]["address"] == "127.0.0.1:9092"
+
+
+def test_ca_node_and_audit_commands_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["ca", "init", "--dir", "ca"]) == 0
+    assert main(["ca", "issue-server", "--ca-dir", "ca", "--out", "server"]) == 0
+    assert main(["node", "keygen", "--out", "silo-a"]) == 0
+    assert main(["node", "keygen", "--out", "silo-a"]) == 2  # never overwritten
+    assert "refusing to overwrite" in capsys.readouterr().err
+    key = load_private_key(Path("server/audit.key"))
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    log = AuditLog.open(Path("server/audit.jsonl"), key)
+    log.run_start("r", {"rounds": 1})
+    log.run_end("r", "completed")
+    assert main(["audit", "verify", "server/audit.jsonl", "--public-key", "server/audit.pub"]) == 0
+    assert "OK: 2 records" in capsys.readouterr().out
+    text = Path("server/audit.jsonl").read_text().replace('"rounds":1', '"rounds":2')
+    Path("server/audit.jsonl").write_text(text)
+    assert main(["audit", "verify", "server/audit.jsonl", "--public-key", "server/audit.pub"]) == 1
+    assert "TAMPERED at seq 0" in capsys.readouterr().out
+    assert main(["audit", "verify", "server/audit.jsonl"]) == 2  # a server log needs the key
+
+
+def test_models_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    with ModelRegistry.open(tmp_path / "server" / "registry") as registry:
+        first = registry.register(
+            {"w": np.zeros(3, np.float32)}, run_id="r", round=0, parent_sha256=None, config={}
+        )
+        registry.register(
+            {"w": np.ones(3, np.float32)},
+            run_id="r",
+            round=1,
+            parent_sha256=first.sha256,
+            config={},
+            metrics={"accuracy": 0.9},
+        )
+    server = ["--server-dir", str(tmp_path / "server")]
+    assert main(["models", "list", *server]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) == 2 and listing[1].startswith("*") and "accuracy 0.9" in listing[1]
+    assert main(["models", "show", first.sha256[:8], *server]) == 0
+    assert '"round": 0' in capsys.readouterr().out
+    assert main(["models", "rollback", first.sha256[:8], "--reason", "bad", *server]) == 0
+    assert "head is now" in capsys.readouterr().out
+    assert main(["models", "list", *server]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("*")
+    assert main(["models", "show", "zzzz", *server]) == 2
+
+
+def test_server_layout_from_env(tmp_path: Path) -> None:
+    assert ServerLayout.from_env({}) is None
+    layout = ServerLayout.from_env({SERVER_DIR_ENV: str(tmp_path)})
+    assert layout is not None and layout.audit_log == tmp_path / "audit.jsonl"
+    assert layout.registry == tmp_path / "registry"
+
+
+def test_client_start_checks_its_inputs_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["client", "start", "--data", str(tmp_path / "absent.csv"), "--state-dir", str(tmp_path)]
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "supernode.pid").exists()
