@@ -349,23 +349,23 @@ def make_client_app(
             return Message(reply, reply_to=message)
         return silo_agent.handle(message, lambda m: action(silo_agent, m))
 
-    def secure(stage: str) -> Callable[[Message, Context], Message]:
+    def secure(
+        stage: Callable[[SecureAggregationClient, SiloAgent, Message], Message],
+    ) -> Callable[[Message, Context], Message]:
         def handler(message: Message, context: Context) -> Message:
             def run(silo_agent: SiloAgent, m: Message) -> Message:
                 client = SecureAggregationClient(context, silo_agent.settings.silo_id)
-                if stage == "setup":
-                    return client.setup(m, silo_agent.encodable_update)
-                return getattr(client, stage)(m)  # type: ignore[no-any-return]
+                return stage(client, silo_agent, m)
 
             return dispatch(message, context, run)
 
         return handler
 
-    app.train("secagg_setup")(secure("setup"))
-    app.train("secagg_share")(secure("share_keys"))
-    app.train("secagg_mask")(secure("mask"))
-    app.train("secagg_consistency")(secure("consistency"))
-    app.train("secagg_unmask")(secure("unmask"))
+    app.train("secagg_setup")(secure(lambda c, a, m: c.setup(m, a.encodable_update)))
+    app.train("secagg_share")(secure(lambda c, a, m: c.share_keys(m)))
+    app.train("secagg_mask")(secure(lambda c, a, m: c.mask(m)))
+    app.train("secagg_consistency")(secure(lambda c, a, m: c.consistency(m)))
+    app.train("secagg_unmask")(secure(lambda c, a, m: c.unmask(m)))
 
     @app.query("feature_statistics")
     def _feature_statistics(message: Message, context: Context) -> Message:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -70,13 +71,13 @@ class SecureAggregationClient:
     def _reply(
         self, message: Message, data: bytes, metrics: dict[str, float] | None = None
     ) -> Message:
-        records: dict[str, object] = {
+        records: dict[str, Any] = {
             protocol.STATUS: protocol.status_record(ReplyStatus.OK, "", self.silo_id),
             protocol.SECAGG: secagg_record(data),
         }
         if metrics is not None:
             records[protocol.METRICS] = MetricRecord(dict(metrics))
-        return Message(RecordDict(records), reply_to=message)  # type: ignore[arg-type]
+        return Message(RecordDict(records), reply_to=message)
 
     def _save(self, state: ClientRound, encoded: np.ndarray | None = None) -> None:
         record = ConfigRecord({"round": state.to_bytes()})
