@@ -16,7 +16,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedguard.core.aggregation import OPTION_KEYS as AGGREGATION_OPTION_KEYS
+from fedguard.core.aggregation import AggregatorConfig, AggregatorName
 from fedguard.core.errors import ConfigError, UnknownDatasetError
+from fedguard.core.options import as_bool as _as_bool
+from fedguard.core.options import as_float as _as_float
+from fedguard.core.options import as_int as _as_int
 
 
 class DatasetName(StrEnum):
@@ -226,6 +231,14 @@ class CentralDPConfig:
 class SecureAggregationConfig:
     """SecAgg+ on the server (:mod:`fedguard.privacy.secagg`): it sees only sums.
 
+    ``groups``: each round the sampled silos are split into this many groups at
+    random (public seeded randomness, recorded in the round log); SecAgg+ runs
+    inside each group, so the server sees one sum per group and a robust rule can
+    run over the group means. ``min_group_size`` (>= 3) is the smallest group a
+    round may form. ``clip_norm`` > 0: silos clip their update Δ to this L2 norm
+    before masking, and a group whose decoded mean breaks the bound is flagged
+    and left out (it holds a silo that did not clip).
+
     ``clip_range`` bounds each coordinate of a silo's update Δ before fixed-point
     encoding (clipped values are counted and logged); ``value_bits`` is the
     fixed-point precision; ``dropout_rate`` is the planned share of silos that may
@@ -237,9 +250,29 @@ class SecureAggregationConfig:
     clip_range: float = 0.5
     value_bits: int = 16
     dropout_rate: float = 0.1
+    groups: int = 1
+    min_group_size: int = 3
+    clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
         _finite_positive("secagg clip_range", self.clip_range)
+        _require(
+            isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
+            f"secagg groups must be an integer >= 1, got {self.groups!r}",
+        )
+        # SecAgg+ needs n >= 3 in a group: with two, each learns the other's update.
+        _require(
+            isinstance(self.min_group_size, int) and self.min_group_size >= 3,
+            f"secagg min_group_size must be an integer >= 3, got {self.min_group_size!r}",
+        )
+        _require(
+            math.isfinite(self.clip_norm) and self.clip_norm >= 0,
+            f"secagg clip_norm must be a finite number >= 0 (0: no bound), got {self.clip_norm}",
+        )
+        _require(
+            self.enabled or (self.groups == 1 and self.clip_norm == 0),
+            "secagg groups and clip_norm apply to secure aggregation, which is off",
+        )
         _require(
             isinstance(self.value_bits, int) and 1 <= self.value_bits <= 24,
             f"secagg value_bits must be an integer in [1, 24], got {self.value_bits!r}",
@@ -278,6 +311,7 @@ class RunConfig:
     local_dp: LocalDPConfig = field(default_factory=LocalDPConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     secagg: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    aggregation: AggregatorConfig = field(default_factory=AggregatorConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     test_fraction: float = 0.2
     seed: int = 0
@@ -302,6 +336,40 @@ class RunConfig:
             isinstance(self.seed, int) and 0 <= self.seed < 2**63,
             f"seed must be an integer in [0, 2^63), got {self.seed!r}",
         )
+        self._check_aggregation()
+
+    def _check_aggregation(self) -> None:
+        """Refuse combinations that cannot give what they claim (never clamp silently)."""
+        robust = self.aggregation.rule is not AggregatorName.WEIGHTED_MEAN
+        if robust and self.central_dp.enabled:
+            raise ConfigError(
+                f"central DP's accounting covers the DP-FedAvg mean only; {self.aggregation.label}"
+                " would be replaced by it: use the weighted mean with central DP"
+            )
+        if robust and self.secagg.enabled and self.secagg.groups == 1:
+            raise ConfigError(
+                f"{self.aggregation.label} needs several inputs, but secure aggregation over one "
+                "group gives the server a single sum (a robust rule over it is a plain mean): "
+                "set secagg groups > 1"
+            )
+        groups = self.secagg.groups
+        if self.secagg.enabled and groups > 1:
+            if self.central_dp.enabled:
+                raise ConfigError("secure groups with central DP are not supported")
+            if groups * self.secagg.min_group_size > self.num_clients:
+                raise ConfigError(
+                    f"{groups} secure groups of at least {self.secagg.min_group_size} silos need "
+                    f"{groups * self.secagg.min_group_size} silos, the run has {self.num_clients}"
+                )
+        if (
+            self.secagg.enabled
+            and self.central_dp.enabled
+            and self.secagg.clip_norm not in (0.0, self.central_dp.clip_norm)
+        ):
+            raise ConfigError(
+                f"secagg clip_norm {self.secagg.clip_norm} differs from the central DP clip norm "
+                f"{self.central_dp.clip_norm}; with central DP the silos clip to the latter"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (enums as their values, paths as strings)."""
@@ -336,6 +404,10 @@ class RunConfig:
             "secagg-clip-range": self.secagg.clip_range,
             "secagg-value-bits": self.secagg.value_bits,
             "secagg-dropout-rate": self.secagg.dropout_rate,
+            "secagg-groups": self.secagg.groups,
+            "secagg-min-group-size": self.secagg.min_group_size,
+            "secagg-clip-norm": self.secagg.clip_norm,
+            **self.aggregation.to_options(),
             "hidden": ",".join(str(h) for h in self.model.hidden),
             "test-fraction": self.test_fraction,
             "seed": self.seed,
@@ -402,6 +474,12 @@ class RunConfig:
                     clip_range=_as_float("secagg-clip-range", o["secagg-clip-range"]),
                     value_bits=_as_int("secagg-value-bits", o["secagg-value-bits"]),
                     dropout_rate=_as_float("secagg-dropout-rate", o["secagg-dropout-rate"]),
+                    groups=_as_int("secagg-groups", o["secagg-groups"]),
+                    min_group_size=_as_int("secagg-min-group-size", o["secagg-min-group-size"]),
+                    clip_norm=_as_float("secagg-clip-norm", o["secagg-clip-norm"]),
+                ),
+                aggregation=AggregatorConfig.from_options(
+                    {k: options[k] for k in AGGREGATION_OPTION_KEYS if k in options}
                 ),
                 model=ModelSpec(hidden=_as_int_tuple("hidden", o["hidden"])),
                 test_fraction=_as_float("test-fraction", o["test-fraction"]),
@@ -414,39 +492,6 @@ class RunConfig:
             if isinstance(bad, ConfigError):
                 raise
             raise ConfigError(str(bad)) from None
-
-
-def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-
-
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"true", "1", "yes", "on"}:
-        return True
-    if text in {"false", "0", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:

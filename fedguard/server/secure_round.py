@@ -19,9 +19,9 @@ of the aggregate. fedguard's protocol is in :mod:`fedguard.privacy.secagg`.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -30,6 +30,7 @@ from fedguard.client.secure import PAYLOAD, secagg_record
 from fedguard.core import protocol
 from fedguard.core.protocol import ReplyStatus
 from fedguard.privacy.secagg import (
+    AggregateResult,
     ConsistencySignature,
     FixedPointEncoder,
     KeyAdvertisement,
@@ -42,7 +43,6 @@ from fedguard.privacy.secagg import (
 )
 
 Send = Callable[[str, Mapping[int, RecordDict]], dict[int, Message]]
-Reply = TypeVar("Reply")
 
 
 @dataclass(frozen=True)
@@ -101,84 +101,160 @@ def run_secure_round(
     instruction: RecordDict,
     vector_length: int,
     settings: SecureAggregationSettings,
+    setup_message_type: str = protocol.SECAGG_SETUP,
 ) -> SecureRoundResult:
     """One SecAgg+ round: train + advertise, share, mask, check, unmask, decode."""
-    config = settings.config_for(len(nodes))
-    server = ServerRound.begin(config, nodes, vector_length + 1, round_id=secrets.token_bytes(16))
-    dropped: dict[int, str] = {}
-    metrics: dict[int, dict[str, float]] = {}
+    (outcome,) = run_secure_groups(
+        send, [nodes], instruction, vector_length, settings, setup_message_type
+    )
+    if isinstance(outcome, SecAggError):
+        raise outcome
+    return outcome
 
-    def collect(
-        stage: str,
+
+@dataclass
+class _Group:
+    """One group's server state while its stages run."""
+
+    nodes: list[int]
+    config: SecAggConfig
+    server: ServerRound
+    requests: Mapping[int, Any]
+    dropped: dict[int, str] = field(default_factory=dict)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    failure: SecAggError | None = None
+
+
+def run_secure_groups(
+    send: Send,
+    groups: Sequence[Sequence[int]],
+    instruction: RecordDict,
+    vector_length: int,
+    settings: SecureAggregationSettings,
+    setup_message_type: str = protocol.SECAGG_SETUP,
+) -> list[SecureRoundResult | SecAggError]:
+    """Independent SecAgg+ rounds, one per group, run stage by stage side by side.
+
+    Each stage sends every group's requests in one ``send`` (so the groups train
+    and mask at the same time, not one after another), then feeds each group's
+    replies to that group's own :class:`ServerRound` (its own keys, graph,
+    threshold and round id: a group learns nothing of another). A group that
+    aborts (too few survivors, a share that does not reconstruct) is reported as
+    its error and drops out of the later stages; the other groups go on. The
+    result lists, per group, its decoded sum or its error.
+    """
+    seen: set[int] = set()
+    for group in groups:
+        if seen & set(group):
+            raise ValueError("a node is in two secure groups")
+        seen.update(group)
+    states: list[_Group] = []
+    for group in groups:
+        config = settings.config_for(len(group))
+        server = ServerRound.begin(
+            config, list(group), vector_length + 1, round_id=secrets.token_bytes(16)
+        )
+        states.append(_Group(list(group), config, server, server.setup_requests()))
+
+    def stage(
+        name: str,
         message_type: str,
-        requests: Mapping[int, Any],
-        parse: Callable[[bytes], Reply],
+        parse: Callable[[bytes], Any],
+        advance: Callable[[ServerRound, dict[int, Any]], Any],
         base: RecordDict | None = None,
-    ) -> dict[int, Reply]:
+    ) -> None:
         contents: dict[int, RecordDict] = {}
-        for node, request in requests.items():
-            content = RecordDict(dict(base.items())) if base is not None else RecordDict()
-            content[protocol.SECAGG] = secagg_record(
-                request.to_bytes(),
-                **(
-                    {"clip-norm": settings.clip_norm, "weight-unit": settings.weight_unit}
-                    if base is not None
-                    else {}
-                ),
-            )
-            contents[node] = content
-        replies = send(message_type, contents)
-        parsed: dict[int, Reply] = {}
-        for node in requests:
-            reply = replies.get(node)
-            if reply is None:
-                dropped.setdefault(node, f"{stage}: no reply")
+        for state in states:
+            if state.failure is not None:
                 continue
-            status, reason = protocol.reply_status(reply)
-            if status is not ReplyStatus.OK:
-                dropped.setdefault(node, f"{stage}: {status.value}: {reason}")
+            for node, request in state.requests.items():
+                content = RecordDict(dict(base.items())) if base is not None else RecordDict()
+                content[protocol.SECAGG] = secagg_record(
+                    request.to_bytes(),
+                    **(
+                        {"clip-norm": settings.clip_norm, "weight-unit": settings.weight_unit}
+                        if base is not None
+                        else {}
+                    ),
+                )
+                contents[node] = content
+        replies = send(message_type, contents) if contents else {}
+        for state in states:
+            if state.failure is not None:
                 continue
+            parsed: dict[int, Any] = {}
+            for node in state.requests:
+                reply = replies.get(node)
+                if reply is None:
+                    state.dropped.setdefault(node, f"{name}: no reply")
+                    continue
+                status, reason = protocol.reply_status(reply)
+                if status is not ReplyStatus.OK:
+                    state.dropped.setdefault(node, f"{name}: {status.value}: {reason}")
+                    continue
+                try:
+                    parsed[node] = parse(_payload(reply))
+                except (SecAggError, KeyError, TypeError, ValueError) as bad:
+                    state.dropped.setdefault(node, f"{name}: malformed reply: {bad}")
+                    continue
+                if base is not None:
+                    state.metrics[node] = _metrics(reply)
             try:
-                parsed[node] = parse(_payload(reply))
-            except (SecAggError, KeyError, TypeError, ValueError) as bad:
-                dropped.setdefault(node, f"{stage}: malformed reply: {bad}")
-                continue
-            if base is not None:
-                metrics[node] = _metrics(reply)
-        return parsed
+                state.requests = advance(state.server, parsed)
+            except SecAggError as failed:
+                state.failure = failed
+                state.requests = {}
 
-    ads = collect(
+    stage(
         "advertise-keys",
-        protocol.SECAGG_SETUP,
-        server.setup_requests(),
+        setup_message_type,
         KeyAdvertisement.from_bytes,
+        ServerRound.receive_advertisements,
         base=instruction,
     )
-    share_requests = server.receive_advertisements(ads)
-    shares = collect(
-        "share-keys", protocol.SECAGG_SHARE, share_requests, ShareKeysResponse.from_bytes
+    stage(
+        "share-keys",
+        protocol.SECAGG_SHARE,
+        ShareKeysResponse.from_bytes,
+        ServerRound.receive_shares,
     )
-    mask_requests = server.receive_shares(shares)
-    masked = collect("masked-input", protocol.SECAGG_MASK, mask_requests, MaskedInput.from_bytes)
-    consistency_requests = server.receive_masked_inputs(masked)
-    masked.clear()  # the server keeps only the running sum (ServerRound.masked_sum)
-    signatures = collect(
+    # The server keeps only the running sum of masked vectors (ServerRound.masked_sum).
+    stage(
+        "masked-input",
+        protocol.SECAGG_MASK,
+        MaskedInput.from_bytes,
+        ServerRound.receive_masked_inputs,
+    )
+    stage(
         "consistency",
         protocol.SECAGG_CONSISTENCY,
-        consistency_requests,
         ConsistencySignature.from_bytes,
+        ServerRound.receive_signatures,
     )
-    unmask_requests = server.receive_signatures(signatures)
-    reveals = collect("unmask", protocol.SECAGG_UNMASK, unmask_requests, UnmaskResponse.from_bytes)
-    result = server.receive_unmask(reveals)
-    for node, reason in server.rejected.items():
-        dropped.setdefault(node, f"rejected: {reason}")
-    decoded = FixedPointEncoder(config).decode(result.total)
-    return SecureRoundResult(
-        config=config,
-        weighted_sum=decoded.weighted_sum,
-        total_weight=decoded.total_weight,
-        contributors=result.contributors,
-        dropped_at=dropped,
-        metrics=metrics,
-    )
+    results: dict[int, AggregateResult] = {}
+
+    def unmask(server: ServerRound, replies: dict[int, Any]) -> dict[int, Any]:
+        results[id(server)] = server.receive_unmask(replies)
+        return {}
+
+    stage("unmask", protocol.SECAGG_UNMASK, UnmaskResponse.from_bytes, unmask)
+    out: list[SecureRoundResult | SecAggError] = []
+    for state in states:
+        for node, reason in state.server.rejected.items():
+            state.dropped.setdefault(node, f"rejected: {reason}")
+        if state.failure is not None:
+            out.append(state.failure)
+            continue
+        result = results[id(state.server)]
+        decoded = FixedPointEncoder(state.config).decode(result.total)
+        out.append(
+            SecureRoundResult(
+                config=state.config,
+                weighted_sum=decoded.weighted_sum,
+                total_weight=decoded.total_weight,
+                contributors=result.contributors,
+                dropped_at=state.dropped,
+                metrics=state.metrics,
+            )
+        )
+    return out

@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
 
+from fedguard.core.aggregation import CenterReference
 from fedguard.strategies.aggregators import (
     AggregationError,
     PreconditionError,
@@ -636,13 +636,6 @@ class GeometricMedian:
             updates, alpha, nu=self.nu, iterations=self.iterations, tolerance=self.tolerance
         )
         return finite_output(self.name, point)
-
-
-class CenterReference(StrEnum):
-    """Where centered clipping starts: the zero update, or the previous round's aggregate."""
-
-    ZERO = "zero"
-    PREVIOUS = "previous"
 
 
 @dataclass
