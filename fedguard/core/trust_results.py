@@ -90,8 +90,8 @@ class ReleaseCost:
     """What one secure DP release cost each contributing silo.
 
     ``epsilon`` is the ε of this release alone at ``delta`` (the ledgers compose it
-    with everything else); ``epsilon_by_silo`` is each silo's lifetime ε after the
-    charge, when known.
+    with everything else; ``inf`` with the noise off, which only research runs may
+    do); ``epsilon_by_silo`` is each silo's lifetime ε after the charge, when known.
     """
 
     epsilon: float
@@ -101,8 +101,10 @@ class ReleaseCost:
     epsilon_by_silo: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not (self.epsilon >= 0 and math.isfinite(self.epsilon)):
-            raise TrustResultsError(f"release ε must be finite and >= 0, got {self.epsilon}")
+        if not self.epsilon >= 0:
+            raise TrustResultsError(f"release ε must be >= 0, got {self.epsilon}")
+        if math.isinf(self.epsilon) and self.noise_multiplier > 0:
+            raise TrustResultsError("a noised release has a finite ε")
         if not 0 <= self.delta < 1:
             raise TrustResultsError(f"release δ must be in [0, 1), got {self.delta}")
         if self.noise_multiplier < 0:
@@ -116,7 +118,7 @@ class ReleaseCost:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "epsilon": self.epsilon,
+            "epsilon": None if math.isinf(self.epsilon) else self.epsilon,
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
             "contributors": self.contributors,
@@ -126,8 +128,10 @@ class ReleaseCost:
     @classmethod
     def from_json(cls, data: object) -> ReleaseCost:
         d = _mapping(data, "release cost")
+        # Strict JSON writes the ε of an un-noised release (∞) as null.
+        epsilon = _require(d, "epsilon", "release cost")
         return cls(
-            epsilon=float(_require(d, "epsilon", "release cost")),
+            epsilon=math.inf if epsilon is None else float(epsilon),
             delta=float(_require(d, "delta", "release cost")),
             noise_multiplier=float(_require(d, "noise_multiplier", "release cost")),
             contributors=int(_require(d, "contributors", "release cost")),

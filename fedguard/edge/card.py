@@ -10,6 +10,11 @@ not from the run's report: :func:`ledger_privacy` opens every
 ``privacy-ledger.sqlite`` and records, per silo, the lifetime ε it reports
 (:meth:`~fedguard.privacy.ledger.PrivacyLedger.spent_epsilon`), the budget, and
 the charges of each run with the ε after its last charge.
+
+The trust section (:func:`trust_section`) carries the teacher run's fairness
+audit, drift status and global-model attributions (its ``trust.json``) plus the
+student's attributions computed at export, each with the ε it cost; it is left
+out when there are none.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.core.config import PrivacyBudget
+from fedguard.core.trust_report import plot_trust, trust_markdown
+from fedguard.core.trust_results import AttributionResult, TrustResults
+from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import PrivacyLedger
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "PRIVACY_UNIT",
     "ledger_privacy",
     "render_markdown",
+    "trust_section",
 ]
 
 CARD_VERSION = 1
@@ -57,7 +66,21 @@ def ledger_privacy(
         with PrivacyLedger.open(Path(state_dir), silo_id, budget) as ledger:
             entries = ledger.entries()
             runs: dict[str, dict[str, Any]] = {}
+            releases: list[dict[str, Any]] = []
             for entry in entries:
+                if not isinstance(entry.event, DpSgdRound):
+                    # A trust-layer release (fairness, drift, attributions): it counts in
+                    # the spent ε; listed apart from the training rounds.
+                    releases.append(
+                        {
+                            "run_id": entry.run_id,
+                            "round": entry.round,
+                            "event": entry.event.to_json(),
+                            "epsilon_after": entry.epsilon_after,
+                            "status": entry.status.value,
+                        }
+                    )
+                    continue
                 run = runs.setdefault(
                     entry.run_id,
                     {
@@ -81,10 +104,33 @@ def ledger_privacy(
                 "epsilon_budget": ledger.budget.epsilon,
                 "delta": ledger.budget.delta,
                 "epsilon_spent": spent,
-                "rounds_charged": len(entries),
+                "rounds_charged": sum(r["rounds_charged"] for r in runs.values()),
                 "runs": runs,
+                "releases": releases,
             }
     return out
+
+
+def trust_section(
+    teacher: TrustResults | None,
+    student_attributions: AttributionResult | None,
+    out_dir: Path,
+) -> dict[str, Any] | None:
+    """The card's ``trust`` entry, with its PNG plots written to ``out_dir``.
+
+    ``teacher`` is what the teacher run's trust phase recorded (fairness, drift,
+    global attributions); the student's attributions are added under the model name
+    ``student``. ``None`` when there is nothing to report.
+    """
+    base = teacher or TrustResults()
+    attributions = tuple(a for a in base.attributions if a.model != "student")
+    if student_attributions is not None:
+        attributions += (student_attributions,)
+    results = TrustResults(base.fairness, base.drift, attributions)
+    if results.empty:
+        return None
+    plots = plot_trust(results, Path(out_dir))
+    return {"results": results.to_json(), "plots": {k: p.name for k, p in plots.items()}}
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -281,6 +327,12 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"{size['ratios']['throughput']:.1f}× the batch-256 throughput, "
         f"{size['ratios']['accuracy_points']:+.2f} accuracy points.",
         "",
+    ]
+    trust = card.get("trust")
+    if trust:
+        plots = {name: Path(file) for name, file in trust.get("plots", {}).items()}
+        out += [*trust_markdown(TrustResults.from_json(trust["results"]), plots), ""]
+    out += [
         "## Known limitations",
         "",
     ]

@@ -10,6 +10,8 @@ from typing import Any
 
 from fedguard.core.config import RunConfig
 from fedguard.core.files import atomic_write_json
+from fedguard.core.trust_report import plot_trust, trust_markdown
+from fedguard.core.trust_results import TrustResults, read_trust_results
 from fedguard.simulation.runner import SiloPlan, VariantResult
 
 PACKAGES = (
@@ -44,20 +46,40 @@ def _metric(record: dict[str, Any], name: str) -> float:
     return float(value) if value is not None else float("nan")
 
 
+_TRAINING_EVENT = "dp-sgd-round"
+
+
 def silo_epsilon_summary(config: RunConfig, result: VariantResult) -> dict[str, dict[str, Any]]:
-    """Per silo: budget, spent ε (the ledger's last entry), rounds charged, σ."""
+    """Per silo: budget, spent ε (the ledger's last entry), rounds charged, σ.
+
+    The ledger also holds the trust layer's releases (fairness counts, drift
+    histograms, attributions: ``gaussian-release`` events); they count in the spent
+    ε and are listed under ``releases``, not as training rounds.
+    """
     out: dict[str, dict[str, Any]] = {}
     for silo, entries in result.ledgers.items():
         spent = entries[-1]["epsilon_after"] if entries else 0.0
+        rounds = [e for e in entries if e.get("type", _TRAINING_EVENT) == _TRAINING_EVENT]
+        releases = [e for e in entries if e.get("type", _TRAINING_EVENT) != _TRAINING_EVENT]
         out[silo] = {
             "epsilon_budget": config.budget.epsilon,
             "delta": config.budget.delta,
             "epsilon_spent": spent,
-            "rounds_charged": len(entries),
-            "noise_multiplier": entries[0]["noise_multiplier"] if entries else None,
-            "sample_rate": entries[0]["sample_rate"] if entries else None,
-            "steps_per_round": entries[0]["steps"] if entries else None,
-            "epsilon_by_round": {str(e["round"]): e["epsilon_after"] for e in entries},
+            "rounds_charged": len(rounds),
+            "noise_multiplier": rounds[0]["noise_multiplier"] if rounds else None,
+            "sample_rate": rounds[0]["sample_rate"] if rounds else None,
+            "steps_per_round": rounds[0]["steps"] if rounds else None,
+            "epsilon_by_round": {str(e["round"]): e["epsilon_after"] for e in rounds},
+            "releases": [
+                {
+                    "round": e["round"],
+                    "type": e.get("type"),
+                    "noise_multiplier": e.get("noise_multiplier"),
+                    "count": e.get("count"),
+                    "epsilon_after": e["epsilon_after"],
+                }
+                for e in releases
+            ],
         }
     return out
 
@@ -69,6 +91,9 @@ def build_report(
     for result in results:
         final = result.final
         central = final.get("central_epsilon")
+        # The trust phase (fairness audit, drift reference, attributions) writes
+        # trust.json into the variant's folder; runs without it report None.
+        trust = read_trust_results(result.run_dir)
         variants[result.name] = {
             "seconds": result.seconds,
             "final": {
@@ -80,6 +105,7 @@ def build_report(
             "central_epsilon": central,
             "silos": silo_epsilon_summary(result.config, result),
             "history": result.history,
+            "trust": trust.to_json() if trust is not None and not trust.empty else None,
         }
     return {
         "fedguard_report_version": 1,
@@ -149,8 +175,23 @@ def write_report(
     paths = {"json": run_dir / "report.json", "markdown": run_dir / "report.md"}
     atomic_write_json(paths["json"], report)
     paths.update(_plots(run_dir, config, report))
-    paths["markdown"].write_text(_markdown(config, report, paths))
+    trust_plots = {
+        name: plot_trust(trust, run_dir, prefix=f"{name}-")
+        for name, trust in _trust_results(report).items()
+    }
+    for name, plots in trust_plots.items():
+        paths.update({f"{name}_{kind}": path for kind, path in plots.items()})
+    paths["markdown"].write_text(_markdown(config, report, paths, trust_plots))
     return paths
+
+
+def _trust_results(report: dict[str, Any]) -> dict[str, TrustResults]:
+    """Each variant's trust results, from the report (variants without any are left out)."""
+    return {
+        name: TrustResults.from_json(variant["trust"])
+        for name, variant in report["variants"].items()
+        if variant.get("trust")
+    }
 
 
 def _plots(run_dir: Path, config: RunConfig, report: dict[str, Any]) -> dict[str, Path]:
@@ -214,7 +255,12 @@ def _plots(run_dir: Path, config: RunConfig, report: dict[str, Any]) -> dict[str
     return paths
 
 
-def _markdown(config: RunConfig, report: dict[str, Any], paths: dict[str, Path]) -> str:
+def _markdown(
+    config: RunConfig,
+    report: dict[str, Any],
+    paths: dict[str, Path],
+    trust_plots: dict[str, dict[str, Path]] | None = None,
+) -> str:
     key = _headline(config)
     out = [
         f"# fedguard run: {config.dataset.value}",
@@ -264,6 +310,10 @@ def _markdown(config: RunConfig, report: dict[str, Any], paths: dict[str, Path])
             f"* round {record['round']}: {ok}/{record['sampled']} accepted"
             + (f"; {'; '.join(notes)}" if notes else "")
         )
+    for name, trust in _trust_results(report).items():
+        section = trust_markdown(trust, (trust_plots or {}).get(name))
+        section[0] += f" ({name} variant)"
+        out += ["", *section]
     out += ["", "## Plots", ""]
     for name in ("metrics_plot", "epsilon_plot", "comparison_plot"):
         if name in paths:

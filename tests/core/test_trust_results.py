@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,6 @@ import pytest
 
 from fedguard.core.trust_results import (
     TRUST_FILENAME,
-    AttributionResult,
-    DriftResult,
-    FairnessResult,
-    FeatureDrift,
-    GroupMetrics,
     ReleaseCost,
     TrustResults,
     TrustResultsError,
@@ -22,46 +18,11 @@ from fedguard.core.trust_results import (
     read_trust_results,
     write_trust_results,
 )
-
-COST = ReleaseCost(epsilon=0.5, delta=1e-6, noise_multiplier=4.2, contributors=3)
-
-
-def _attributions(model: str = "global") -> AttributionResult:
-    vector = np.array([6.0, -12.0, 3.0, 30.0])  # sums of 3 features, then the count
-    return attribution_from_sum(
-        vector,
-        ["a", "b", "c"],
-        model=model,
-        clip_norm=1.0,
-        steps=32,
-        output="log-odds",
-        cost=COST,
-    )
-
-
-def sample_results() -> TrustResults:
-    fairness = FairnessResult(
-        attribute="sex",
-        groups=(
-            GroupMetrics("F", 410.2, 0.81, 0.86, 0.7, 0.12, 0.3),
-            GroupMetrics("M", 388.9, 0.78, None, 0.66, 0.15, 0.33),
-        ),
-        demographic_parity_difference=0.03,
-        equalized_odds_difference=0.04,
-        cost=COST,
-    )
-    drift = DriftResult(
-        threshold=0.2,
-        metric="psi",
-        features=(FeatureDrift("age", 0.31, 0.05, True), FeatureDrift("kappa", 0.01, 0.002, False)),
-        cost=COST,
-        label="monitor round 1",
-    )
-    return TrustResults(fairness, (drift,), (_attributions(), _attributions("student")))
+from tests.trust_samples import COST, sample_attributions, sample_results
 
 
 def test_attribution_from_sum_divides_by_count_and_ranks() -> None:
-    result = _attributions()
+    result = sample_attributions()
     assert [f.feature for f in result.features] == ["b", "a", "c"]
     assert [f.mean_attribution for f in result.features] == [-0.4, 0.2, 0.1]
     assert result.records == 30.0
@@ -121,4 +82,9 @@ def test_release_cost_validation() -> None:
         ReleaseCost(epsilon=-1.0, delta=1e-5, noise_multiplier=1.0, contributors=2)
     with pytest.raises(TrustResultsError):
         ReleaseCost(epsilon=1.0, delta=1.0, noise_multiplier=1.0, contributors=2)
-    assert not ReleaseCost(epsilon=0.0, delta=0.0, noise_multiplier=0.0, contributors=2).noised
+    with pytest.raises(TrustResultsError, match="finite"):
+        ReleaseCost(epsilon=math.inf, delta=1e-5, noise_multiplier=1.0, contributors=2)
+    exact = ReleaseCost(epsilon=math.inf, delta=0.0, noise_multiplier=0.0, contributors=2)
+    assert not exact.noised
+    assert exact.to_json()["epsilon"] is None
+    assert ReleaseCost.from_json(json.loads(json.dumps(exact.to_json()))) == exact
