@@ -36,6 +36,7 @@ from fedguard.edge.commands import (
     export_after_simulate,
 )
 from fedguard.server.commands import add_deploy_commands
+from fedguard.simulation.explain_command import add_explain_command
 
 _DEFAULTS = RunConfig().to_options()
 
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_export_option(simulate)
     add_export_command(sub)
     add_predict_command(sub)
+    add_explain_command(sub)
     add_deploy_commands(sub)
     return parser
 
@@ -358,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_simulate(args)
         if args.command in ("export", "predict"):
             return int(args.edge_handler(args))
+        if args.command == "explain":
+            return int(args.explain_handler(args))
         if hasattr(args, "deploy_handler"):
             return int(args.deploy_handler(args))
     except FedguardError as error:
