@@ -19,7 +19,8 @@ COST = ReleaseCost(epsilon=0.5, delta=1e-6, noise_multiplier=4.2, contributors=3
 
 
 def sample_attributions(model: str = "global") -> AttributionResult:
-    vector = np.array([6.0, -12.0, 3.0, 30.0])  # sums of 3 features, then the count
+    # Σ|c| of 3 features, Σc of 3 features, then the count.
+    vector = np.array([9.0, 15.0, 3.0, 6.0, -12.0, 3.0, 30.0])
     return attribution_from_sum(
         vector,
         ["a", "b", "c"],

@@ -109,16 +109,17 @@ def _drift(drift: Sequence[DriftResult]) -> list[str]:
 
 def _attributions(result: AttributionResult, top: int) -> list[str]:
     rows = [
-        [str(rank), f.feature, f"{f.mean_attribution:+.4f}"]
+        [str(rank), f.feature, f"{f.mean_abs_attribution:.4f}", f"{f.mean_attribution:+.4f}"]
         for rank, f in enumerate(result.top(top), start=1)
     ]
     return [
-        f"**{result.model} model**: mean Integrated-Gradients attribution of the "
-        f"{result.output} over {result.records:.0f} (noised) records, baseline the federated "
-        f"mean, {result.steps} steps, each record clipped to L2 norm {result.clip_norm:g}; "
-        f"{cost_text(result.cost)}.",
+        f"**{result.model} model**: Integrated-Gradients attributions of the {result.output} "
+        f"against the federated mean, {result.steps} steps, each record's clipped to L2 norm "
+        f"{result.clip_norm:g}, averaged over {result.records:.0f} (noised) records; ranked by "
+        "mean |attribution| (importance), with the signed mean (direction, + raises the "
+        f"output); {cost_text(result.cost)}.",
         "",
-        *_table(["rank", "feature", "mean attribution"], rows),
+        *_table(["rank", "feature", "mean abs. attribution", "mean attribution"], rows),
     ]
 
 
@@ -198,14 +199,16 @@ def _plot_attributions(attributions: Sequence[AttributionResult], path: Path, to
     )
     for ax, result in zip(axes[0], attributions, strict=True):
         features = list(result.top(top))[::-1]
-        values = [f.mean_attribution for f in features]
         ax.barh(
             [f.feature for f in features],
-            values,
-            color=["#c0392b" if v < 0 else "#2b7bba" for v in values],
+            [f.mean_abs_attribution for f in features],
+            color=["#c0392b" if f.mean_attribution < 0 else "#2b7bba" for f in features],
         )
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set(xlabel="mean IG attribution", title=f"{result.model} model: top {len(features)}")
+        ax.set(
+            xlabel="mean |IG attribution| (blue: raises the output on average, red: lowers)",
+            title=f"{result.model} model: top {len(features)}",
+        )
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -5,7 +5,8 @@ Note to 7a (``fedguard/server/trust.py``): this module fixes the format of
 ``fedguard.edge.card`` read. Build a :class:`TrustResults` and write
 ``results.to_json()`` with :func:`write_trust_results`; every section is optional
 (``None`` / empty) and the reports omit what is absent. Attributions come back
-from the secure sum as one vector ``[Σ clipped attributions (d values), count]``:
+from the secure sum as one vector ``[Σ|cᵢ| (d), Σcᵢ (d), n]`` of
+:func:`attribution_vector_length` values (cᵢ a record's clipped attributions):
 :func:`attribution_from_sum` turns it into an :class:`AttributionResult`.
 
 Every section carries the :class:`ReleaseCost` it charged each silo's ledger: the
@@ -47,6 +48,7 @@ __all__ = [
     "TrustResults",
     "TrustResultsError",
     "attribution_from_sum",
+    "attribution_vector_length",
     "read_trust_results",
     "write_trust_results",
 ]
@@ -273,19 +275,35 @@ class DriftResult:
 
 @dataclass(frozen=True)
 class FeatureAttribution:
+    """A feature's global importance (mean |attribution|) and direction (signed mean)."""
+
     feature: str
+    mean_abs_attribution: float
     mean_attribution: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"feature": self.feature, "mean_attribution": self.mean_attribution}
+        return {
+            "feature": self.feature,
+            "mean_abs_attribution": self.mean_abs_attribution,
+            "mean_attribution": self.mean_attribution,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> FeatureAttribution:
+        d = _mapping(data, "feature attribution")
+        return cls(
+            feature=str(_require(d, "feature", "feature attribution")),
+            mean_abs_attribution=float(_require(d, "mean_abs_attribution", "feature attribution")),
+            mean_attribution=float(_require(d, "mean_attribution", "feature attribution")),
+        )
 
 
 @dataclass(frozen=True)
 class AttributionResult:
     """Mean Integrated-Gradients attribution per feature over every silo's records.
 
-    ``features`` is ranked by ``|mean_attribution|``, largest first. ``records`` is
-    the (noised) summed record count the means were divided by.
+    ``features`` is ranked by mean |attribution| (the importance), largest first.
+    ``records`` is the (noised) summed record count the means were divided by.
     """
 
     model: str  # "global" (the federated model) or "student" (the distilled edge model)
@@ -314,11 +332,7 @@ class AttributionResult:
     def from_json(cls, data: object) -> AttributionResult:
         d = _mapping(data, "attributions")
         features = tuple(
-            FeatureAttribution(
-                str(_require(_mapping(f, "feature"), "feature", "attributions")),
-                float(_require(_mapping(f, "feature"), "mean_attribution", "attributions")),
-            )
-            for f in _require(d, "features", "attributions")
+            FeatureAttribution.from_json(f) for f in _require(d, "features", "attributions")
         )
         return cls(
             model=str(_require(d, "model", "attributions")),
@@ -331,6 +345,11 @@ class AttributionResult:
         )
 
 
+def attribution_vector_length(num_features: int) -> int:
+    """Length of the attribution statistic: ``[Σ|cᵢ| (d), Σcᵢ (d), n]``."""
+    return 2 * num_features + 1
+
+
 def attribution_from_sum(
     vector: np.ndarray,
     feature_names: Sequence[str],
@@ -341,26 +360,34 @@ def attribution_from_sum(
     output: str,
     cost: ReleaseCost,
 ) -> AttributionResult:
-    """Mean attribution per feature from the securely summed ``[Σ clipped a_i, n]`` vector.
+    """Mean |attribution| and mean attribution per feature from the secure sum.
 
-    Post-processing of the DP release (no further privacy cost). A noised count
-    can come out below one on tiny federations; it is floored at one so the means
-    stay finite (they are then dominated by noise, which the cost records).
+    ``vector`` is ``[Σ|cᵢ| (d), Σcᵢ (d), n]`` summed over the silos. Post-processing
+    of the DP release (no further privacy cost). A noised count can come out below
+    one on tiny federations; it is floored at one so the means stay finite (they
+    are then dominated by noise, which the cost records). Noise can also make a
+    summed |cᵢ| negative; it is shown as it came out, not clipped, so that the
+    figures stay unbiased.
     """
     values = np.asarray(vector, dtype=np.float64).reshape(-1)
     d = len(feature_names)
-    if values.shape[0] != d + 1:
+    if values.shape[0] != attribution_vector_length(d):
         raise TrustResultsError(
-            f"attribution vector has {values.shape[0]} values; expected {d} sums and a count"
+            f"attribution vector has {values.shape[0]} values; expected "
+            f"{attribution_vector_length(d)} (2 × {d} sums and a count)"
         )
     if not np.isfinite(values).all():
         raise TrustResultsError("attribution vector holds non-finite values")
-    records = float(values[d])
-    means = values[:d] / max(records, 1.0)
-    order = np.argsort(-np.abs(means), kind="stable")
+    records = float(values[2 * d])
+    importance = values[:d] / max(records, 1.0)
+    direction = values[d : 2 * d] / max(records, 1.0)
+    order = np.argsort(-importance, kind="stable")
     return AttributionResult(
         model=model,
-        features=tuple(FeatureAttribution(feature_names[i], float(means[i])) for i in order),
+        features=tuple(
+            FeatureAttribution(feature_names[i], float(importance[i]), float(direction[i]))
+            for i in order
+        ),
         records=records,
         clip_norm=clip_norm,
         steps=steps,

@@ -21,15 +21,28 @@ from fedguard.core.trust_results import (
 from tests.trust_samples import COST, sample_attributions, sample_results
 
 
-def test_attribution_from_sum_divides_by_count_and_ranks() -> None:
+def test_attribution_from_sum_divides_by_count_and_ranks_by_importance() -> None:
     result = sample_attributions()
     assert [f.feature for f in result.features] == ["b", "a", "c"]
+    assert [f.mean_abs_attribution for f in result.features] == [0.5, 0.3, 0.1]
     assert [f.mean_attribution for f in result.features] == [-0.4, 0.2, 0.1]
     assert result.records == 30.0
     assert result.top(1)[0].feature == "b"
+    # Ranked by importance, not by the signed mean: a feature whose signed
+    # attributions cancel out still ranks first.
+    cancelling = attribution_from_sum(
+        np.array([8.0, 1.0, 0.0, 1.0, 4.0]),
+        ["used-linearly", "other"],
+        model="global",
+        clip_norm=1.0,
+        steps=8,
+        output="",
+        cost=COST,
+    )
+    assert [f.feature for f in cancelling.features] == ["used-linearly", "other"]
     # A noised count below one is floored so the means stay finite.
     low = attribution_from_sum(
-        np.array([1.0, 0.0, -0.3]),
+        np.array([1.0, 0.0, 1.0, 0.0, -0.3]),
         ["a", "b"],
         model="global",
         clip_norm=1.0,
@@ -38,13 +51,19 @@ def test_attribution_from_sum_divides_by_count_and_ranks() -> None:
         cost=COST,
     )
     assert low.features[0].mean_attribution == 1.0
-    with pytest.raises(TrustResultsError, match="expected 3 sums"):
+    with pytest.raises(TrustResultsError, match="expected 7"):
         attribution_from_sum(
-            np.zeros(3), ["a", "b", "c"], model="g", clip_norm=1, steps=8, output="", cost=COST
+            np.zeros(4), ["a", "b", "c"], model="g", clip_norm=1, steps=8, output="", cost=COST
         )
     with pytest.raises(TrustResultsError, match="non-finite"):
         attribution_from_sum(
-            np.array([np.nan, 1.0]), ["a"], model="g", clip_norm=1, steps=8, output="", cost=COST
+            np.array([np.nan, 1.0, 1.0]),
+            ["a"],
+            model="g",
+            clip_norm=1,
+            steps=8,
+            output="",
+            cost=COST,
         )
 
 

@@ -50,7 +50,7 @@ def test_report_carries_fairness_drift_and_top_features(tmp_path: Path) -> None:
     assert "1 of 2 features above the PSI threshold 0.2 (alerts: `age`)" in markdown
     assert "| age | 0.3100 | 0.0500 | ALERT |" in markdown
     assert "**global model**" in markdown and "**student model**" in markdown
-    assert "| 1 | b | -0.4000 |" in markdown
+    assert "| 1 | b | 0.5000 | -0.4000 |" in markdown
     assert "ε = 0.5 at δ = 1e-06 per silo for this release" in markdown
     assert "the sum carries the noise of all 3 silos" in markdown
     for kind in ("fairness_plot", "attribution_plot", "drift_plot"):
