@@ -9,6 +9,8 @@ round log.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -17,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
+from fedguard.core.chained_log import canonical_json
 from fedguard.core.errors import NonFiniteUpdateError, ShapeMismatchError
 
 ModelWeights = OrderedDict[str, np.ndarray]
@@ -95,3 +98,38 @@ def unflatten_weights(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> Mod
         out[name] = vector[offset : offset + ref.size].reshape(ref.shape).astype(WEIGHT_DTYPE)
         offset += ref.size
     return out
+
+
+def canonical_weights_bytes(weights: Mapping[str, np.ndarray]) -> bytes:
+    """The bytes a model's content hash is taken over.
+
+    For every tensor in *name* order: its name, dtype and shape as a canonical
+    JSON header, then its raw little-endian C-order bytes (each part preceded by
+    its length). The same weights give the same bytes whatever the key order,
+    memory layout or byte order they are held in; any changed bit, dtype, shape or
+    name gives other bytes.
+    """
+    out = io.BytesIO()
+    for name in sorted(weights):
+        array = np.asarray(weights[name])
+        if array.dtype.hasobject:
+            raise ShapeMismatchError(f"tensor {name!r} holds Python objects, not numbers")
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        header = canonical_json(
+            {"name": name, "dtype": little.dtype.str, "shape": list(little.shape)}
+        )
+        out.write(len(header).to_bytes(8, "little"))
+        out.write(header)
+        data = np.ascontiguousarray(little).tobytes()
+        out.write(len(data).to_bytes(8, "little"))
+        out.write(data)
+    return out.getvalue()
+
+
+def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
+    """The content hash (hex SHA-256) of named tensors, independent of their order.
+
+    The model registry addresses models by it, the audit log names models by it
+    and each silo's log names the updates it sent by it.
+    """
+    return hashlib.sha256(canonical_weights_bytes(weights)).hexdigest()

@@ -6,8 +6,9 @@ Layout of a registry folder (SQLite, embedded: no server to run)::
     <registry>/blobs/<sha256>.npz   the weights, one file per distinct content
 
 **Content hash.** A model's ``sha256`` is taken over its *canonical weights
-bytes* (:func:`canonical_weights_bytes`): for every tensor in name order, the
-name, dtype and shape as a canonical JSON header, then the raw little-endian
+bytes* (:func:`fedguard.core.serialization.canonical_weights_bytes`, re-exported
+here with :func:`~fedguard.core.serialization.weights_sha256`): for every tensor
+in name order, the name, dtype and shape as a canonical JSON header, then the raw little-endian
 C-order bytes. The same weights give the same hash whatever the key order or
 memory layout; any changed bit gives another. Blobs are written once (atomic
 rename, fsync) and re-hashed on every load, so a blob changed on disk is
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -49,8 +49,9 @@ from typing import Any, Self
 
 import numpy as np
 
+from fedguard.core.chained_log import canonical_json, jsonable
 from fedguard.core.errors import FedguardError
-from fedguard.server.audit import canonical_json, jsonable
+from fedguard.core.serialization import canonical_weights_bytes, weights_sha256
 
 __all__ = [
     "HeadEvent",
@@ -101,33 +102,6 @@ CREATE TABLE head_events (
 
 class RegistryError(FedguardError):
     """The registry cannot register, find or load a model, or its files are inconsistent."""
-
-
-# -- content hashing -----------------------------------------------------------------------
-
-
-def canonical_weights_bytes(weights: Mapping[str, np.ndarray]) -> bytes:
-    """The bytes a model's content hash is taken over (see the module docstring)."""
-    out = io.BytesIO()
-    for name in sorted(weights):
-        array = np.asarray(weights[name])
-        if array.dtype.hasobject:
-            raise RegistryError(f"tensor {name!r} holds Python objects, not numbers")
-        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        header = canonical_json(
-            {"name": name, "dtype": little.dtype.str, "shape": list(little.shape)}
-        )
-        out.write(len(header).to_bytes(8, "little"))
-        out.write(header)
-        data = np.ascontiguousarray(little).tobytes()
-        out.write(len(data).to_bytes(8, "little"))
-        out.write(data)
-    return out.getvalue()
-
-
-def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
-    """The content hash (hex) of a set of named tensors."""
-    return hashlib.sha256(canonical_weights_bytes(weights)).hexdigest()
 
 
 # -- records -------------------------------------------------------------------------------
