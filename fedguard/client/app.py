@@ -32,6 +32,7 @@ from flwr.clientapp.typing import Mod
 from fedguard.client.outbox import Outbox, weights_sha256
 from fedguard.client.secure import SecureAggregationClient, update_delta
 from fedguard.client.silo import SiloSettings, settings_from_node_config
+from fedguard.client.silo_log import record_reply
 from fedguard.client.training import (
     LocalData,
     TrainResult,
@@ -347,7 +348,12 @@ def make_client_app(
                 }
             )
             return Message(reply, reply_to=message)
-        return silo_agent.handle(message, lambda m: action(silo_agent, m))
+        reply = silo_agent.handle(message, lambda m: action(silo_agent, m))
+        # The silo's own log of what it sent (fedguard.client.silo_log); a reply that
+        # cannot be recorded is not sent: it becomes an ``error`` reply saying why.
+        return silo_agent.handle(
+            message, lambda m: record_reply(silo_agent.settings, context.node_config, m, reply)
+        )
 
     def secure(
         stage: Callable[[SecureAggregationClient, SiloAgent, Message], Message],
