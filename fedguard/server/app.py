@@ -3,6 +3,10 @@
 ``make_server_app(config, ...)`` builds one for a known :class:`RunConfig` (the
 simulator does this); the module-level ``app`` (``fedguard.server.app:app``) is
 the deployed one and parses Flower's ``run_config`` once, at the boundary.
+
+Under a fedguard SuperLink (``fedguard server start`` sets ``FEDGUARD_SERVER_DIR``)
+the deployed one also writes every round to the server's signed audit log and
+its model registry (:class:`~fedguard.server.commands.DeploymentRecorder`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedguard.core.config import RunConfig
+from fedguard.core.flower_runtime import fast_object_pulls
+from fedguard.server.commands import DeploymentRecorder, ServerLayout
 from fedguard.server.orchestrator import FederatedRun, RoundCallback
 
 
@@ -40,4 +46,13 @@ app = ServerApp()
 def _deployed_main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_options(dict(context.run_config))
     run_id = config.run_name or f"run-{uuid.uuid4().hex[:12]}"
-    FederatedRun(grid, config, run_id, config.out / run_id).run()
+    run_dir = config.out / run_id
+    fast_object_pulls()  # replies are pulled as soon as they are announced
+    layout = ServerLayout.from_env()
+    if layout is None:  # a SuperLink that fedguard did not start: no audit log, no registry
+        FederatedRun(grid, config, run_id, run_dir).run()
+        return
+    with DeploymentRecorder.open(
+        layout, run_id, config.to_options(), run_dir, flower_run_id=context.run_id
+    ) as recorder:
+        FederatedRun(grid, config, run_id, run_dir, on_round=recorder.on_round).run()

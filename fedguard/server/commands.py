@@ -64,7 +64,9 @@ from fedguard.core.errors import ConfigError, FedguardError
 __all__ = [
     "CONNECTION",
     "SERVER_DIR_ENV",
+    "ActivationRefusedError",
     "DeploymentError",
+    "DeploymentRecorder",
     "ExecutorMode",
     "ServerLayout",
     "SiloLayout",
@@ -221,6 +223,126 @@ class SiloLayout:
         return self.root / SILO_LOG_NAME
 
 
+# -- the deployed ServerApp's audit log and registry ------------------------------------------
+
+
+class DeploymentRecorder:
+    """Writes a deployed run to the audit log and the model registry.
+
+    Driven by ``FederatedRun``'s ``on_round`` callback; reads each round's model from
+    the checkpoint the orchestrator saved just before calling it. Use it around the
+    run (``run-start`` on enter, ``run-end`` on exit, ``failed: ...`` on an
+    exception)::
+
+        layout = ServerLayout.from_env()
+        with DeploymentRecorder.open(layout, run_id, config.to_options(), run_dir) as rec:
+            FederatedRun(grid, config, run_id, run_dir, on_round=rec.on_round).run()
+
+    Every write is idempotent per (run, round): on enter it also records any
+    checkpointed round the log or the registry lacks (a server that died between
+    saving a round and recording it), so a resumed run has each round exactly once.
+    """
+
+    def __init__(
+        self,
+        layout: ServerLayout,
+        run_id: str,
+        config: Mapping[str, Any],
+        run_dir: Path,
+        audit: Any,
+        registry: Any,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.layout = layout
+        self.run_id = run_id
+        self.config = dict(config)
+        self.run_dir = run_dir
+        self.audit = audit
+        self.registry = registry
+        self.extra = dict(extra or {})
+        self.last_sha256: str | None = None
+
+    @classmethod
+    def open(
+        cls,
+        layout: ServerLayout,
+        run_id: str,
+        config: Mapping[str, Any],
+        run_dir: Path,
+        **extra: Any,
+    ) -> DeploymentRecorder:
+        return cls(
+            layout,
+            run_id,
+            config,
+            run_dir,
+            layout.open_audit_log(),
+            layout.open_registry(),
+            extra,
+        )
+
+    def __enter__(self) -> DeploymentRecorder:
+        from fedguard.server.checkpoints import CheckpointStore
+
+        store = CheckpointStore(self.run_dir / "checkpoints")
+        done = store.rounds()
+        self.audit.run_start(
+            self.run_id,
+            self.config,
+            resumed_after_round=done[-1] if done else None,
+            **self.extra,
+        )
+        if done:
+            history = store.load(done[-1]).state.get("history", [])
+            by_round = {int(r["round"]): r for r in history}
+            for number in done:
+                if number in by_round:
+                    self._record(by_round[number])
+        return self
+
+    def on_round(self, record: Any) -> None:
+        """``FederatedRun``'s ``on_round``: register the round's model, audit the round."""
+        self._record(record.to_dict() if hasattr(record, "to_dict") else dict(record))
+
+    def _record(self, record: Mapping[str, Any]) -> None:
+        from fedguard.server.checkpoints import CheckpointStore
+
+        number = int(record["round"])
+        arrays = CheckpointStore(self.run_dir / "checkpoints").load(number).arrays
+        weights = {
+            k.removeprefix("weights/"): v for k, v in arrays.items() if k.startswith("weights/")
+        }
+        parent = None
+        if number > 0:
+            previous = [m for m in self.registry.list(self.run_id) if m.round == number - 1]
+            parent = previous[0].sha256 if previous else self.last_sha256
+        evaluation = record.get("evaluation") or {}
+        metrics = {
+            "loss": evaluation.get("loss"),
+            "accuracy": evaluation.get("accuracy"),
+            "auc": evaluation.get("auc"),
+            "train_loss": record.get("train_loss"),
+        }
+        model = self.registry.register(
+            weights,
+            run_id=self.run_id,
+            round=number,
+            parent_sha256=parent,
+            config=self.config,
+            metrics={k: v for k, v in metrics.items() if v is not None},
+        )
+        self.last_sha256 = model.sha256
+        if number > 0:
+            self.audit.record_round(
+                self.run_id, record, model_sha256=model.sha256, parent_sha256=parent
+            )
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        status = "completed" if exc is None else f"failed: {type(exc).__name__}: {exc}"
+        self.audit.run_end(self.run_id, status, model_sha256=self.last_sha256)
+        self.registry.close()
+
+
 # -- small helpers ---------------------------------------------------------------------------
 
 
@@ -239,7 +361,11 @@ def _toml_value(value: object) -> str:
 
 
 def _toml_table(values: Mapping[str, object]) -> str:
-    return "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in values.items())
+    """TOML ``key = value`` lines; a ``None`` (an option left at its default) is left out,
+    as TOML has no null and ``RunConfig.from_options`` reads a missing key as its default."""
+    return "".join(
+        f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in values.items() if v is not None
+    )
 
 
 def node_config_toml(

@@ -74,3 +74,24 @@ def test_config_is_validated() -> None:
         ExecutorConfig("127.0.0.1:9094", allowed_clientapps=())
     with pytest.raises(ConfigError, match="parent PID"):
         ExecutorConfig("127.0.0.1:9094", parent_pid=0)
+
+
+def test_fast_object_pulls_only_shortens_the_first_retry() -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from fedguard.client.executor import fast_object_pulls
+
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__ or {}) for f in functions]
+    try:
+        assert all(s["initial_backoff"] == 1 for s in saved)  # Flower 1.41's default
+        fast_object_pulls(0.05)
+        for function, before in zip(functions, saved, strict=True):
+            after = function.__kwdefaults__ or {}
+            assert after["initial_backoff"] == 0.05
+            assert {k: v for k, v in after.items() if k != "initial_backoff"} == {
+                k: v for k, v in before.items() if k != "initial_backoff"
+            }
+    finally:
+        for function, before in zip(functions, saved, strict=True):
+            function.__kwdefaults__ = before
