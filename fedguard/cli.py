@@ -37,6 +37,7 @@ from fedguard.edge.commands import (
 )
 from fedguard.server.commands import add_deploy_commands
 from fedguard.simulation.explain_command import add_explain_command
+from fedguard.simulation.monitor_command import add_monitor_command, add_trust_options
 
 _DEFAULTS = RunConfig().to_options()
 
@@ -262,9 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     simulate = _simulate_parser(sub)
     add_simulate_export_option(simulate)
+    add_trust_options(simulate)
     add_export_command(sub)
     add_predict_command(sub)
     add_explain_command(sub)
+    add_monitor_command(sub)
     add_deploy_commands(sub)
     return parser
 
@@ -362,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.edge_handler(args))
         if args.command == "explain":
             return int(args.explain_handler(args))
+        if args.command == "monitor":
+            return int(args.monitor_handler(args))
         if hasattr(args, "deploy_handler"):
             return int(args.deploy_handler(args))
     except FedguardError as error:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from fedguard.client.outbox import Outbox, weights_sha256
 from fedguard.client.secure import SecureAggregationClient, update_delta
 from fedguard.client.silo import SiloSettings, settings_from_node_config
 from fedguard.client.silo_log import record_reply
+from fedguard.client.statistics import planned_release_events, release_statistic
 from fedguard.client.training import (
     LocalData,
     TrainResult,
@@ -267,7 +269,11 @@ class SiloAgent:
                     target_epsilon=self.settings.budget.epsilon,
                     delta=self.settings.budget.delta,
                     max_noise_multiplier=instructions.local_dp.max_noise_multiplier,
-                    prior=[e.event.to_dp_event() for e in entries],
+                    # Trust-layer releases planned after training are kept budget for.
+                    prior=[e.event.to_dp_event() for e in entries]
+                    + planned_release_events(
+                        instructions.planned_releases, self.settings.budget.delta
+                    ),
                 )
             except InfeasibleBudgetError as too_small:
                 raise InfeasibleBudgetError(
@@ -372,6 +378,12 @@ def make_client_app(
     app.train("secagg_mask")(secure(lambda c, a, m: c.mask(m)))
     app.train("secagg_consistency")(secure(lambda c, a, m: c.consistency(m)))
     app.train("secagg_unmask")(secure(lambda c, a, m: c.unmask(m)))
+    # Trust-layer statistics: the first SecAgg+ stage is a query, the rest as above.
+    app.query("secagg_statistic")(
+        secure(
+            lambda c, a, m: c.setup(m, partial(release_statistic, a.settings, a.allow_non_private))
+        )
+    )
 
     @app.query("feature_statistics")
     def _feature_statistics(message: Message, context: Context) -> Message:

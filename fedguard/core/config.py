@@ -22,6 +22,7 @@ from fedguard.core.errors import ConfigError, UnknownDatasetError
 from fedguard.core.options import as_bool as _as_bool
 from fedguard.core.options import as_float as _as_float
 from fedguard.core.options import as_int as _as_int
+from fedguard.core.trust import TrustConfig
 
 
 class DatasetName(StrEnum):
@@ -312,6 +313,7 @@ class RunConfig:
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     secagg: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     aggregation: AggregatorConfig = field(default_factory=AggregatorConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     test_fraction: float = 0.2
     seed: int = 0
@@ -408,6 +410,7 @@ class RunConfig:
             "secagg-min-group-size": self.secagg.min_group_size,
             "secagg-clip-norm": self.secagg.clip_norm,
             **self.aggregation.to_options(),
+            **self.trust.to_options(),
             "hidden": ",".join(str(h) for h in self.model.hidden),
             "test-fraction": self.test_fraction,
             "seed": self.seed,
@@ -481,6 +484,7 @@ class RunConfig:
                 aggregation=AggregatorConfig.from_options(
                     {k: options[k] for k in AGGREGATION_OPTION_KEYS if k in options}
                 ),
+                trust=TrustConfig.from_options(o),
                 model=ModelSpec(hidden=_as_int_tuple("hidden", o["hidden"])),
                 test_fraction=_as_float("test-fraction", o["test-fraction"]),
                 seed=_as_int("seed", o["seed"]),

@@ -78,10 +78,15 @@ class RoundInstructions:
     model: ModelSpec
     training: LocalTrainingConfig
     local_dp: LocalDPConfig
+    # ε of each trust-layer release the run plans after training (fairness audit,
+    # drift reference and monitoring, attributions): silos keep budget for them.
+    planned_releases: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.run_id:
             raise ProtocolError("run id is empty")
+        if not all(isinstance(e, float) and 0 < e < float("inf") for e in self.planned_releases):
+            raise ProtocolError(f"planned releases must be ε > 0, got {self.planned_releases!r}")
         if self.round < 0 or self.planned_rounds < 1:
             raise ProtocolError(
                 f"bad round numbers: round {self.round} of {self.planned_rounds} planned"
@@ -107,6 +112,7 @@ class RoundInstructions:
                 "grad-sample-mode": self.local_dp.grad_sample_mode.value,
                 "noise-source": self.local_dp.noise_source.value,
                 "max-noise-multiplier": self.local_dp.max_noise_multiplier,
+                "planned-releases": [float(e) for e in self.planned_releases],
             }
         )
 
@@ -144,6 +150,7 @@ class RoundInstructions:
                     noise_source=NoiseSource(_str(record, "noise-source")),
                     max_noise_multiplier=_float(record, "max-noise-multiplier"),
                 ),
+                planned_releases=_floats(record, "planned-releases"),
             )
         except KeyError as missing:
             raise ProtocolError(f"instruction lacks field {missing}") from None
@@ -165,6 +172,15 @@ def _float(record: ConfigRecord, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"field {key!r} must be a number, got {value!r}")
     return float(value)
+
+
+def _floats(record: ConfigRecord, key: str) -> tuple[float, ...]:
+    value = record.get(key, [])  # optional: instructions without trust releases omit it
+    if not isinstance(value, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise ProtocolError(f"field {key!r} must be a list of numbers, got {value!r}")
+    return tuple(float(v) for v in value)
 
 
 def _str(record: ConfigRecord, key: str) -> str:

@@ -21,11 +21,17 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedguard.core.errors import ConfigError, LedgerError, UnsupportedEventError
 from fedguard.privacy.analysis import dp_sgd
-from fedguard.privacy.events import DpFedAvgRound, DpSgdRound, event_from_json, event_to_json
+from fedguard.privacy.events import (
+    DpFedAvgRound,
+    DpSgdRound,
+    GaussianRelease,
+    event_from_json,
+    event_to_json,
+)
 
 __all__ = ["AccountantKind", "AnyEvent", "PrivacyAccountant"]
 
-AnyEvent: TypeAlias = DpSgdRound | DpFedAvgRound | dp_accounting.DpEvent
+AnyEvent: TypeAlias = DpSgdRound | DpFedAvgRound | GaussianRelease | dp_accounting.DpEvent
 
 _STATE_VERSION = 1
 
@@ -38,13 +44,13 @@ class AccountantKind(StrEnum):
 
 
 def _as_dp_event(event: object) -> dp_accounting.DpEvent:
-    if isinstance(event, (DpSgdRound, DpFedAvgRound)):
+    if isinstance(event, (DpSgdRound, DpFedAvgRound, GaussianRelease)):
         return event.to_dp_event()
     if isinstance(event, dp_accounting.DpEvent):
         return event
     raise UnsupportedEventError(
-        f"not a privacy event: {event!r} (expected DpSgdRound, DpFedAvgRound or a "
-        f"dp_accounting DpEvent)"
+        f"not a privacy event: {event!r} (expected DpSgdRound, DpFedAvgRound, "
+        f"GaussianRelease or a dp_accounting DpEvent)"
     )
 
 

@@ -14,7 +14,12 @@ years later, to decide whether a silo may train again. So:
   ``steps`` steps; ``dp-fedavg-round`` always means one round of DP-FedAvg
   (McMahan et al., ICLR 2018) with Poisson client sampling at rate
   ``client_sampling_rate`` and Gaussian noise of ``noise_multiplier × clip norm``
-  on the sum of clipped updates.
+  on the sum of clipped updates; ``gaussian-release`` always means ``count``
+  independent releases of the Gaussian mechanism (Dwork & Roth, "The
+  Algorithmic Foundations of Differential Privacy", 2014, Thm. A.1; Balle & Wang,
+  ICML 2018 for the exact analysis dp_accounting implements), each adding
+  N(0, (``noise_multiplier`` × its L2 sensitivity)²) to a statistic of the
+  silo's records, with no sampling (every record takes part).
 * Every serialized form carries ``"version"``. A change of meaning, or a new
   field, is a new version (or a new type); readers **reject** versions and types
   they do not know, and fields they do not expect, with
@@ -52,6 +57,7 @@ __all__ = [
     "DpFedAvgRound",
     "DpSgdRound",
     "FedguardEvent",
+    "GaussianRelease",
     "dp_event_from_json",
     "dp_event_to_json",
     "event_from_json",
@@ -186,7 +192,53 @@ class DpFedAvgRound:
             raise LedgerError(f"invalid {cls.TYPE} event {d!r}: {exc}") from exc
 
 
-FedguardEvent: TypeAlias = DpSgdRound | DpFedAvgRound
+@dataclass(frozen=True)
+class GaussianRelease:
+    """``count`` Gaussian-mechanism releases of statistics of one silo's records.
+
+    A silo's fairness counts, drift histograms or summed attributions: the silo adds
+    N(0, (σ·Δ)²) to each vector itself (Δ its L2 sensitivity to adding or removing
+    one record) before the vector is summed by secure aggregation. ``count`` > 1
+    when one release holds several independent queries, each noised with σ at its
+    own sensitivity (composed ``count`` times).
+    """
+
+    TYPE: ClassVar[str] = "gaussian-release"
+    VERSION: ClassVar[int] = 1
+
+    noise_multiplier: float
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier)
+        )
+        _positive_int("count", self.count)
+
+    def to_dp_event(self) -> dp_accounting.DpEvent:
+        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        if self.count == 1:
+            return gaussian
+        return dp_accounting.SelfComposedDpEvent(gaussian, self.count)
+
+    def to_json(self) -> JsonDict:
+        return {
+            "type": self.TYPE,
+            "version": self.VERSION,
+            "noise_multiplier": self.noise_multiplier,
+            "count": self.count,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> GaussianRelease:
+        d = _check_header(data, cls.TYPE, cls.VERSION, {"noise_multiplier", "count"})
+        try:
+            return cls(d["noise_multiplier"], d["count"])
+        except ConfigError as exc:
+            raise LedgerError(f"invalid {cls.TYPE} event {d!r}: {exc}") from exc
+
+
+FedguardEvent: TypeAlias = DpSgdRound | DpFedAvgRound | GaussianRelease
 
 # --------------------------------------------------------------------------- dp_accounting events
 
@@ -240,7 +292,7 @@ def dp_event_from_json(data: object) -> dp_accounting.DpEvent:
 
 
 def event_to_json(event: FedguardEvent | dp_accounting.DpEvent) -> JsonDict:
-    if isinstance(event, (DpSgdRound, DpFedAvgRound)):
+    if isinstance(event, (DpSgdRound, DpFedAvgRound, GaussianRelease)):
         return event.to_json()
     return dp_event_to_json(event)
 
@@ -252,6 +304,8 @@ def event_from_json(data: object) -> FedguardEvent | dp_accounting.DpEvent:
         return DpSgdRound.from_json(data)
     if tag == DpFedAvgRound.TYPE:
         return DpFedAvgRound.from_json(data)
+    if tag == GaussianRelease.TYPE:
+        return GaussianRelease.from_json(data)
     if tag == _DP_EVENT_TYPE:
         return dp_event_from_json(data)
     raise LedgerError(f"unknown privacy event type {tag!r} in {data!r}")

@@ -5,6 +5,14 @@ ran, over every round it took part in, across every run of its life. Selection
 by the server gives no amplification credit here: the server knows who took part,
 so each round the silo trains is charged in full.
 
+Besides DP-SGD rounds, a silo charges the statistics it releases to the trust
+layer (fairness counts, drift histograms, attributions): each is a
+:class:`~fedguard.privacy.events.GaussianRelease` charged under its
+:class:`ChargePurpose` with the same write-ahead rule, and the budget check
+composes every charge, training and releases alike. A charge is identified by
+``(run_id, round, purpose)``; charging it twice raises ``LedgerError`` (a
+replayed round or query is never released twice).
+
 Write-ahead protocol (what the client does each round)::
 
     entry = ledger.charge(run_id, server_round, DpSgdRound(q, sigma, steps))  # durable
@@ -27,7 +35,11 @@ Nothing is ever deleted; status changes never reduce the spend.
 File layout: ``<state_dir>/privacy-ledger.sqlite`` with ``PRAGMA application_id``
 set to :data:`APPLICATION_ID`, a ``schema_version`` table (version
 :data:`SCHEMA_VERSION`), a one-row ``silo`` table (silo id and budget, fixed at
-creation), ``charges`` and ``plans``. Events are stored as versioned JSON (see
+creation), ``charges`` and ``plans``. Schema 1 (training charges only, unique per
+``(run_id, round)``) is migrated in place to schema 2 (a ``purpose`` column, unique
+per ``(run_id, round, purpose)``) inside the opening transaction: every schema-1
+charge becomes a ``training`` charge with its entry id, event and status kept.
+Events are stored as versioned JSON (see
 :mod:`fedguard.privacy.events`). The rollback journal (not WAL) is used so the
 file also works on file systems without shared memory.
 """
@@ -46,26 +58,42 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeAlias
 
 from fedguard.core.config import PrivacyBudget
 from fedguard.core.errors import BudgetExhaustedError, ConfigError, LedgerError
 from fedguard.privacy.accountant import AccountantKind, PrivacyAccountant
-from fedguard.privacy.events import DpSgdRound
+from fedguard.privacy.events import DpSgdRound, GaussianRelease, event_from_json
 
 __all__ = [
     "APPLICATION_ID",
     "SCHEMA_VERSION",
+    "ChargePurpose",
     "ChargeStatus",
     "LedgerEntry",
+    "LedgerEvent",
     "PrivacyLedger",
     "RoundPlan",
 ]
 
 #: ``PRAGMA application_id`` of a fedguard ledger ("FGPL"); anything else is foreign.
 APPLICATION_ID = 0x4647504C
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_S = 60.0
+
+_CHARGES_V2 = """
+CREATE TABLE charges (
+    entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    purpose TEXT NOT NULL,
+    event TEXT NOT NULL,
+    epsilon_after REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('charged', 'completed', 'failed')),
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE (run_id, round, purpose)
+)"""
 
 _SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -75,17 +103,6 @@ CREATE TABLE silo (
     budget_delta REAL NOT NULL,
     created_at TEXT NOT NULL
 );
-CREATE TABLE charges (
-    entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    event TEXT NOT NULL,
-    epsilon_after REAL NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('charged', 'completed', 'failed')),
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    UNIQUE (run_id, round)
-);
 CREATE TABLE plans (
     run_id TEXT PRIMARY KEY,
     plan TEXT NOT NULL,
@@ -93,6 +110,21 @@ CREATE TABLE plans (
 );
 """
 _TABLES = {"schema_version", "silo", "charges", "plans"}
+
+LedgerEvent: TypeAlias = DpSgdRound | GaussianRelease
+
+
+class ChargePurpose(StrEnum):
+    """What a charge paid for; each purpose has its own event type."""
+
+    TRAINING = "training"  # a round of DP-SGD (DpSgdRound)
+    FAIRNESS = "fairness"  # trust layer releases (GaussianRelease) from here on
+    DRIFT = "drift"
+    ATTRIBUTION = "attribution"
+
+    @property
+    def event_type(self) -> type[LedgerEvent]:
+        return DpSgdRound if self is ChargePurpose.TRAINING else GaussianRelease
 
 
 class ChargeStatus(StrEnum):
@@ -114,10 +146,11 @@ class LedgerEntry:
     entry_id: int
     run_id: str
     round: int
-    event: DpSgdRound
+    event: LedgerEvent
     epsilon_after: float  # the silo's total ε (at its budget's δ) once this round was charged
     status: ChargeStatus
     created_at: str  # ISO 8601, UTC
+    purpose: ChargePurpose = ChargePurpose.TRAINING
 
 
 @dataclass(frozen=True)
@@ -251,6 +284,7 @@ class PrivacyLedger:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            conn.execute(_CHARGES_V2)
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             conn.execute(
                 "INSERT INTO silo (silo_id, budget_epsilon, budget_delta, created_at) "
@@ -261,6 +295,9 @@ class PrivacyLedger:
         if app_id != APPLICATION_ID or not tables >= _TABLES:
             raise LedgerError(f"{path} is not a fedguard privacy ledger (foreign SQLite file)")
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
+        if versions == [1]:
+            _migrate_v1_to_v2(conn)
+            versions = [SCHEMA_VERSION]
         if versions != [SCHEMA_VERSION]:
             raise LedgerError(
                 f"{path} has ledger schema version {versions}; this fedguard reads "
@@ -322,22 +359,32 @@ class PrivacyLedger:
                 raise LedgerError(f"privacy ledger {self._path}: commit failed: {exc}") from exc
 
     def _row_to_entry(self, row: tuple[Any, ...]) -> LedgerEntry:
-        entry_id, run_id, round_, event_json, eps_after, status, created_at = row
+        entry_id, run_id, round_, purpose, event_json, eps_after, status, created_at = row
         try:
-            event = DpSgdRound.from_json(json.loads(event_json))
+            purpose_ = ChargePurpose(purpose)
+            event = event_from_json(json.loads(event_json))
             status_ = ChargeStatus(status)
-        except (ValueError, TypeError) as exc:  # json errors and unknown statuses
+        except (ValueError, TypeError) as exc:  # json errors, unknown statuses and purposes
             raise LedgerError(f"{self._path}: corrupt charge {entry_id}: {exc}") from exc
-        return LedgerEntry(entry_id, run_id, round_, event, eps_after, status_, created_at)
+        if not isinstance(event, (DpSgdRound, GaussianRelease)) or not isinstance(
+            event, purpose_.event_type
+        ):
+            raise LedgerError(
+                f"{self._path}: corrupt charge {entry_id}: a {purpose_.value} charge "
+                f"holds {event!r}"
+            )
+        return LedgerEntry(
+            entry_id, run_id, round_, event, eps_after, status_, created_at, purpose_
+        )
 
     def _read_entries(self, conn: sqlite3.Connection) -> list[LedgerEntry]:
         rows = conn.execute(
-            "SELECT entry_id, run_id, round, event, epsilon_after, status, created_at "
+            "SELECT entry_id, run_id, round, purpose, event, epsilon_after, status, created_at "
             "FROM charges ORDER BY entry_id"
         ).fetchall()
         return [self._row_to_entry(r) for r in rows]
 
-    def _epsilon(self, events: list[DpSgdRound]) -> float:
+    def _epsilon(self, events: list[LedgerEvent]) -> float:
         accountant = PrivacyAccountant(AccountantKind.PLD)
         for event in events:
             accountant.compose(event)
@@ -361,36 +408,61 @@ class PrivacyLedger:
         """ε spent so far (PLD at the budget's δ over every charge); 0.0 when none."""
         return self._spent(self.entries())
 
-    def epsilon_if_charged(self, event: DpSgdRound) -> float:
+    def epsilon_if_charged(self, event: LedgerEvent) -> float:
         """ε the silo would have spent after ``event``; writes nothing."""
-        _check_event(event)
+        if not isinstance(event, (DpSgdRound, GaussianRelease)):
+            raise ConfigError(f"not a ledger event: {event!r}")
         return self._epsilon([*(e.event for e in self.entries()), event])
+
+    def find(
+        self, run_id: str, round: int, purpose: ChargePurpose = ChargePurpose.TRAINING
+    ) -> LedgerEntry | None:
+        """The charge of ``(run_id, round, purpose)``, if there is one."""
+        with self._transaction(immediate=False) as conn:
+            row = conn.execute(
+                "SELECT entry_id, run_id, round, purpose, event, epsilon_after, status, "
+                "created_at FROM charges WHERE run_id = ? AND round = ? AND purpose = ?",
+                (run_id, round, ChargePurpose(purpose).value),
+            ).fetchone()
+        return None if row is None else self._row_to_entry(row)
 
     # ----------------------------------------------------------------------- charging
 
-    def charge(self, run_id: str, round: int, event: DpSgdRound) -> LedgerEntry:
-        """Durably charge one round before it is trained.
+    def charge(
+        self,
+        run_id: str,
+        round: int,
+        event: LedgerEvent,
+        purpose: ChargePurpose = ChargePurpose.TRAINING,
+    ) -> LedgerEntry:
+        """Durably charge one round (or one release) before it is trained (or released).
 
         Raises:
-            BudgetExhaustedError: the round would take the silo past its budget;
+            BudgetExhaustedError: the charge would take the silo past its budget;
                 nothing is written.
-            LedgerError: ``(run_id, round)`` was already charged (a replayed round is
-                never trained twice), or the file cannot be written.
+            LedgerError: ``(run_id, round, purpose)`` was already charged (a replayed
+                round is never trained twice, a replayed query never released twice),
+                or the file cannot be written.
         """
         if not isinstance(run_id, str) or not run_id:
             raise ConfigError(f"run_id must be a non-empty string, got {run_id!r}")
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise ConfigError(f"round must be an integer >= 0, got {round!r}")
-        _check_event(event)
+        if not isinstance(purpose, ChargePurpose):
+            raise ConfigError(f"purpose must be a ChargePurpose, got {purpose!r}")
+        _check_event(event, purpose)
+        what = "round" if purpose is ChargePurpose.TRAINING else f"{purpose.value} release"
         with self._transaction(immediate=True) as conn:
             existing = conn.execute(
-                "SELECT entry_id, status FROM charges WHERE run_id = ? AND round = ?",
-                (run_id, round),
+                "SELECT entry_id, status FROM charges WHERE run_id = ? AND round = ? "
+                "AND purpose = ?",
+                (run_id, round, purpose.value),
             ).fetchone()
             if existing is not None:
                 raise LedgerError(
-                    f"round {round} of run {run_id!r} was already charged (entry "
-                    f"{existing[0]}, {existing[1]}); a replayed round is never trained twice"
+                    f"{what} {round} of run {run_id!r} was already charged (entry "
+                    f"{existing[0]}, {existing[1]}); a replayed round is never trained twice "
+                    f"and a replayed query never released twice"
                 )
             entries = self._read_entries(conn)
             after = self._epsilon([*(e.event for e in entries), event])
@@ -398,18 +470,19 @@ class PrivacyLedger:
                 spent = self._spent(entries)
                 alone = self._epsilon([event])
                 raise BudgetExhaustedError(
-                    f"silo {self._silo_id!r}: round {round} of run {run_id!r} would cost "
+                    f"silo {self._silo_id!r}: {what} {round} of run {run_id!r} would cost "
                     f"ε={alone:.4g} on its own and take the spend from ε={spent:.4g} to "
                     f"ε={after:.4g}, past the budget ε={self._budget.epsilon:g} "
                     f"(δ={self._budget.delta:g}); nothing was charged"
                 )
             now = _now()
             cursor = conn.execute(
-                "INSERT INTO charges (run_id, round, event, epsilon_after, status, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO charges (run_id, round, purpose, event, epsilon_after, status, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     round,
+                    purpose.value,
                     json.dumps(event.to_json()),
                     after,
                     ChargeStatus.CHARGED.value,
@@ -422,7 +495,9 @@ class PrivacyLedger:
                 raise LedgerError(f"{self._path}: insert returned no row id")
         # The write lock was held from the read to the commit, so these are all entries.
         self._spent_cache = ((len(entries) + 1, entry_id), after)
-        return LedgerEntry(entry_id, run_id, round, event, after, ChargeStatus.CHARGED, now)
+        return LedgerEntry(
+            entry_id, run_id, round, event, after, ChargeStatus.CHARGED, now, purpose
+        )
 
     def mark(self, entry_id: int, status: ChargeStatus) -> None:
         """Record how a charged round ended (charged → completed or failed).
@@ -511,9 +586,25 @@ class PrivacyLedger:
         return f"PrivacyLedger({str(self._path)!r}, silo_id={self._silo_id!r})"
 
 
-def _check_event(event: object) -> None:
-    if not isinstance(event, DpSgdRound):
-        raise ConfigError(f"a silo's ledger charges DpSgdRound events, got {event!r}")
+def _check_event(event: object, purpose: ChargePurpose) -> None:
+    if not isinstance(event, purpose.event_type):
+        raise ConfigError(
+            f"a silo's ledger charges {purpose.event_type.__name__} events for "
+            f"{purpose.value}, got {event!r}"
+        )
+
+
+def _migrate_v1_to_v2(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2 inside the caller's transaction: a ``purpose`` column, ids kept."""
+    conn.execute("ALTER TABLE charges RENAME TO charges_v1")
+    conn.execute(_CHARGES_V2)
+    conn.execute(
+        "INSERT INTO charges (entry_id, run_id, round, purpose, event, epsilon_after, status, "
+        "created_at, updated_at) SELECT entry_id, run_id, round, 'training', event, "
+        "epsilon_after, status, created_at, updated_at FROM charges_v1 ORDER BY entry_id"
+    )
+    conn.execute("DROP TABLE charges_v1")
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

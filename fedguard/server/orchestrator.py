@@ -62,6 +62,7 @@ from fedguard.privacy.events import DpFedAvgRound
 from fedguard.privacy.secagg import SecAggAbort
 from fedguard.server.checkpoints import CheckpointStore
 from fedguard.server.secure_round import SecureAggregationSettings, run_secure_round
+from fedguard.server.trust import run_trust_phase
 from fedguard.strategies.pipeline import AggregationOutcome, AggregationPipeline, ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,15 @@ class FederatedRun:
         for round_number in range(first, self.config.num_rounds + 1):
             weights = self._round(round_number, nodes, weights, scaler)
         atomic_write_json(self.run_dir / "history.json", self.history_dicts())
+        if self.config.trust.enabled:  # fairness audit, drift reference, attributions
+            run_trust_phase(
+                lambda kind, contents: self._send_each(kind, self.config.num_rounds + 1, contents),
+                nodes,
+                self.config,
+                self.run_dir,
+                self._instruction(self.config.num_rounds, weights, scaler),
+                self.silo_name,
+            )
         return self.history
 
     def _resume(self) -> tuple[int, ModelWeights, FeatureScaler] | None:
@@ -419,6 +429,7 @@ class FederatedRun:
             model=self.config.model,
             training=self.config.training,
             local_dp=self.config.local_dp,
+            planned_releases=self.config.trust.planned_releases(),
         )
 
     def _instruction(

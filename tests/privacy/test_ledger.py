@@ -205,7 +205,7 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path: Path) -> None:
 def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     PrivacyLedger.open(tmp_path, "silo-0", BUDGET).close()
     conn = sqlite3.connect(tmp_path / PrivacyLedger.FILENAME)
-    conn.execute("UPDATE schema_version SET version = 2")
+    conn.execute("UPDATE schema_version SET version = 99")
     conn.commit()
     conn.close()
     with pytest.raises(LedgerError, match="schema version"):

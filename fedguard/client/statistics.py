@@ -1,0 +1,473 @@
+"""The silo side of a *secure DP statistic*: compute, noise, charge, encode.
+
+The trust layer asks every silo for a vector about its own records (fairness
+counts per cohort, per-feature histograms, summed clipped attributions). Each
+silo, for each query:
+
+1. computes the vector with the producer registered for the query's
+   :class:`StatisticKind` (``register_producer``; ``attribution`` comes from
+   :mod:`fedguard.client.explain`), which also states the vector's L2
+   sensitivity to adding or removing one record;
+2. calibrates σ so that the release costs the query's ε at the δ of the silo's
+   own budget (:func:`fedguard.privacy.analysis.release.calibrate_release_noise`),
+   **charges its persistent ledger** for a
+   :class:`~fedguard.privacy.events.GaussianRelease` under the query's purpose,
+   and only then adds N(0, (σ·Δ)²) noise from the CSPRNG
+   (:class:`~fedguard.privacy.noise.CsprngGaussian`);
+3. keeps the noised vector (so a replayed query is answered with the very same
+   release, never a second one: the ledger refuses a second charge of the same
+   ``(run, round, purpose)``) and hands it to SecAgg+ (the ``train.secagg_*``
+   stages), which reveals only the sum over the silos.
+
+Each silo's release is thus (ε, δ)-DP for its own records whatever the server
+and the other silos do. The price: the sum carries every contributing silo's
+noise (n times one silo's variance), more than a trusted curator adding noise
+once to the pooled sum would need; nobody has to be trusted.
+
+Fixed-point encoding: the server sets the encoder's ``clip_range`` to half its
+number of levels L, so one encoder step is exactly 1; the silo sends
+``y − ½`` with ``y = noised / resolution`` (``resolution`` a public power of two
+the server chooses), which the encoder maps to the integer ``y + ⌊L/2⌋`` when
+``y`` is an integer (exact sums of counts with noise off) and rounds
+stochastically (unbiased) otherwise. The server adds ``½`` per contributor back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+import numpy as np
+import torch
+from flwr.app import Message
+from torch import nn
+
+from fedguard.client.secure import payload
+from fedguard.client.silo import SiloSettings
+from fedguard.core import protocol
+from fedguard.core.datasets import SiloData, sensitive_groups
+from fedguard.core.errors import ConfigError, LedgerError, ProtocolError, TrainingRefusedError
+from fedguard.core.files import atomic_write_bytes
+from fedguard.core.histograms import histogram_counts
+from fedguard.core.models import build_model
+from fedguard.core.preprocessing import FeatureScaler
+from fedguard.core.protocol import RoundInstructions
+from fedguard.core.serialization import load_weights, record_to_weights
+from fedguard.core.trust import TrustNoise
+from fedguard.privacy.analysis.release import calibrate_release_noise, release_epsilon
+from fedguard.privacy.events import GaussianRelease
+from fedguard.privacy.ledger import ChargePurpose, ChargeStatus, PrivacyLedger
+from fedguard.privacy.noise import CsprngGaussian
+from fedguard.privacy.secagg import SetupRequest
+
+__all__ = [
+    "REQUEST",
+    "REQUEST_ARRAYS",
+    "SCORE_BINS",
+    "SECAGG_STATISTIC",
+    "Producer",
+    "ReleaseStore",
+    "SecureStatistic",
+    "StatisticKind",
+    "StatisticRequest",
+    "drift_statistic",
+    "fairness_statistic",
+    "fairness_vector_length",
+    "lattice_vector",
+    "planned_release_events",
+    "producer_for",
+    "register_producer",
+    "release_statistic",
+]
+
+#: Message type of the first SecAgg+ stage of a statistic query (then ``train.secagg_*``).
+SECAGG_STATISTIC = "query.secagg_statistic"
+#: Records of a statistic query: the request's options and its arrays (bin edges).
+REQUEST = "statistic"
+REQUEST_ARRAYS = "statistic-arrays"
+#: Score bins of the fairness audit's per-cohort histograms (AUC and calibration).
+SCORE_BINS = 10
+
+
+class StatisticKind(StrEnum):
+    """Which question a secure statistic answers; each is charged under its own purpose."""
+
+    FAIRNESS = "fairness"
+    DRIFT = "drift"
+    ATTRIBUTION = "attribution"
+
+    @property
+    def purpose(self) -> ChargePurpose:
+        return ChargePurpose(self.value)
+
+
+@dataclass(frozen=True)
+class SecureStatistic:
+    """A silo's un-noised vector, with its L2 sensitivity to one record (add/remove).
+
+    ``count`` > 1: the vector holds ``count`` independent queries, each of L2
+    sensitivity ``l2_sensitivity`` (noised with the same σ, composed ``count``
+    times in the ledger).
+    """
+
+    values: np.ndarray
+    l2_sensitivity: float
+    count: int = 1
+    metadata: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        values = np.asarray(self.values, dtype=np.float64)
+        if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+            raise ConfigError("a statistic is a non-empty 1-D vector of finite values")
+        object.__setattr__(self, "values", values)
+        s = self.l2_sensitivity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise ConfigError(f"l2_sensitivity must be a finite number > 0, got {s!r}")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ConfigError(f"count must be an integer >= 1, got {self.count!r}")
+
+
+Producer = Callable[[SiloData, nn.Module | None, FeatureScaler, Mapping[str, Any]], SecureStatistic]
+_PRODUCERS: dict[StatisticKind, Producer] = {}
+# Where a kind's producer registers itself on import (explain needs the optional captum).
+_PRODUCER_MODULES = {StatisticKind.ATTRIBUTION: "fedguard.client.explain"}
+
+
+def register_producer(kind: StatisticKind, producer: Producer) -> None:
+    """Make ``producer`` answer queries of ``kind`` (one producer per kind)."""
+    if not isinstance(kind, StatisticKind):
+        raise ConfigError(f"kind must be a StatisticKind, got {kind!r}")
+    _PRODUCERS[kind] = producer
+
+
+def producer_for(kind: StatisticKind) -> Producer:
+    if kind not in _PRODUCERS and kind in _PRODUCER_MODULES:
+        try:
+            importlib.import_module(_PRODUCER_MODULES[kind])
+        except ImportError as missing:
+            raise ConfigError(f"no producer for {kind.value} statistics: {missing}") from None
+    if kind not in _PRODUCERS:
+        raise ConfigError(f"no producer registered for {kind.value} statistics")
+    return _PRODUCERS[kind]
+
+
+# --------------------------------------------------------------------------- request
+
+
+@dataclass(frozen=True)
+class StatisticRequest:
+    """What the server asks for, parsed once at the silo's boundary."""
+
+    kind: StatisticKind
+    query_round: int  # identifies the release in the ledger with the run id and the kind
+    target_epsilon: float
+    noise: TrustNoise
+    resolution: float  # public quantization unit of the encoded vector (a power of two)
+    vector_length: int
+    options: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.query_round < 0 or self.vector_length < 1:
+            raise ProtocolError(
+                f"bad query round {self.query_round} or length {self.vector_length}"
+            )
+        if not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise ProtocolError(f"target ε must be > 0, got {self.target_epsilon}")
+        exponent = math.log2(self.resolution) if self.resolution > 0 else 0.5
+        if not (math.isfinite(exponent) and exponent.is_integer()):
+            raise ProtocolError(f"resolution must be a power of two, got {self.resolution}")
+
+    def to_records(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(config values, arrays) of the request; list/scalar options and array options."""
+        scalars = {k: v for k, v in self.options.items() if not isinstance(v, np.ndarray)}
+        arrays = {k: v for k, v in self.options.items() if isinstance(v, np.ndarray)}
+        config = {
+            "kind": self.kind.value,
+            "query-round": self.query_round,
+            "target-epsilon": float(self.target_epsilon),
+            "noise": self.noise.value,
+            "resolution": float(self.resolution),
+            "vector-length": self.vector_length,
+            "options": json.dumps(scalars, sort_keys=True),
+        }
+        return config, arrays
+
+    @classmethod
+    def from_message(cls, message: Message) -> StatisticRequest:
+        records = message.content.config_records
+        if REQUEST not in records:
+            raise ProtocolError("statistic query has no request record")
+        r = records[REQUEST]
+        try:
+            options: dict[str, Any] = json.loads(str(r["options"]))
+            if not isinstance(options, dict):
+                raise ProtocolError("statistic options must be a JSON object")
+            if REQUEST_ARRAYS in message.content.array_records:
+                for k, v in message.content.array_records[REQUEST_ARRAYS].items():
+                    options[k] = v.numpy()
+            return cls(
+                kind=StatisticKind(str(r["kind"])),
+                query_round=int(r["query-round"]),  # type: ignore[arg-type]
+                target_epsilon=float(r["target-epsilon"]),  # type: ignore[arg-type]
+                noise=TrustNoise(str(r["noise"])),
+                resolution=float(r["resolution"]),  # type: ignore[arg-type]
+                vector_length=int(r["vector-length"]),  # type: ignore[arg-type]
+                options=options,
+            )
+        except KeyError as missing:
+            raise ProtocolError(f"statistic request lacks {missing}") from None
+        except (TypeError, ValueError) as bad:
+            raise ProtocolError(f"malformed statistic request: {bad}") from None
+
+
+# --------------------------------------------------------------------------- replay store
+
+
+class ReleaseStore:
+    """Released (noised) vectors, kept so a replayed query resends the same release."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = Path(state_dir) / "releases"
+
+    def _path(self, run_id: str, purpose: ChargePurpose, query_round: int) -> Path:
+        run_key = hashlib.sha256(run_id.encode()).hexdigest()[:16]
+        return self.directory / run_key / f"{purpose.value}-{query_round:05d}.npz"
+
+    def save(
+        self,
+        run_id: str,
+        purpose: ChargePurpose,
+        query_round: int,
+        values: np.ndarray,
+        metrics: Mapping[str, float],
+    ) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, values=values, metrics=np.array(json.dumps(dict(metrics))))
+        atomic_write_bytes(self._path(run_id, purpose, query_round), buffer.getvalue())
+
+    def load(
+        self, run_id: str, purpose: ChargePurpose, query_round: int
+    ) -> tuple[np.ndarray, dict[str, float]] | None:
+        path = self._path(run_id, purpose, query_round)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return data["values"].copy(), json.loads(str(data["metrics"]))
+        except (OSError, ValueError, KeyError) as bad:
+            raise LedgerError(f"stored release {path} is unreadable: {bad}") from None
+
+
+# --------------------------------------------------------------------------- producers
+
+
+def fairness_vector_length(num_groups: int, score_bins: int = SCORE_BINS) -> int:
+    """Layout ``[TP, FP, TN, FN (G each), positives, negatives, score sums (G·S each)]``."""
+    return num_groups * (4 + 3 * score_bins)
+
+
+def _scaled_inputs(silo: SiloData, scaler: FeatureScaler, train: bool) -> torch.Tensor:
+    part = silo.train if train else silo.test
+    x = scaler.transform(part.features).reshape((-1, *silo.schema.input_shape))
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def fairness_statistic(
+    silo: SiloData, model: nn.Module | None, scaler: FeatureScaler, options: Mapping[str, Any]
+) -> SecureStatistic:
+    """Confusion counts and score histograms per cohort, on the silo's test split.
+
+    One record adds 1 to one confusion count, 1 to one score bin and its score
+    (in [0, 1]) to one score sum: L2 sensitivity √3.
+    """
+    if model is None:
+        raise ProtocolError("a fairness query needs the model")
+    if not silo.schema.is_binary:
+        raise ConfigError(f"the fairness audit needs a binary task; {silo.schema.dataset} is not")
+    groups = sensitive_groups(
+        silo.schema, str(options["attribute"]), tuple(float(b) for b in options.get("bands", ()))
+    )
+    bins = int(options.get("score-bins", SCORE_BINS))
+    model.eval()
+    with torch.no_grad():
+        logits = model(_scaled_inputs(silo, scaler, train=False))
+    scores = torch.softmax(logits, dim=1)[:, 1].double().numpy()
+    predicted = logits.argmax(dim=1).numpy()
+    labels = silo.test.labels
+    codes = groups.assign(silo.test.features)
+    g_count = groups.num_groups
+    score_bin = np.clip((scores * bins).astype(np.int64), 0, bins - 1)
+
+    def per_group(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(codes[mask], minlength=g_count).astype(np.float64)
+
+    flat = codes * bins + score_bin
+    hist = np.zeros((3, g_count * bins))
+    hist[0] = np.bincount(flat[labels == 1], minlength=g_count * bins)
+    hist[1] = np.bincount(flat[labels == 0], minlength=g_count * bins)
+    hist[2] = np.bincount(flat, weights=scores, minlength=g_count * bins)
+    values = np.concatenate(
+        [
+            per_group((predicted == 1) & (labels == 1)),
+            per_group((predicted == 1) & (labels == 0)),
+            per_group((predicted == 0) & (labels == 0)),
+            per_group((predicted == 0) & (labels == 1)),
+            hist.reshape(-1),
+        ]
+    )
+    return SecureStatistic(values, math.sqrt(3.0), metadata={"num-examples": float(len(labels))})
+
+
+def drift_statistic(
+    silo: SiloData, model: nn.Module | None, scaler: FeatureScaler, options: Mapping[str, Any]
+) -> SecureStatistic:
+    """Per-feature histograms of the scaled features on the server's fixed bin edges.
+
+    Options: ``edges`` (d, bins − 1) and ``split`` (``train`` or ``test``). One
+    record adds 1 to one bin of each of the d features: L2 sensitivity √d.
+    """
+    edges = np.asarray(options["edges"], dtype=np.float64)
+    split = str(options.get("split", "train"))
+    if split not in ("train", "test"):
+        raise ProtocolError(f"split must be train or test, got {split!r}")
+    part = silo.train if split == "train" else silo.test
+    counts = histogram_counts(scaler.transform(part.features), edges)
+    return SecureStatistic(
+        counts.reshape(-1),
+        math.sqrt(counts.shape[0]),
+        metadata={"num-examples": float(len(part))},
+    )
+
+
+register_producer(StatisticKind.FAIRNESS, fairness_statistic)
+register_producer(StatisticKind.DRIFT, drift_statistic)
+
+
+# --------------------------------------------------------------------------- release
+
+
+def planned_release_events(epsilons: Sequence[float], delta: float) -> list[dp_accounting.DpEvent]:
+    """The Gaussian releases a run plans after training, as events a plan composes in."""
+    return [GaussianRelease(calibrate_release_noise(e, delta)).to_dp_event() for e in epsilons]
+
+
+def lattice_vector(values: np.ndarray, resolution: float) -> np.ndarray:
+    """What the silo hands the encoder: ``values / resolution − ½`` (see the module doc)."""
+    return np.asarray(values, dtype=np.float64) / resolution - 0.5
+
+
+def _model(message: Message, silo: SiloData, instructions: RoundInstructions) -> nn.Module | None:
+    if protocol.ARRAYS not in message.content.array_records:
+        return None
+    model = build_model(silo.schema, instructions.model)
+    load_weights(model, record_to_weights(message.content.array_records[protocol.ARRAYS]))
+    return model
+
+
+def release_statistic(
+    settings: SiloSettings, allow_non_private: bool, message: Message
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Compute, noise (charging the ledger first) and lattice-encode one statistic.
+
+    The producer for :meth:`SecureAggregationClient.setup`: returns the vector to
+    encode and the reply's metrics (``num-examples``, ``release-epsilon``,
+    ``epsilon-spent``, ``noise-multiplier``, ``l2-sensitivity``).
+    """
+    request = StatisticRequest.from_message(message)
+    setup = SetupRequest.from_bytes(payload(message))
+    if setup.config.clip_range != setup.config.levels / 2:
+        raise ProtocolError(
+            "a statistic query needs the encoder's clip range at half its levels (one step = 1)"
+        )
+    if protocol.CONFIG not in message.content.config_records:
+        raise ProtocolError("statistic query has no config record")
+    instructions = RoundInstructions.from_record(message.content.config_records[protocol.CONFIG])
+    if instructions.dataset != settings.data.dataset:
+        raise ProtocolError(
+            f"the query is about {instructions.dataset.value!r}, but silo {settings.silo_id} "
+            f"holds {settings.data.dataset.value!r}"
+        )
+    if protocol.SCALER not in message.content.array_records:
+        raise ProtocolError("statistic query has no scaler")
+    scaler = FeatureScaler.from_arrays(
+        {k: v.numpy() for k, v in message.content.array_records[protocol.SCALER].items()}
+    )
+    silo = settings.data.load()
+    statistic = producer_for(request.kind)(
+        silo, _model(message, silo, instructions), scaler, request.options
+    )
+    if statistic.values.size != request.vector_length:
+        raise ProtocolError(
+            f"the {request.kind.value} query expects {request.vector_length} values, this "
+            f"silo's statistic has {statistic.values.size}"
+        )
+    base = {
+        "num-examples": float(statistic.metadata.get("num-examples", 1.0)),
+        "l2-sensitivity": statistic.l2_sensitivity,
+    }
+    if request.noise is TrustNoise.NONE:
+        if not allow_non_private:
+            raise TrainingRefusedError(
+                f"silo {settings.silo_id} releases statistics only with DP noise; "
+                "the server asked for exact sums"
+            )
+        metrics = {**base, "noise-multiplier": 0.0, "release-epsilon": 0.0}
+        return lattice_vector(statistic.values, request.resolution), metrics
+    noised, metrics = _noised_release(settings, instructions.run_id, request, statistic)
+    return lattice_vector(noised, request.resolution), {**base, **metrics}
+
+
+def _noised_release(
+    settings: SiloSettings,
+    run_id: str,
+    request: StatisticRequest,
+    statistic: SecureStatistic,
+) -> tuple[np.ndarray, dict[str, float]]:
+    purpose = request.kind.purpose
+    delta = settings.budget.delta
+    sigma = calibrate_release_noise(request.target_epsilon, delta, statistic.count)
+    event = GaussianRelease(sigma, statistic.count)
+    store = ReleaseStore(settings.state_dir)
+    with PrivacyLedger.open(settings.state_dir, settings.silo_id, settings.budget) as ledger:
+        entry = ledger.find(run_id, request.query_round, purpose)
+        if entry is not None:
+            stored = store.load(run_id, purpose, request.query_round)
+            if stored is not None:
+                # A replayed query: the same release again (post-processing), no new charge.
+                values, metrics = stored
+                if values.size != statistic.values.size:
+                    raise ProtocolError("a replayed query asks for a vector of another length")
+                return values, {**metrics, "replayed": 1.0}
+            if entry.event != event:
+                raise LedgerError(
+                    f"{purpose.value} query {request.query_round} of run {run_id!r} was charged "
+                    f"as {entry.event}, now asked as {event}: refusing a second release"
+                )
+            # Charged, then the silo stopped before anything was kept or sent: the
+            # charge pays for this (first) release.
+        else:
+            entry = ledger.charge(run_id, request.query_round, event, purpose)
+        try:
+            noise = CsprngGaussian().standard_normal(statistic.values.size)
+            noised = statistic.values + noise * (sigma * statistic.l2_sensitivity)
+            metrics = {
+                "noise-multiplier": sigma,
+                "release-epsilon": release_epsilon(sigma, delta, statistic.count),
+                "epsilon-spent": entry.epsilon_after,
+                "delta": delta,
+            }
+            store.save(run_id, purpose, request.query_round, noised, metrics)
+        except BaseException:
+            ledger.mark(entry.entry_id, ChargeStatus.FAILED)
+            raise
+        ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
+    return noised, metrics
