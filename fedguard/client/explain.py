@@ -19,11 +19,17 @@ Choices:
 
 Global attributions (:func:`attribution_vector`): each silo attributes every
 record of its own split, clips each record's attribution vector to L2 norm ``C``
-and sums them, and appends its record count. Adding or removing one record moves
-that vector by at most ``sqrt(C² + 1)`` in L2: its sensitivity, which the silo's
-Gaussian noise is scaled by before the vector leaves (see
-:mod:`fedguard.client.statistics`). The server divides the securely summed sums
-by the summed count (:func:`fedguard.core.trust_results.attribution_from_sum`).
+and sends ``[Σ|cᵢ|, Σcᵢ, n]``: the sums of the clipped attributions' absolute
+values and of the signed values, then its record count. The absolute values give
+the global importance of a feature (mean |attribution|, as mean |SHAP|); the
+signed mean alone would not: with the mean as baseline, a feature the model uses
+linearly has signed attributions ``w·(x − μ)`` that average to about zero over the
+population. Adding or removing one record moves the vector by at most
+``sqrt(2C² + 1)`` in L2 (``|cᵢ|`` and ``cᵢ`` have norm ≤ C, the count moves by 1):
+its sensitivity, which the silo's Gaussian noise is scaled by before the vector
+leaves (see :mod:`fedguard.client.statistics`). The server divides the securely
+summed sums by the summed count
+(:func:`fedguard.core.trust_results.attribution_from_sum`).
 
 Local explanations (:func:`explain_record`): one record's attributions, computed
 on the machine that holds the record and printed there; nothing is sent.
@@ -42,8 +48,9 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from fedguard.core.datasets import FeatureSchema
-from fedguard.core.errors import ConfigError
+from fedguard.client.statistics import SecureStatistic, StatisticKind, register_producer
+from fedguard.core.datasets import FeatureSchema, SiloData
+from fedguard.core.errors import ConfigError, ProtocolError
 from fedguard.core.preprocessing import FeatureScaler
 
 __all__ = [
@@ -53,6 +60,7 @@ __all__ = [
     "IntegratedGradientsResult",
     "LocalExplanation",
     "attribution_sensitivity",
+    "attribution_statistic",
     "attribution_vector",
     "clip_rows",
     "explain_record",
@@ -87,8 +95,8 @@ class AttributionSettings:
             or self.clip_norm <= 0
         ):
             raise ConfigError(f"attribution clip norm must be > 0, got {self.clip_norm!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
-            raise ConfigError(f"attribution steps must be an integer >= 2, got {self.steps!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"attribution steps must be an integer >= 1, got {self.steps!r}")
         if not isinstance(self.split, DataSplit):
             raise ConfigError(f"attribution split must be a DataSplit, got {self.split!r}")
         if (
@@ -240,19 +248,45 @@ def clip_rows(attributions: np.ndarray, clip_norm: float) -> np.ndarray:
 
 
 def attribution_sensitivity(clip_norm: float) -> float:
-    """L2 sensitivity of ``[Σ clipped attributions, count]`` to one record: ``sqrt(C² + 1)``."""
-    return math.hypot(clip_norm, 1.0)
+    """L2 sensitivity of ``[Σ|cᵢ|, Σcᵢ, n]`` to one record: ``sqrt(2C² + 1)``."""
+    return math.sqrt(2.0 * clip_norm**2 + 1.0)
 
 
 def attribution_vector(
     model: nn.Module, inputs: np.ndarray, num_classes: int, settings: AttributionSettings
 ) -> np.ndarray:
-    """A silo's un-noised contribution: ``[Σᵢ clip(aᵢ, C) (d values), n]``, float64."""
+    """A silo's un-noised contribution ``[Σ|cᵢ| (d), Σcᵢ (d), n]``, cᵢ = clip(aᵢ, C); float64."""
     result = integrated_gradients(
         model, inputs, num_classes, steps=settings.steps, batch_rows=settings.batch_rows
     )
     clipped = clip_rows(result.attributions, settings.clip_norm)
-    return np.concatenate([clipped.sum(axis=0), [float(inputs.shape[0])]])
+    return np.concatenate(
+        [np.abs(clipped).sum(axis=0), clipped.sum(axis=0), [float(inputs.shape[0])]]
+    )
+
+
+def attribution_statistic(
+    silo: SiloData, model: nn.Module | None, scaler: FeatureScaler, options: Mapping[str, Any]
+) -> SecureStatistic:
+    """The ``attribution`` producer of :mod:`fedguard.client.statistics` (see the module doc).
+
+    The vector ``[Σ|cᵢ|, Σcᵢ, n]`` of the split the query names; its L2 sensitivity
+    to one record is ``sqrt(2C² + 1)``.
+    """
+    if model is None:
+        raise ProtocolError("an attribution query needs the model")
+    settings = AttributionSettings.from_options(options)
+    part = silo.train if settings.split is DataSplit.TRAIN else silo.test
+    inputs = scaler.transform(part.features).reshape((-1, *silo.schema.input_shape))
+    vector = attribution_vector(model, inputs, silo.schema.num_classes, settings)
+    return SecureStatistic(
+        vector,
+        attribution_sensitivity(settings.clip_norm),
+        metadata={"num-examples": float(len(part))},
+    )
+
+
+register_producer(StatisticKind.ATTRIBUTION, attribution_statistic)
 
 
 # --------------------------------------------------------------------------- local

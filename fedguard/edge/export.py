@@ -57,12 +57,14 @@ from fedguard.core.models import build_model, count_parameters
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.seeding import derive_seed
 from fedguard.core.serialization import ModelWeights, load_weights
+from fedguard.core.trust_results import read_trust_results
 from fedguard.edge.card import (
     CARD_VERSION,
     PRIVACY_ACCOUNTANT,
     PRIVACY_UNIT,
     ledger_privacy,
     render_markdown,
+    trust_section,
 )
 from fedguard.edge.distill import (
     DistillConfig,
@@ -608,6 +610,14 @@ def export_run(
     example_path = out_dir / "example-input.csv"
     _write_example(example_path, schema, synthetic_features(stats, schema, 5, run.seed))
 
+    # --- trust: the student's attributions (charged like the global model's), with the
+    # teacher run's fairness audit, drift status and global attributions
+    student_attribution, not_explained = None, None
+    if run.trust.explain:  # captum (the explain extra) is needed only then
+        from fedguard.edge.explain import student_attributions
+
+        student_attribution, not_explained = student_attributions(saved, student, scaler, schema)
+
     card = _card(
         saved,
         schema,
@@ -625,6 +635,11 @@ def export_run(
         timings,
         {"fp32": fp32_path, "int8": int8_path, "example": example_path},
     )
+    card["trust"] = trust_section(
+        read_trust_results(saved.variant_dir), student_attribution, out_dir
+    )
+    if not_explained is not None:
+        card["limitations"].append(f"Student attributions were not computed: {not_explained}.")
     card_json = out_dir / "model-card.json"
     card_md = out_dir / "model-card.md"
     atomic_write_json(card_json, card)

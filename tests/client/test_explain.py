@@ -104,12 +104,14 @@ def test_silo_vector_sensitivity_on_a_real_model(breast_cancer: tuple) -> None:
     model, _, _, x = breast_cancer
     settings = AttributionSettings(clip_norm=1.5, steps=16)
     full = attribution_vector(model, x, 2, settings)
-    assert full.shape == (x.shape[1] + 1,)
+    d = x.shape[1]
+    assert full.shape == (2 * d + 1,)
     assert full[-1] == len(x)
-    # Remove any one record: the vector moves by at most sqrt(C² + 1) (the other
+    assert (full[:d] >= np.abs(full[d : 2 * d]) - 1e-12).all()  # Σ|c| ≥ |Σc|
+    # Remove any one record: the vector moves by at most sqrt(2C² + 1) (the other
     # records' float32 attributions may change in the last bits with the batch).
     sensitivity = attribution_sensitivity(1.5)
-    assert sensitivity == pytest.approx(math.sqrt(1.5**2 + 1))
+    assert sensitivity == pytest.approx(math.sqrt(2 * 1.5**2 + 1))
     for drop in (0, 7, len(x) - 1):
         rest = attribution_vector(model, np.delete(x, drop, axis=0), 2, settings)
         assert np.linalg.norm(full - rest) <= sensitivity + 1e-5
@@ -144,4 +146,4 @@ def test_settings_from_options_round_trip_and_validation() -> None:
     with pytest.raises(ConfigError):
         AttributionSettings(clip_norm=-1.0)
     with pytest.raises(ConfigError):
-        AttributionSettings(steps=1)
+        AttributionSettings(steps=0)

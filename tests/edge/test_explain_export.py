@@ -1,0 +1,105 @@
+"""Student attributions at export: charged to every ledger like the global model's."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedguard.core.datasets import schema_for
+from fedguard.core.trust_results import TrustResults
+from fedguard.edge.distill import StudentSpec
+from fedguard.edge.explain import (
+    STUDENT_RUN_SUFFIX,
+    student_attributions,
+    student_release_run_id,
+)
+from fedguard.edge.export import export_run, load_saved_run
+from fedguard.privacy.ledger import ChargePurpose, ChargeStatus, PrivacyLedger
+from tests.edge.conftest import BUDGET, FAST, LIFETIME
+
+
+def _asking_for_explanations(dp_run: Path, into: Path) -> Path:
+    """A copy of the shared DP run whose config asks for explanations (8 IG steps)."""
+    run_dir = into / "bc"
+    shutil.copytree(dp_run, run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["config"]["trust"]["explain"] is False
+    report["config"]["trust"].update(explain=True, explain_steps=8)
+    (run_dir / "report.json").write_text(json.dumps(report))
+    return run_dir
+
+
+def _with_lifetime_budget(run_dir: Path) -> None:
+    """Every silo's ledger rebuilt with the LIFETIME budget, all charges (and purposes) kept."""
+    for silo_dir in sorted((run_dir / "dp" / "silos").iterdir()):
+        with PrivacyLedger.open(silo_dir, silo_dir.name, BUDGET) as ledger:
+            entries = ledger.entries()
+        (silo_dir / PrivacyLedger.FILENAME).unlink()
+        with PrivacyLedger.open(silo_dir, silo_dir.name, LIFETIME) as ledger:
+            for entry in entries:
+                charged = ledger.charge(entry.run_id, entry.round, entry.event, entry.purpose)
+                ledger.mark(charged.entry_id, ChargeStatus.COMPLETED)
+    report = json.loads((run_dir / "report.json").read_text())
+    report["config"]["budget"] = {"epsilon": LIFETIME.epsilon, "delta": LIFETIME.delta}
+    (run_dir / "report.json").write_text(json.dumps(report))
+
+
+def _attribution_runs(run_dir: Path) -> list[str]:
+    silo_dir = run_dir / "dp" / "silos" / "silo-0"
+    with PrivacyLedger.open(silo_dir, "silo-0", LIFETIME) as ledger:
+        return [e.run_id for e in ledger.entries() if e.purpose is ChargePurpose.ATTRIBUTION]
+
+
+def _attribution_charges(run_dir: Path, run_id: str) -> dict[str, int]:
+    out = {}
+    for silo_dir in sorted((run_dir / "dp" / "silos").iterdir()):
+        with PrivacyLedger.open(silo_dir, silo_dir.name, LIFETIME) as ledger:
+            out[silo_dir.name] = sum(
+                1
+                for e in ledger.entries()
+                if e.purpose is ChargePurpose.ATTRIBUTION and e.run_id == run_id
+            )
+    return out
+
+
+def test_export_adds_student_attributions_and_charges_each_ledger_once(
+    dp_run: Path, tmp_path: Path
+) -> None:
+    run_dir = _asking_for_explanations(dp_run, tmp_path)
+    saved = load_saved_run(run_dir)
+    schema = schema_for(saved.config.dataset)
+    untrained = StudentSpec().build(schema)
+    # Planned at BUDGET, the silos kept no budget for a student release: refused, and why.
+    result, why = student_attributions(saved, untrained, saved.scaler, schema)
+    assert result is None and why is not None and "silo-0 refused" in why
+
+    # With budget left (a larger lifetime budget), every silo releases it once.
+    _with_lifetime_budget(run_dir)
+    exported = export_run(run_dir, dataclasses.replace(FAST, out_dir=tmp_path / "b"), print)
+    assert not any("not computed" in x for x in exported.card["limitations"])
+    results = TrustResults.from_json(exported.card["trust"]["results"])
+    student = results.attribution("student")
+    assert student is not None
+    assert student.cost.noised and student.cost.epsilon == pytest.approx(1.0, rel=1e-3)
+    assert student.records == pytest.approx(455, abs=200)  # noised count of 455 records
+    student_runs = _attribution_runs(run_dir)
+    assert len(student_runs) == 1 and STUDENT_RUN_SUFFIX in student_runs[0]
+    assert _attribution_charges(run_dir, student_runs[0]) == {f"silo-{i}": 1 for i in range(3)}
+    markdown = exported.files["card_markdown"].read_text()
+    assert "**student model**" in markdown
+    assert (exported.out_dir / "attributions.png").is_file()
+
+    # Another student is another release (its own charge); asking again for the same
+    # student replays the stored release: the same figures, no new charge.
+    other, why = student_attributions(load_saved_run(run_dir), untrained, saved.scaler, schema)
+    assert why is None and other is not None and other.features != student.features
+    other_run = student_release_run_id(saved, untrained)
+    assert _attribution_charges(run_dir, other_run) == {f"silo-{i}": 1 for i in range(3)}
+    again, _ = student_attributions(load_saved_run(run_dir), untrained, saved.scaler, schema)
+    assert again is not None and again.features == other.features
+    assert again.records == other.records
+    assert _attribution_charges(run_dir, other_run) == {f"silo-{i}": 1 for i in range(3)}
