@@ -36,7 +36,7 @@ from fedguard.edge.commands import (
     export_after_simulate,
 )
 from fedguard.server.commands import add_deploy_commands
-from fedguard.simulation.explain_command import add_explain_command
+from fedguard.simulation.explain_command import add_explain_command, add_explain_options
 from fedguard.simulation.monitor_command import add_monitor_command, add_trust_options
 
 _DEFAULTS = RunConfig().to_options()
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = _simulate_parser(sub)
     add_simulate_export_option(simulate)
     add_trust_options(simulate)
+    add_explain_options(simulate)
     add_export_command(sub)
     add_predict_command(sub)
     add_explain_command(sub)

@@ -78,3 +78,13 @@ def test_explain_errors_are_one_line(
     bad.write_text("a,b\n1,2\n")
     assert main(["explain", str(dp_run), "--data", str(bad), "--row", "0"]) == 2
     assert "lacks column" in capsys.readouterr().err
+
+
+def test_simulate_explain_options_reach_the_run_config() -> None:
+    from fedguard.cli import build_parser, config_from_args
+
+    args = ["simulate", "--explain", "--explain-epsilon", "0.5", "--explain-steps", "16"]
+    trust = config_from_args(build_parser().parse_args([*args, "--explain-clip-norm", "2"])).trust
+    assert (trust.explain, trust.explain_epsilon, trust.explain_steps) == (True, 0.5, 16)
+    assert trust.explain_clip_norm == 2.0
+    assert config_from_args(build_parser().parse_args(["simulate"])).trust.explain is False
