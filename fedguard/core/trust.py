@@ -109,7 +109,9 @@ class TrustConfig:
             return ()
         fairness = (self.fairness_epsilon,) if self.fairness_attribute is not None else ()
         drift = (self.drift_epsilon,) * (1 + self.monitor_rounds) if self.drift else ()
-        explain = (self.explain_epsilon,) if self.explain else ()
+        # Two attribution releases: the global model's, and the distilled student's
+        # at ``fedguard export`` (see fedguard.edge.explain).
+        explain = (self.explain_epsilon,) * 2 if self.explain else ()
         return fairness + drift + explain
 
     def to_options(self) -> dict[str, Any]:

@@ -13,9 +13,10 @@ student, another run id: a new release). The noised vectors are then summed.
 
 What differs from the trust phase: one process holds every silo (a simulation),
 so the sum is taken in memory instead of through SecAgg+; a deployed export
-would send the student as a statistic query. The student release is not among
-the releases the silos reserved budget for when the run was planned, so a silo
-whose budget is spent refuses it; the export then records why and goes on.
+would send the student as a statistic query. A run planned with ``explain``
+reserves budget for this release in every silo
+(:meth:`fedguard.core.trust.TrustConfig.planned_releases`); a silo without budget
+for it (a run planned otherwise) refuses it, and the export records why and goes on.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def test_export_adds_student_attributions_and_charges_each_ledger_once(
     saved = load_saved_run(run_dir)
     schema = schema_for(saved.config.dataset)
     untrained = StudentSpec().build(schema)
-    # Planned at BUDGET, the silos kept no budget for a student release: refused, and why.
+    # Planned without explanations, the silos kept no budget for it: refused, and why.
     result, why = student_attributions(saved, untrained, saved.scaler, schema)
     assert result is None and why is not None and "silo-0 refused" in why
 
