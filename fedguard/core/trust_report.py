@@ -206,8 +206,9 @@ def _plot_attributions(attributions: Sequence[AttributionResult], path: Path, to
         )
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set(
-            xlabel="mean |IG attribution| (blue: raises the output on average, red: lowers)",
-            title=f"{result.model} model: top {len(features)}",
+            xlabel="mean |IG attribution|",
+            title=f"{result.model} model: top {len(features)}\n"
+            "(colour: sign of the mean attribution, blue +, red −)",
         )
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -227,6 +228,8 @@ def _plot_drift(drift: DriftResult, path: Path) -> None:
     if drift.metric == "psi":
         ax.axhline(drift.threshold, color="red", linestyle="--", label="alert threshold")
         ax.legend(fontsize=8)
+    top = max([f.psi for f in features] + [drift.threshold if drift.metric == "psi" else 0.0])
+    ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)
     ax.set_xticks(range(len(features)), [f.feature for f in features], rotation=70, fontsize=7)
     ax.set(ylabel="PSI", title=f"drift per feature ({drift.label}); red = alert")
     ax.grid(alpha=0.3, axis="y")
