@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedguard.core.aggregation import AggregatorName, CenterReference
 from fedguard.core.config import (
     DatasetName,
     Engine,
@@ -36,6 +37,7 @@ from fedguard.edge.commands import (
     export_after_simulate,
 )
 from fedguard.server.commands import add_deploy_commands
+from fedguard.simulation.attack_config import AttackName
 from fedguard.simulation.explain_command import add_explain_command, add_explain_options
 from fedguard.simulation.monitor_command import add_monitor_command, add_trust_options
 
@@ -230,6 +232,93 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         help=f"planned dropout share, sets the neighbour degree and threshold "
         f"[default: {d['secagg-dropout-rate']}]",
     )
+    secure.add_argument(
+        "--groups",
+        dest="secagg_groups",
+        type=int,
+        default=None,
+        help="split each round's silos into this many random secure groups; the robust "
+        f"rule runs over the group means [default: {d['secagg-groups']}]",
+    )
+    secure.add_argument(
+        "--min-group-size",
+        dest="secagg_min_group_size",
+        type=int,
+        default=None,
+        help=f"smallest secure group a round may form [default: {d['secagg-min-group-size']}]",
+    )
+    secure.add_argument(
+        "--clip-norm",
+        dest="secagg_clip_norm",
+        type=float,
+        default=None,
+        help="silos clip their update to this L2 norm before masking; a group mean above "
+        "it is flagged and left out (0: off) [default: 0]",
+    )
+    robust = p.add_argument_group("robust aggregation")
+    robust.add_argument(
+        "--aggregator",
+        choices=_choices(AggregatorName),
+        default=None,
+        help=f"aggregation rule [default: {d['aggregator']}]",
+    )
+    robust.add_argument(
+        "--aggregator-f",
+        type=int,
+        default=None,
+        help="Byzantine inputs (updates, or groups with --groups) the rule must tolerate "
+        "[default: with --attack, the number of Byzantine silos (at most --groups); else 0]",
+    )
+    robust.add_argument("--trim-fraction", type=float, default=None, help="trimmed mean: β")
+    robust.add_argument("--multi-krum-m", type=int, default=None, help="multi-krum: inputs kept")
+    robust.add_argument("--cc-tau", type=float, default=None, help="centered clipping: τ")
+    robust.add_argument("--cc-iterations", type=int, default=None, help="centered clipping: L")
+    robust.add_argument(
+        "--cc-reference",
+        choices=_choices(CenterReference),
+        default=None,
+        help="centered clipping: start from zero or the previous aggregate",
+    )
+    robust.add_argument("--geomed-iterations", type=int, default=None, help="geometric median")
+    robust.add_argument("--norm-bound", type=float, default=None, help="norm bounding: bound")
+    robust.add_argument(
+        "--pre-aggregation",
+        default=None,
+        help="comma-separated steps before the rule: nnm, bucketing (e.g. nnm,bucketing)",
+    )
+    robust.add_argument("--bucket-size", type=int, default=None, help="bucketing: s")
+    robust.add_argument(
+        "--aggregation-seed", type=int, default=None, help="seed of bucketing's permutations"
+    )
+    attacks = p.add_argument_group("attacks (simulation only: Byzantine silos)")
+    attacks.add_argument(
+        "--attack", choices=_choices(AttackName), default=None, help="the Byzantine silos' attack"
+    )
+    attacks.add_argument(
+        "--byzantine", type=float, default=None, help="share of Byzantine silos [default: 0.2]"
+    )
+    attacks.add_argument(
+        "--collusion",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Byzantine silos pool their honest updates [default: on]",
+    )
+    attacks.add_argument(
+        "--attack-strength",
+        type=float,
+        default=None,
+        help="sign-flip magnitude, scaling/backdoor boost, gaussian σ, alie z or ipm ε "
+        "[default: per attack]",
+    )
+    attacks.add_argument(
+        "--backdoor-target", type=int, default=None, help="backdoor target class [default: 0]"
+    )
+    attacks.add_argument(
+        "--poison-fraction",
+        type=float,
+        default=None,
+        help="share of a backdoor silo's examples stamped [default: 0.5]",
+    )
     run = p.add_argument_group("run")
     run.add_argument(
         "--seed", type=int, default=None, help=f"seed of everything seeded [default: {d['seed']}]"
@@ -273,7 +362,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_OPTIONS = {"command", "config", "baseline", "quiet", "export"}
+_ATTACK_OPTIONS = {
+    "attack",
+    "byzantine",
+    "collusion",
+    "attack_strength",
+    "backdoor_target",
+    "poison_fraction",
+}
+_NOT_OPTIONS = {"command", "config", "baseline", "quiet", "export"} | _ATTACK_OPTIONS
+
+
+def attack_from_args(args: argparse.Namespace) -> Any:
+    """The simulated attack (``None`` without ``--attack``); its options need ``--attack``."""
+    given = {k: v for k, v in vars(args).items() if k in _ATTACK_OPTIONS and v is not None}
+    if "attack" not in given:
+        if given:
+            raise ConfigError(f"{sorted(given)} need --attack")
+        return None
+    from fedguard.simulation.attack_config import AttackConfig
+
+    return AttackConfig.from_options({k.replace("_", "-"): v for k, v in given.items()})
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -289,6 +398,23 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if key in _NOT_OPTIONS or value is None:
             continue
         options[key.replace("_", "-")] = value
+    attack = attack_from_args(args) if hasattr(args, "attack") else None
+    rule = str(options.get("aggregator", "weighted-mean"))
+    if (
+        attack is not None
+        and options.get("aggregator-f") is None
+        and rule
+        not in (
+            "weighted-mean",
+            "norm-bounding",
+        )
+    ):
+        # The declared f defaults to what the attack can corrupt: its silos, or at most
+        # one group each. An f the rule cannot meet is refused below, never lowered.
+        clients = int(options.get("clients", _DEFAULTS["clients"]))
+        byzantine = len(attack.byzantine_indices(clients, int(options.get("seed", 0))))
+        groups = int(options.get("secagg-groups", 1))
+        options["aggregator-f"] = min(byzantine, groups) if groups > 1 else byzantine
     return RunConfig.from_options(options)
 
 
@@ -317,9 +443,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedguard.simulation.runner import simulate
 
     config = config_from_args(args)
+    attack = attack_from_args(args)
+    if attack is not None:
+        from fedguard.strategies.registry import check_inputs_suffice
+
+        inputs = config.secagg.groups if config.secagg.enabled else config.num_clients
+        check_inputs_suffice(config.aggregation, inputs)
+        byzantine = attack.byzantine_indices(config.num_clients, config.seed)
+        print(
+            f"attack {attack.name.value}: Byzantine silos "
+            + ", ".join(f"silo-{i}" for i in byzantine)
+            + (" (colluding)" if attack.collusion else "")
+        )
     run_dir, results, plans = simulate(
-        config, baseline=args.baseline, on_round=None if args.quiet else _progress
+        config,
+        baseline=args.baseline,
+        on_round=None if args.quiet else _progress,
+        attack=attack,
     )
+    if attack is not None:
+        _write_attack_summary(run_dir, config, attack, results)
     paths = write_report(run_dir, config, results, plans)
     import json
 
@@ -332,6 +475,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.export == "edge":
         export_after_simulate(run_dir)
     return 0
+
+
+def _write_attack_summary(run_dir: Path, config: RunConfig, attack: Any, results: Any) -> None:
+    """``attack.json``: the attack, its silos and, for a backdoor, its success rate."""
+    import json
+
+    from fedguard.simulation.attacks import AttackName, attack_success_rate
+
+    summary: dict[str, Any] = {
+        **attack.to_options(),
+        "byzantine-silos": [
+            f"silo-{i}" for i in attack.byzantine_indices(config.num_clients, config.seed)
+        ],
+        "variants": {},
+    }
+    for result in results:
+        entry: dict[str, Any] = {"accuracy": result.final.get("evaluation", {}).get("accuracy")}
+        if attack.name is AttackName.BACKDOOR:
+            entry["attack-success-rate"] = attack_success_rate(
+                result.config, attack, result.run_dir
+            )
+            print(
+                f"[{result.name}] backdoor attack success rate {entry['attack-success-rate']:.3f}"
+            )
+        summary["variants"][result.name] = entry
+    (run_dir / "attack.json").write_text(json.dumps(summary, indent=2))
 
 
 class _DropKnownFlowerNotices(logging.Filter):

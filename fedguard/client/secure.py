@@ -101,15 +101,20 @@ class SecureAggregationClient:
         self,
         message: Message,
         train: Callable[[Message], tuple[np.ndarray, dict[str, float]]],
+        clip: bool = True,
     ) -> Message:
-        """Stage 0: train, encode, keep the secrets, advertise keys."""
+        """Stage 0: train, encode, keep the secrets, advertise keys.
+
+        ``clip`` False plays a silo that ignores the requested L2 clip (simulated
+        Byzantine silos); the server's group-norm check is what catches it.
+        """
         setup = SetupRequest.from_bytes(payload(message))
         options = message.content.config_records[protocol.SECAGG]
         clip_norm = _number(options, "clip-norm")
         weight_unit = int(_number(options, "weight-unit"))
         self.context.state.config_records.pop(STATE_KEY, None)  # a new round replaces any old one
         delta, metrics = train(message)
-        if clip_norm > 0:
+        if clip_norm > 0 and clip:
             delta = clip_to_norm(delta, clip_norm)
         examples = int(metrics["num-examples"])
         weight = 1 if weight_unit <= 0 else math.ceil(examples / weight_unit)

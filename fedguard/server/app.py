@@ -18,9 +18,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedguard.core.config import RunConfig
-from fedguard.core.flower_runtime import fast_object_pulls
+from fedguard.core.flower_runtime import PromptGrid, fast_object_pulls
 from fedguard.server.commands import DeploymentRecorder, ServerLayout
 from fedguard.server.orchestrator import FederatedRun, RoundCallback
+from fedguard.strategies.aggregators import Aggregator
 
 
 def make_server_app(
@@ -29,12 +30,17 @@ def make_server_app(
     run_dir: Path,
     on_round: RoundCallback | None = None,
     reply_timeout: float | None = 900.0,
+    aggregator: Aggregator | None = None,
 ) -> ServerApp:
+    """A ServerApp running one :class:`FederatedRun`; ``aggregator`` replaces the configured
+    rule (any :class:`~fedguard.strategies.aggregators.Aggregator`, e.g. a user's own)."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        FederatedRun(grid, config, run_id, run_dir, on_round, reply_timeout).run()
+        FederatedRun(
+            grid, config, run_id, run_dir, on_round, reply_timeout, aggregator=aggregator
+        ).run()
 
     return app
 
@@ -48,6 +54,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     run_id = config.run_name or f"run-{uuid.uuid4().hex[:12]}"
     run_dir = config.out / run_id
     fast_object_pulls()  # replies are pulled as soon as they are announced
+    grid = PromptGrid(grid)  # and asked for every 0.1 s, not every 3 s
     layout = ServerLayout.from_env()
     if layout is None:  # a SuperLink that fedguard did not start: no audit log, no registry
         FederatedRun(grid, config, run_id, run_dir).run()

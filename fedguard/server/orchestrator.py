@@ -20,6 +20,7 @@ One :class:`FederatedRun` drives a whole run:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from fedguard.core.config import RunConfig
 from fedguard.core.datasets import schema_for
 from fedguard.core.errors import (
     CheckpointError,
+    ConfigError,
     FedguardError,
     ProtocolError,
     UpdateRejectedError,
@@ -59,11 +61,22 @@ from fedguard.core.serialization import (
 )
 from fedguard.privacy.accountant import PrivacyAccountant
 from fedguard.privacy.events import DpFedAvgRound
-from fedguard.privacy.secagg import SecAggAbort
+from fedguard.privacy.secagg import FixedPointEncoder, SecAggAbort, SecAggError
 from fedguard.server.checkpoints import CheckpointStore
-from fedguard.server.secure_round import SecureAggregationSettings, run_secure_round
+from fedguard.server.secure_round import (
+    SecureAggregationSettings,
+    run_secure_groups,
+    run_secure_round,
+)
 from fedguard.server.trust import run_trust_phase
-from fedguard.strategies.pipeline import AggregationOutcome, AggregationPipeline, ClientUpdate
+from fedguard.strategies.aggregators import AggregationError, Aggregator
+from fedguard.strategies.pipeline import (
+    AggregationOutcome,
+    AggregationPipeline,
+    ClientUpdate,
+    GroupSum,
+)
+from fedguard.strategies.registry import build_aggregator, check_inputs_suffice
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +140,7 @@ class FederatedRun:
         on_round: RoundCallback | None = None,
         reply_timeout: float | None = 900.0,
         connect_timeout: float = 300.0,
+        aggregator: Aggregator | None = None,
     ) -> None:
         self.grid = grid
         self.connect_timeout = connect_timeout
@@ -136,11 +150,35 @@ class FederatedRun:
         self.on_round = on_round
         self.reply_timeout = reply_timeout
         self.checkpoints = CheckpointStore(run_dir / "checkpoints")
-        self.pipeline = AggregationPipeline(central_dp=config.central_dp)
+        self.pipeline = AggregationPipeline(
+            aggregator=self._checked_aggregator(config, aggregator),
+            central_dp=config.central_dp,
+            byzantine_f=config.aggregation.f if aggregator is None else 0,
+            rule_for_f=lambda f: build_aggregator(dataclasses.replace(config.aggregation, f=f)),
+        )
         self.central_accountant = PrivacyAccountant() if config.central_dp.enabled else None
         self.history: list[RoundRecord] = []
         self._prior_history: list[dict[str, Any]] = []
         self.silo_names: dict[int, str] = {}
+
+    @staticmethod
+    def _checked_aggregator(config: RunConfig, given: Aggregator | None) -> Aggregator:
+        """The rule, refused now if a full round cannot meet its precondition."""
+        inputs, what = (
+            (config.secagg.groups, "secure groups")
+            if config.secagg.enabled
+            else (config.num_clients, "silo updates")
+        )
+        if given is None:
+            return check_inputs_suffice(config.aggregation, inputs, what)
+        if inputs < given.min_inputs:
+            raise ConfigError(
+                f"{given.name} needs at least {given.min_inputs} {what} per round, "
+                f"a round will have {inputs}"
+            )
+        if config.secagg.enabled and config.secagg.groups == 1 and given.name != "weighted-mean":
+            raise ConfigError(f"{given.name} over one secure sum is a plain mean: set groups > 1")
+        return given
 
     # -- the run -----------------------------------------------------------------------
 
@@ -239,7 +277,11 @@ class FederatedRun:
         started = time.monotonic()
         sampled = self._sample(round_number, nodes)
         global_vector = flatten_weights(weights)
-        if self.config.secagg.enabled:
+        if self.config.secagg.enabled and self.config.secagg.groups > 1:
+            outcomes, aggregated, accepted_count = self._grouped_secure_updates(
+                round_number, sampled, weights, scaler, global_vector
+            )
+        elif self.config.secagg.enabled:
             outcomes, aggregated, accepted_count = self._secure_updates(
                 round_number, sampled, weights, scaler, global_vector, len(nodes)
             )
@@ -312,7 +354,138 @@ class FederatedRun:
             outcomes.append(outcome)
             if update is not None:
                 updates.append(update)
-        return outcomes, self.pipeline.apply(global_vector, updates, population), len(updates)
+        try:
+            aggregated = self.pipeline.apply(global_vector, updates, population)
+        except AggregationError as failed:
+            # Too few accepted updates for the rule (dropouts, rejections): the round
+            # fails and the model stays as it was; never fall back to another rule.
+            log.error("round %d: aggregation failed: %s", round_number, failed)
+            aggregated = AggregationOutcome(
+                global_vector.copy(),
+                {"rule": self.pipeline.aggregator.name, "failed": str(failed)},
+            )
+        return outcomes, aggregated, len(updates)
+
+    def secure_groups(self, round_number: int, sampled: list[int]) -> list[list[int]]:
+        """This round's random partition of the sampled silos into secure groups.
+
+        Public seeded randomness (the run's seed and the round number): anyone can
+        recompute it from the round log; the server cannot pick who shares a group.
+        """
+        rng = numpy_rng(self.config.seed, "secure-groups", round_number)
+        order = [sampled[i] for i in rng.permutation(len(sampled))]
+        return [
+            list(map(int, g))
+            for g in np.array_split(np.asarray(order, dtype=np.int64), self.config.secagg.groups)
+        ]
+
+    def _grouped_secure_updates(
+        self,
+        round_number: int,
+        sampled: list[int],
+        weights: ModelWeights,
+        scaler: FeatureScaler,
+        global_vector: np.ndarray,
+    ) -> tuple[list[NodeOutcome], AggregationOutcome, int]:
+        """SecAgg+ inside random groups; the robust rule runs over the group means.
+
+        The server learns one sum per group, never one silo's update. Silos clip Δ
+        to ``secagg.clip_norm`` before masking (when set); a group whose mean breaks
+        the bound is flagged and left out. A group that aborts is left out too; the
+        rule's precondition is checked against the groups that remain.
+        """
+        secagg = self.config.secagg
+        groups = self.secure_groups(round_number, sampled)
+        names = [[self.silo_name(n) for n in g] for g in groups]
+        rule = self.pipeline.aggregator.name
+        small = [len(g) for g in groups if len(g) < secagg.min_group_size]
+        if small:
+            reason = (
+                f"{len(sampled)} silos sampled make groups of {small} silos, below the minimum "
+                f"group size {secagg.min_group_size}"
+            )
+            log.error("round %d: %s", round_number, reason)
+            aborted = [NodeOutcome(n, self.silo_name(n), "aborted", reason) for n in sampled]
+            return (
+                aborted,
+                AggregationOutcome(
+                    global_vector.copy(), {"rule": rule, "groups": names, "aborted": reason}
+                ),
+                0,
+            )
+        settings = SecureAggregationSettings(
+            clip_range=secagg.clip_range,
+            value_bits=secagg.value_bits,
+            dropout_rate=secagg.dropout_rate,
+            weight_unit=1,
+            clip_norm=secagg.clip_norm,
+        )
+
+        def send(message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+            return self._send_each(message_type, round_number, contents)
+
+        results = run_secure_groups(
+            send,
+            groups,
+            self._instruction(round_number, weights, scaler),
+            global_vector.size,
+            settings,
+        )
+        outcomes: list[NodeOutcome] = []
+        sums: list[GroupSum] = []
+        group_log: list[dict[str, Any]] = []
+        tolerance = 0.0
+        for index, (group, result) in enumerate(zip(groups, results, strict=True)):
+            if isinstance(result, SecAggError):
+                reason = f"group {index} aborted: {result}"
+                log.error("round %d: %s", round_number, reason)
+                outcomes += [NodeOutcome(n, self.silo_name(n), "aborted", reason) for n in group]
+                group_log.append({"group": index, "members": names[index], "aborted": str(result)})
+                continue
+            contributors = set(result.contributors)
+            outcomes += [
+                NodeOutcome(
+                    n,
+                    self.silo_name(n),
+                    "ok" if n in contributors else "dropout",
+                    result.dropped_at.get(n, ""),
+                    result.metrics.get(n, {}),
+                )
+                for n in group
+            ]
+            members = tuple(self.silo_name(n) for n in result.contributors)
+            sums.append(GroupSum(members, result.weighted_sum, float(result.total_weight)))
+            group_log.append(
+                {
+                    "group": index,
+                    "members": names[index],
+                    "contributors": list(members),
+                    "total-weight": float(result.total_weight),
+                }
+            )
+            # Stochastic rounding moves each coordinate of the mean by < one step.
+            tolerance = max(
+                tolerance, FixedPointEncoder(result.config).step * math.sqrt(global_vector.size)
+            )
+        try:
+            aggregated = self.pipeline.apply_groups(
+                global_vector, sums, norm_bound=secagg.clip_norm, norm_tolerance=tolerance
+            )
+        except AggregationError as failed:
+            log.error("round %d: aggregation over groups failed: %s", round_number, failed)
+            aggregated = AggregationOutcome(
+                global_vector.copy(), {"rule": rule, "failed": str(failed)}
+            )
+        for flagged in aggregated.details.get("flagged-groups", []):
+            log.warning(
+                "round %d: secure group %s flagged: %s",
+                round_number,
+                flagged["group"],
+                flagged["reason"],
+            )
+        aggregated.details.update({"groups": group_log, "group-seed": self.config.seed})
+        accepted = sum(1 for o in outcomes if o.status == "ok")
+        return outcomes, aggregated, accepted
 
     def _secure_updates(
         self,
@@ -337,7 +510,7 @@ class FederatedRun:
             dropout_rate=self.config.secagg.dropout_rate,
             # DP-FedAvg needs uniform weights and a per-silo L2 bound before the sum.
             weight_unit=0 if central.enabled else 1,
-            clip_norm=central.clip_norm if central.enabled else 0.0,
+            clip_norm=central.clip_norm if central.enabled else self.config.secagg.clip_norm,
         )
 
         def send(message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:

@@ -32,7 +32,9 @@ from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson
 from fedguard.privacy.ledger import PrivacyLedger
 from fedguard.server.app import make_server_app
 from fedguard.server.orchestrator import RoundRecord
+from fedguard.simulation.attacks import AttackConfig, adversaries
 from fedguard.simulation.inprocess import run_inprocess
+from fedguard.strategies.aggregators import Aggregator
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +134,14 @@ def run_variant(
     name: str,
     run_dir: Path,
     on_round: Callable[[RoundRecord], None] | None = None,
+    attack: AttackConfig | None = None,
+    aggregator: Aggregator | None = None,
 ) -> VariantResult:
-    """Run one variant on the configured engine and read back its history and ledgers."""
+    """Run one variant on the configured engine and read back its history and ledgers.
+
+    With ``attack``, the Byzantine silos it draws run :class:`ByzantineSilo`
+    adversaries in the same ClientApp (simulation only).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     history: list[RoundRecord] = []
 
@@ -143,8 +151,13 @@ def run_variant(
             on_round(round_record)
 
     run_id = f"{run_dir.parent.name}/{name}"
-    server_app = make_server_app(config, run_id, run_dir, record)
-    client_app = make_client_app(_client_settings(config, run_dir), allow_non_private=True)
+    server_app = make_server_app(config, run_id, run_dir, record, aggregator=aggregator)
+    byzantine = adversaries(attack, config) if attack is not None else {}
+    client_app = make_client_app(
+        _client_settings(config, run_dir),
+        allow_non_private=True,
+        adversary_for=lambda settings: byzantine.get(settings.silo_id),
+    )
     started = time.monotonic()
     if config.engine is Engine.INPROCESS:
         run_inprocess(server_app, client_app, config.num_clients)
@@ -213,6 +226,7 @@ def simulate(
     baseline: bool = True,
     echo: Printer = print,
     on_round: Callable[[str, RoundRecord], None] | None = None,
+    attack: AttackConfig | None = None,
 ) -> tuple[Path, list[VariantResult], list[SiloPlan]]:
     """Run the configured variant and, with ``baseline``, its non-private twin."""
     run_dir = config.out / default_run_name(config)
@@ -242,5 +256,5 @@ def simulate(
             if on_round is not None:
                 on_round(variant, record)
 
-        results.append(run_variant(variant_config, name, run_dir / name, forward))
+        results.append(run_variant(variant_config, name, run_dir / name, forward, attack))
     return run_dir, results, plans

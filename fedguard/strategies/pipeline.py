@@ -8,7 +8,7 @@ sensitivity); otherwise the configured :class:`Aggregator` runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,15 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class GroupSum:
+    """One secure group's decoded sum Σ w_i Δ_i, its total weight Σ w_i, its members."""
+
+    members: tuple[str, ...]
+    weighted_sum: np.ndarray
+    total_weight: float
+
+
+@dataclass(frozen=True)
 class AggregationOutcome:
     new_global: np.ndarray
     details: dict[str, Any] = field(default_factory=dict)
@@ -42,10 +51,17 @@ class AggregationPipeline:
         aggregator: Aggregator | None = None,
         central_dp: CentralDPConfig | None = None,
         noise: CsprngGaussian | None = None,
+        byzantine_f: int = 0,
+        rule_for_f: Callable[[int], Aggregator] | None = None,
     ) -> None:
+        """``byzantine_f`` is the rule's declared f; ``rule_for_f(f')`` builds the same rule
+        for a smaller f' (used when flagged groups are provably Byzantine, see
+        :meth:`apply_groups`); without it the rule always runs with its own f."""
         self.aggregator: Aggregator = aggregator or WeightedMean()
         self.central_dp = central_dp or CentralDPConfig()
         self._noise = noise
+        self.byzantine_f = byzantine_f
+        self.rule_for_f = rule_for_f
 
     def apply(
         self, global_vector: np.ndarray, updates: Sequence[ClientUpdate], population: int
@@ -123,3 +139,71 @@ class AggregationPipeline:
             global_vector + weighted_sum / float(total_weight),
             {"rule": "secagg+weighted-mean", "total-weight": float(total_weight)},
         )
+
+    def apply_groups(
+        self,
+        global_vector: np.ndarray,
+        groups: Sequence[GroupSum],
+        norm_bound: float = 0.0,
+        norm_tolerance: float = 0.0,
+    ) -> AggregationOutcome:
+        """The next global model from secure group sums: the robust rule over group means.
+
+        With ``norm_bound`` > 0 every honest silo clipped its Δ to that L2 norm before
+        masking, so each group mean (a convex combination) has norm at most the bound
+        plus the fixed-point rounding ``norm_tolerance``. A group above it holds a
+        silo that did not clip: it is flagged and left out, named in the details.
+        The rule then runs over the remaining group means, its precondition checked
+        against their number (a failure raises
+        :class:`~fedguard.strategies.aggregators.PreconditionError`).
+        """
+        dim = global_vector.shape[0]
+        means: list[np.ndarray] = []
+        weights: list[float] = []
+        kept: list[int] = []
+        flagged: list[dict[str, Any]] = []
+        for index, group in enumerate(groups):
+            if group.weighted_sum.shape != (dim,):
+                raise AggregationError(
+                    f"group {index} sum has shape {group.weighted_sum.shape}, expected ({dim},)"
+                )
+            if group.total_weight <= 0:
+                flagged.append({"group": index, "reason": "zero total weight"})
+                continue
+            mean = group.weighted_sum.astype(np.float64) / float(group.total_weight)
+            norm = float(np.linalg.norm(mean))
+            if not np.isfinite(norm):
+                flagged.append({"group": index, "reason": "non-finite mean"})
+                continue
+            if norm_bound > 0 and norm > norm_bound + norm_tolerance:
+                flagged.append(
+                    {
+                        "group": index,
+                        "members": list(group.members),
+                        "norm": norm,
+                        "bound": norm_bound,
+                        "reason": f"mean norm {norm:.4g} > bound {norm_bound:g}",
+                    }
+                )
+                continue
+            means.append(mean)
+            weights.append(float(group.total_weight))
+            kept.append(index)
+        details: dict[str, Any] = {
+            "rule": f"secure-groups+{self.aggregator.name}",
+            "groups-used": kept,
+            "flagged-groups": flagged,
+        }
+        if not means:
+            return AggregationOutcome(global_vector.copy(), {**details, "rule": "none: no group"})
+        rule = self.aggregator
+        caught = sum(1 for flag in flagged if "norm" in flag)
+        if caught and self.byzantine_f > 0 and self.rule_for_f is not None:
+            # Honest silos always clip, so a group over the bound holds a Byzantine silo:
+            # if at most f groups are corrupted, the k flagged ones leave at most f - k
+            # among the rest (a bound derived from the evidence, not a clamp).
+            remaining_f = max(self.byzantine_f - caught, 0)
+            rule = self.rule_for_f(remaining_f)
+            details["f-after-flags"] = remaining_f
+        update = rule.aggregate(np.stack(means), np.asarray(weights))
+        return AggregationOutcome(global_vector + update, details)

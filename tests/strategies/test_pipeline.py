@@ -8,7 +8,8 @@ from fedguard.core.config import CentralDPConfig
 from fedguard.privacy.central import clip_rows_to_norm
 from fedguard.privacy.noise import CsprngGaussian
 from fedguard.strategies.aggregators import AggregationError
-from fedguard.strategies.pipeline import AggregationPipeline, ClientUpdate
+from fedguard.strategies.pipeline import AggregationPipeline, ClientUpdate, GroupSum
+from fedguard.strategies.robust import CoordinateMedian
 
 
 def _updates(deltas: list[np.ndarray], examples: list[int]) -> list[ClientUpdate]:
@@ -79,3 +80,37 @@ def test_clipping_properties(seed: int, n: int, d: int, bound: float, scale: flo
     np.testing.assert_allclose(out[was], bound, rtol=1e-9)
     cos = (clipped * rows).sum(axis=1)[was] / (out[was] * norms[was])
     np.testing.assert_allclose(cos, 1.0, rtol=1e-9)
+
+
+def _group(members: tuple[str, ...], mean: list[float], weight: float) -> GroupSum:
+    return GroupSum(members, np.asarray(mean) * weight, weight)
+
+
+def test_groups_over_the_norm_bound_are_flagged_and_f_shrinks_by_their_number() -> None:
+    built: list[int] = []
+
+    def rule_for_f(f: int) -> CoordinateMedian:
+        built.append(f)
+        return CoordinateMedian(f)
+
+    pipeline = AggregationPipeline(CoordinateMedian(2), byzantine_f=2, rule_for_f=rule_for_f)
+    groups = [
+        _group(("a",), [0.1, 0.0], 10),
+        _group(("b",), [0.2, 0.0], 10),
+        _group(("c",), [0.3, 0.0], 10),
+        _group(("x",), [50.0, 0.0], 10),  # a silo that did not clip
+    ]
+    out = pipeline.apply_groups(np.zeros(2), groups, norm_bound=1.0, norm_tolerance=1e-6)
+    assert [f["members"] for f in out.details["flagged-groups"]] == [["x"]]
+    assert out.details["groups-used"] == [0, 1, 2]
+    assert out.details["f-after-flags"] == 1 and built == [1]
+    np.testing.assert_allclose(out.new_global, [0.2, 0.0])
+    # Without the bound the outlier group is kept, and the median (f = 2 needs 5) refuses 4.
+    with pytest.raises(AggregationError, match="2f \\+ 1"):
+        pipeline.apply_groups(np.zeros(2), groups)
+
+
+def test_group_sum_of_the_wrong_shape_is_refused() -> None:
+    pipeline = AggregationPipeline()
+    with pytest.raises(AggregationError, match="shape"):
+        pipeline.apply_groups(np.zeros(3), [_group(("a",), [1.0, 2.0], 1)])
