@@ -68,6 +68,7 @@ PLAIN_RULES: dict[str, dict[str, Any]] = {
     },
 }
 FLOWER_RULES = ["flower-krum", "flower-median", "flower-trimmed-avg"]
+TRADEOFF_ATTACKS = ["sign-flip", "scaling", "alie"]
 
 #: Rules over secure group means (f = corrupted groups tolerated).
 SECURE_RULES: dict[str, dict[str, Any]] = {
@@ -99,7 +100,12 @@ class Case:
     @property
     def key(self) -> str:
         attack = self.attack or "clean"
-        return f"{self.setting}-{int(self.byzantine * 100)}-{self.rule}-{attack}"
+        setting = f"tradeoff-g{self.groups}" if self.setting == "tradeoff" else self.setting
+        return f"{setting}-{int(self.byzantine * 100)}-{self.rule}-{attack}"
+
+    @property
+    def secure(self) -> bool:
+        return self.setting in ("secure", "tradeoff")
 
 
 def _flower_aggregator(name: str, f: int) -> Any:
@@ -162,13 +168,13 @@ def run_case(case: Case, out: Path) -> dict[str, Any]:
     if case.rule.startswith("flower-"):
         aggregator = _flower_aggregator(case.rule, byzantine)
     else:
-        rules = PLAIN_RULES if case.setting == "plain" else SECURE_RULES
+        rules = SECURE_RULES if case.secure else PLAIN_RULES
         options.update(rules[case.rule])
         if options["aggregator"] != "weighted-mean":
             options["aggregator-f"] = (
-                byzantine if case.setting == "plain" else min(byzantine, (case.groups - 1) // 2)
+                min(byzantine, (case.groups - 1) // 2) if case.secure else byzantine
             )
-    if case.setting == "secure":
+    if case.secure:
         options.update(
             {"secagg": True, "secagg-groups": case.groups, "secagg-clip-norm": case.clip_norm}
         )
@@ -228,7 +234,65 @@ def cases(args: argparse.Namespace) -> list[Case]:
                         **common,
                     )
                 )
+    # Group size against tolerated Byzantine share: the median over G groups of ~n/G
+    # silos (f = ⌊(G − 1)/2⌋ groups), next to the main secure setting's G.
+    for groups in args.tradeoff_groups:
+        for fraction in (0.1, 0.2):
+            for attack in [None, *TRADEOFF_ATTACKS]:
+                if attack is None and fraction != 0.1:
+                    continue
+                out.append(
+                    Case(
+                        "tradeoff",
+                        fraction,
+                        "median",
+                        attack,
+                        groups=groups,
+                        clip_norm=args.clip_norm,
+                        **common,
+                    )
+                )
     return out
+
+
+def tradeoff_table(rows: list[dict[str, Any]], main_groups: int) -> str:
+    """Group size vs tolerated Byzantine share vs accuracy (median over group means)."""
+    picked = [
+        r
+        for r in rows
+        if "error" not in r
+        and r["rule"] == "median"
+        and (
+            r["setting"] == "tradeoff" or (r["setting"] == "secure" and r["groups"] == main_groups)
+        )
+        and (r["attack"] in (None, *TRADEOFF_ATTACKS))
+    ]
+    clients = picked[0]["clients"] if picked else 0
+    lines = [
+        f"{'groups':>6} {'silos/group':>11} {'f groups':>8} {'tolerated':>9} "
+        f"{'clean':>6} {'worst 10%':>9} {'worst 20%':>9}",
+    ]
+    for groups in sorted({r["groups"] for r in picked}):
+        mine = [r for r in picked if r["groups"] == groups]
+        f = (groups - 1) // 2
+        clean = [r["accuracy"] for r in mine if r["attack"] is None]
+        worst = {
+            fr: min(
+                (r["accuracy"] for r in mine if r["attack"] and r["byzantine"] == fr),
+                default=float("nan"),
+            )
+            for fr in (0.1, 0.2)
+        }
+        size = f"{clients // groups}-{-(-clients // groups)}"
+        lines.append(
+            f"{groups:>6} {size:>11} {f:>8} {f / clients:>9.0%} "
+            f"{(clean[0] if clean else float('nan')):>6.3f} {worst[0.1]:>9.3f} {worst[0.2]:>9.3f}"
+        )
+    lines.append(
+        f"(median over group means; tolerated = f groups / {clients} silos, the share "
+        f"guaranteed in the worst case; worst over {', '.join(TRADEOFF_ATTACKS)})"
+    )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict[str, Any]], setting: str, fraction: float) -> tuple[str, dict[str, Any]]:
@@ -361,6 +425,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmark-results/robustness"))
     parser.add_argument("--only", default="", help="comma-separated case-key substrings")
     parser.add_argument("--clean-all", action="store_true", help="clean runs of every rule")
+    parser.add_argument(
+        "--tradeoff-groups",
+        type=lambda text: [int(g) for g in text.split(",") if g],
+        default=[4, 6],
+        help="group counts for the group-size trade-off table (beside --groups)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -393,6 +463,9 @@ def main() -> None:
         summaries[key] = summary
         print("\n" + text)
         heat_map(summary, f"{setting}, {int(fraction * 100)}% Byzantine", args.out / f"{key}.png")
+    if any(r["setting"] == "tradeoff" for r in rows):
+        print("\n## group size vs tolerated Byzantine share vs accuracy")
+        print(tradeoff_table(rows, args.groups))
     print()
     for line in checks(summaries):
         print(line)

@@ -233,6 +233,7 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         f"[default: {d['secagg-dropout-rate']}]",
     )
     secure.add_argument(
+        "--secagg-groups",
         "--groups",
         dest="secagg_groups",
         type=int,
@@ -241,6 +242,7 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         f"rule runs over the group means [default: {d['secagg-groups']}]",
     )
     secure.add_argument(
+        "--secagg-min-group-size",
         "--min-group-size",
         dest="secagg_min_group_size",
         type=int,
@@ -248,6 +250,7 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         help=f"smallest secure group a round may form [default: {d['secagg-min-group-size']}]",
     )
     secure.add_argument(
+        "--secagg-clip-norm",
         "--clip-norm",
         dest="secagg_clip_norm",
         type=float,
@@ -279,7 +282,13 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         help="centered clipping: start from zero or the previous aggregate",
     )
-    robust.add_argument("--geomed-iterations", type=int, default=None, help="geometric median")
+    robust.add_argument(
+        "--geomed-iterations", type=int, default=None, help="geometric median: Weiszfeld steps"
+    )
+    robust.add_argument("--geomed-nu", type=float, default=None, help="geometric median: ν")
+    robust.add_argument(
+        "--geomed-tolerance", type=float, default=None, help="geometric median: stop tolerance"
+    )
     robust.add_argument("--norm-bound", type=float, default=None, help="norm bounding: bound")
     robust.add_argument(
         "--pre-aggregation",

@@ -6,6 +6,7 @@ import pytest
 
 from fedguard.cli import build_parser, config_from_args, main
 from fedguard.core.config import RunConfig
+from fedguard.core.errors import ConfigError
 
 
 def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,3 +97,51 @@ def test_simulate_in_process_prints_the_table(
     assert "[dp] round   2" in out and "[no-dp] round   2" in out
     assert "DP keeps" in out
     assert (tmp_path / "cli" / "report.md").exists()
+
+
+def test_attack_options_need_an_attack_and_default_f_to_the_byzantine_silos() -> None:
+    from fedguard.cli import attack_from_args
+
+    args = build_parser().parse_args(
+        [
+            "simulate",
+            "--clients",
+            "20",
+            "--attack",
+            "alie",
+            "--byzantine",
+            "0.2",
+            "--aggregator",
+            "median",
+            "--pre-aggregation",
+            "nnm",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.aggregation.f == 4 and config.aggregation.label == "nnm+median"
+    assert attack_from_args(args).byzantine_indices(20, 0) == attack_from_args(
+        args
+    ).byzantine_indices(20, 0)
+    grouped = build_parser().parse_args(
+        [
+            "simulate",
+            "--clients",
+            "20",
+            "--attack",
+            "sign-flip",
+            "--aggregator",
+            "median",
+            "--secagg",
+            "--groups",
+            "3",
+        ]
+    )
+    assert config_from_args(grouped).aggregation.f == 3  # at most one group per attacker
+    with pytest.raises(ConfigError, match="need --attack"):
+        attack_from_args(build_parser().parse_args(["simulate", "--attack-strength", "2"]))
+
+
+def test_a_robust_rule_over_one_secure_sum_is_refused() -> None:
+    args = build_parser().parse_args(["simulate", "--secagg", "--aggregator", "krum"])
+    with pytest.raises(ConfigError, match="single sum"):
+        config_from_args(args)

@@ -65,6 +65,12 @@ def add_trust_options(parser: argparse.ArgumentParser) -> None:
         help=f"PSI above which a feature alerts [default: {d['drift-threshold']}]",
     )
     group.add_argument(
+        "--drift-bins",
+        type=int,
+        default=None,
+        help=f"histogram bins per feature, fixed at training time [default: {d['drift-bins']}]",
+    )
+    group.add_argument(
         "--trust-noise",
         choices=[m.value for m in TrustNoise],
         default=None,
