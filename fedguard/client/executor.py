@@ -25,8 +25,9 @@ Two waits a fresh task process would otherwise pay are removed (both measured
 with cProfile): the fork server also imports ``torch._dynamo``, which torch loads
 lazily when the first optimizer is built (1.4 s per training task), and task
 processes retry Flower's object pulls after 0.05 s instead of 1 s
-(:func:`fedguard.core.flower_runtime.fast_object_pulls`; the SuperNode creates a task before it has fetched the
-message's objects, so a task that starts at once finds them missing).
+(:func:`fedguard.core.flower_runtime.fast_object_pulls`; the SuperNode creates a
+task before it has fetched the message's objects, so a task that starts at once
+finds them missing).
 
 A second, fedguard-specific guard: the executor only runs FABs (Flower app
 bundles) whose ``clientapp`` component is on an allow-list (by default

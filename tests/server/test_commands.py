@@ -2,6 +2,7 @@
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -241,3 +242,41 @@ def test_deployment_recorder_records_a_failed_run(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     end = read_records(layout.audit_log)[-1]
     assert end.kind == "run-end" and end.payload["status"] == "failed: RuntimeError: boom"
+
+
+def test_prompt_grid_pulls_replies_every_poll_and_keeps_flower_timeout_semantics() -> None:
+    import time as clock
+
+    from flwr.app import Message, RecordDict
+
+    from fedguard.core.flower_runtime import PromptGrid
+
+    class Replies:
+        """Stands in for Flower's grid: message ``i`` gets its reply at pull ``i + 1``."""
+
+        def __init__(self) -> None:
+            self.pulls = 0
+
+        def push_messages(self, messages: Any) -> list[str]:
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids: Any) -> list[Message]:
+            self.pulls += 1
+            out = []
+            for message_id in sorted(ids):
+                if int(message_id[1:]) < self.pulls:
+                    reply = Message(RecordDict(), dst_node_id=1, message_type="train")
+                    reply.metadata.__dict__["_reply_to_message_id"] = message_id
+                    out.append(reply)
+            return out
+
+    fake = Replies()
+    grid = PromptGrid(fake, poll=0.01)  # type: ignore[arg-type]
+    started = clock.monotonic()
+    replies = list(grid.send_and_receive([object(), object(), object()]))  # type: ignore[list-item]
+    assert len(replies) == 3 and fake.pulls == 3
+    assert clock.monotonic() - started < 1.0  # Flower's own grid would sleep 6 s here
+    never = Replies()
+    never.pulls = -100  # replies only after 100 pulls
+    partial = PromptGrid(never, poll=0.01)  # type: ignore[arg-type]
+    assert list(partial.send_and_receive([object()], timeout=0.05)) == []  # type: ignore[list-item]
