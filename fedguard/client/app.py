@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -33,6 +34,7 @@ from fedguard.client.outbox import Outbox, weights_sha256
 from fedguard.client.secure import SecureAggregationClient, update_delta
 from fedguard.client.silo import SiloSettings, settings_from_node_config
 from fedguard.client.silo_log import record_reply
+from fedguard.client.statistics import planned_release_events, release_statistic
 from fedguard.client.training import (
     LocalData,
     TrainResult,
@@ -89,12 +91,32 @@ class LocalUpdate:
     metrics: dict[str, float]
 
 
+class UpdateAdversary(Protocol):
+    """A misbehaving silo's update (research simulations play Byzantine silos with it).
+
+    ``local_update`` replaces the honest round update; ``skips_clipping`` says the
+    silo ignores the server's request to clip Δ before masking (a Byzantine silo
+    would). The real agent never has one: :func:`make_client_app` passes one only
+    where the caller asks, and the deployed ``app`` never does.
+    """
+
+    skips_clipping: bool
+
+    def local_update(self, agent: SiloAgent, message: Message) -> LocalUpdate: ...
+
+
 class SiloAgent:
     """The handlers of one silo, for one message."""
 
-    def __init__(self, settings: SiloSettings, allow_non_private: bool = False) -> None:
+    def __init__(
+        self,
+        settings: SiloSettings,
+        allow_non_private: bool = False,
+        adversary: UpdateAdversary | None = None,
+    ) -> None:
         self.settings = settings
         self.allow_non_private = allow_non_private
+        self.adversary = adversary
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -124,8 +146,14 @@ class SiloAgent:
         )
 
     def train(self, message: Message) -> Message:
-        update = self.local_update(message)
+        update = self.round_update(message)
         return self._train_reply(message, update.weights, update.metrics)
+
+    def round_update(self, message: Message) -> LocalUpdate:
+        """What this silo sends this round: its honest update, or its adversary's."""
+        if self.adversary is not None:
+            return self.adversary.local_update(self, message)
+        return self.local_update(message)
 
     def local_update(self, message: Message) -> LocalUpdate:
         """Train on the global model in ``message`` (charging the ledger first)."""
@@ -190,7 +218,7 @@ class SiloAgent:
 
     def encodable_update(self, message: Message) -> tuple[np.ndarray, dict[str, float]]:
         """The round's update as one vector Δ = new − global, for secure aggregation."""
-        update = self.local_update(message)
+        update = self.round_update(message)
         return update_delta(update.global_weights, update.weights), update.metrics
 
     def _metrics(self, result: TrainResult, extra: dict[str, float]) -> dict[str, float]:
@@ -243,6 +271,19 @@ class SiloAgent:
             )
         return _reply(message, self.settings.silo_id, ReplyStatus.OK, records=records)
 
+    # -- what a round's message holds (also read by simulated adversaries) -------------
+
+    def instructions(self, message: Message) -> RoundInstructions:
+        return self._instructions(message)
+
+    def global_weights(self, message: Message) -> ModelWeights:
+        return record_to_weights(self._record(message, protocol.ARRAYS))
+
+    def scaler(self, message: Message) -> FeatureScaler:
+        return FeatureScaler.from_arrays(
+            {k: v.numpy() for k, v in self._record(message, protocol.SCALER).items()}
+        )
+
     # -- helpers -----------------------------------------------------------------------
 
     def _round_event(
@@ -267,7 +308,11 @@ class SiloAgent:
                     target_epsilon=self.settings.budget.epsilon,
                     delta=self.settings.budget.delta,
                     max_noise_multiplier=instructions.local_dp.max_noise_multiplier,
-                    prior=[e.event.to_dp_event() for e in entries],
+                    # Trust-layer releases planned after training are kept budget for.
+                    prior=[e.event.to_dp_event() for e in entries]
+                    + planned_release_events(
+                        instructions.planned_releases, self.settings.budget.delta
+                    ),
                 )
             except InfeasibleBudgetError as too_small:
                 raise InfeasibleBudgetError(
@@ -325,6 +370,7 @@ def make_client_app(
     resolve_settings: Callable[[Context], SiloSettings],
     allow_non_private: bool = False,
     mods: list[Mod] | None = None,
+    adversary_for: Callable[[SiloSettings], UpdateAdversary | None] | None = None,
 ) -> ClientApp:
     """A ``ClientApp`` whose silo settings come from ``resolve_settings(context)``.
 
@@ -337,17 +383,22 @@ def make_client_app(
         message: Message, context: Context, action: Callable[[SiloAgent, Message], Message]
     ) -> Message:
         try:
-            silo_agent = SiloAgent(resolve_settings(context), allow_non_private=allow_non_private)
+            settings = resolve_settings(context)
+            silo_agent = SiloAgent(
+                settings,
+                allow_non_private=allow_non_private,
+                adversary=adversary_for(settings) if adversary_for is not None else None,
+            )
         except FedguardError as misconfigured:
             log.error("silo misconfigured: %s", misconfigured)
-            reply = RecordDict(
+            refusal = RecordDict(
                 {
                     protocol.STATUS: protocol.status_record(
                         ReplyStatus.ERROR, f"{type(misconfigured).__name__}: {misconfigured}"
                     )
                 }
             )
-            return Message(reply, reply_to=message)
+            return Message(refusal, reply_to=message)
         answer = silo_agent.handle(message, lambda m: action(silo_agent, m))
         # The silo's own log of what it sent (fedguard.client.silo_log); a reply that
         # cannot be recorded is not sent: it becomes an ``error`` reply saying why.
@@ -367,11 +418,25 @@ def make_client_app(
 
         return handler
 
-    app.train("secagg_setup")(secure(lambda c, a, m: c.setup(m, a.encodable_update)))
+    app.train("secagg_setup")(
+        secure(
+            lambda c, a, m: c.setup(
+                m,
+                a.encodable_update,
+                clip=a.adversary is None or not a.adversary.skips_clipping,
+            )
+        )
+    )
     app.train("secagg_share")(secure(lambda c, a, m: c.share_keys(m)))
     app.train("secagg_mask")(secure(lambda c, a, m: c.mask(m)))
     app.train("secagg_consistency")(secure(lambda c, a, m: c.consistency(m)))
     app.train("secagg_unmask")(secure(lambda c, a, m: c.unmask(m)))
+    # Trust-layer statistics: the first SecAgg+ stage is a query, the rest as above.
+    app.query("secagg_statistic")(
+        secure(
+            lambda c, a, m: c.setup(m, partial(release_statistic, a.settings, a.allow_non_private))
+        )
+    )
 
     @app.query("feature_statistics")
     def _feature_statistics(message: Message, context: Context) -> Message:

@@ -21,6 +21,7 @@ from fedguard.core.config import RunConfig
 from fedguard.core.flower_runtime import PromptGrid, fast_object_pulls
 from fedguard.server.commands import DeploymentRecorder, ServerLayout
 from fedguard.server.orchestrator import FederatedRun, RoundCallback
+from fedguard.strategies.aggregators import Aggregator
 
 
 def make_server_app(
@@ -29,12 +30,17 @@ def make_server_app(
     run_dir: Path,
     on_round: RoundCallback | None = None,
     reply_timeout: float | None = 900.0,
+    aggregator: Aggregator | None = None,
 ) -> ServerApp:
+    """A ServerApp running one :class:`FederatedRun`; ``aggregator`` replaces the configured
+    rule (any :class:`~fedguard.strategies.aggregators.Aggregator`, e.g. a user's own)."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        FederatedRun(grid, config, run_id, run_dir, on_round, reply_timeout).run()
+        FederatedRun(
+            grid, config, run_id, run_dir, on_round, reply_timeout, aggregator=aggregator
+        ).run()
 
     return app
 
