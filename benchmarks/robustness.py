@@ -426,6 +426,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated case-key substrings")
     parser.add_argument("--clean-all", action="store_true", help="clean runs of every rule")
     parser.add_argument(
+        "--report", action="store_true", help="run nothing: tables and plots from results.json"
+    )
+    parser.add_argument(
         "--tradeoff-groups",
         type=lambda text: [int(g) for g in text.split(",") if g],
         default=[4, 6],
@@ -435,18 +438,18 @@ def main() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     args.out.mkdir(parents=True, exist_ok=True)
     todo = cases(args)
-    if args.only:
+    if args.only and not args.report:
         wanted = args.only.split(",")
         todo = [c for c in todo if any(w in c.key for w in wanted)]
     results_path = args.out / "results.json"
     done: dict[str, dict[str, Any]] = {}
     if results_path.exists():  # resume: a crash loses no finished case
         done = {r["key"]: r for r in json.loads(results_path.read_text())}
-    pending = [c for c in todo if c.key not in done]
+    pending = [] if args.report else [c for c in todo if c.key not in done]
     print(f"{len(todo)} cases, {len(pending)} to run, {args.workers} workers", flush=True)
     started = time.monotonic()
     context = mp.get_context("spawn")
-    with context.Pool(args.workers) as pool:
+    with context.Pool(max(1, min(args.workers, len(pending)))) as pool:
         for row in pool.imap_unordered(_worker, [(c, args.out) for c in pending]):
             row["key"] = Case(**{k: row[k] for k in Case.__dataclass_fields__}).key
             done[row["key"]] = row
