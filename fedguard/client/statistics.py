@@ -422,11 +422,11 @@ def release_statistic(
             )
         metrics = {**base, "noise-multiplier": 0.0, "release-epsilon": 0.0}
         return lattice_vector(statistic.values, request.resolution), metrics
-    noised, metrics = _noised_release(settings, instructions.run_id, request, statistic)
+    noised, metrics = noised_release(settings, instructions.run_id, request, statistic)
     return lattice_vector(noised, request.resolution), {**base, **metrics}
 
 
-def _noised_release(
+def noised_release(
     settings: SiloSettings,
     run_id: str,
     request: StatisticRequest,

@@ -35,8 +35,7 @@ from fedguard.client.explain import (
     output_description,
 )
 from fedguard.client.silo import SiloSettings, SimulatedSiloSource
-from fedguard.client.statistics import StatisticKind, StatisticRequest
-from fedguard.client.statistics import _noised_release as noised_release
+from fedguard.client.statistics import StatisticKind, StatisticRequest, noised_release
 from fedguard.core.datasets import FeatureSchema
 from fedguard.core.errors import FedguardError
 from fedguard.core.preprocessing import FeatureScaler

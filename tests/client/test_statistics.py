@@ -11,10 +11,10 @@ from fedguard.client.statistics import (
     SecureStatistic,
     StatisticKind,
     StatisticRequest,
-    _noised_release,
     drift_statistic,
     fairness_statistic,
     fairness_vector_length,
+    noised_release,
 )
 from fedguard.core import protocol
 from fedguard.core.config import ModelSpec
@@ -40,7 +40,7 @@ def test_noise_has_the_calibrated_std_and_is_charged_once(tmp_path: Path) -> Non
     n = 40_000
     statistic = SecureStatistic(np.zeros(n), l2_sensitivity=2.0)
     request = _request(StatisticKind.DRIFT, n)
-    noised, metrics = _noised_release(settings, "run-a", request, statistic)
+    noised, metrics = noised_release(settings, "run-a", request, statistic)
     sigma = calibrate_release_noise(1.0, settings.budget.delta)
     assert metrics["noise-multiplier"] == sigma
     # Sample std of 40 000 normals: relative standard error 0.35 %.
@@ -51,11 +51,11 @@ def test_noise_has_the_calibrated_std_and_is_charged_once(tmp_path: Path) -> Non
         assert entry.purpose is ChargePurpose.DRIFT
         assert entry.epsilon_after == pytest.approx(metrics["release-epsilon"])
     # A replay resends the same release and charges nothing.
-    again, replay_metrics = _noised_release(settings, "run-a", request, statistic)
+    again, replay_metrics = noised_release(settings, "run-a", request, statistic)
     np.testing.assert_array_equal(again, noised)
     assert replay_metrics["replayed"] == 1.0
     # The next query round is a new release, charged again.
-    _noised_release(settings, "run-a", _request(StatisticKind.DRIFT, n, 1), statistic)
+    noised_release(settings, "run-a", _request(StatisticKind.DRIFT, n, 1), statistic)
     with PrivacyLedger.open(settings.state_dir, settings.silo_id, settings.budget) as ledger:
         assert [e.round for e in ledger.entries()] == [0, 1]
 
