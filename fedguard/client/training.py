@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,13 @@ from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mar
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedguard.core.config import LocalDPConfig, LocalTrainingConfig, NoiseSource, OptimizerKind
+from fedguard.core.config import (
+    GradSampleMode,
+    LocalDPConfig,
+    LocalTrainingConfig,
+    NoiseSource,
+    OptimizerKind,
+)
 from fedguard.core.errors import ConfigError, FedguardError
 from fedguard.core.metrics import score_histograms
 from fedguard.core.serialization import ModelWeights, model_weights
@@ -96,7 +103,7 @@ class TrainingError(FedguardError):
     """Local training failed (for example, it diverged to NaN)."""
 
 
-def _make_optimizer(model: nn.Module, training: LocalTrainingConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, training: LocalTrainingConfig) -> torch.optim.Optimizer:
     if training.optimizer is OptimizerKind.ADAM:
         return torch.optim.Adam(model.parameters(), lr=training.learning_rate)
     return torch.optim.SGD(
@@ -104,26 +111,50 @@ def _make_optimizer(model: nn.Module, training: LocalTrainingConfig) -> torch.op
     )
 
 
-def train_dp_sgd(
+#: A loss over one Poisson batch of a DP-SGD loader: ``(private model, batch tensors)``.
+BatchLoss = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DpSgdRun:
+    """What :func:`run_dp_sgd` did: the accounted schedule and the per-step losses."""
+
+    sample_rate: float
+    steps: int
+    losses: list[float]
+
+
+def run_dp_sgd(
     model: nn.Module,
-    data: LocalData,
+    dataset: TensorDataset,
     training: LocalTrainingConfig,
     dp: LocalDPConfig,
     noise_multiplier: float,
     seed: int,
-) -> TrainResult:
-    """Run ``training.local_epochs`` epochs of DP-SGD on ``model`` (modified in place).
+    batch_loss: BatchLoss | None = None,
+) -> DpSgdRun:
+    """DP-SGD on ``model`` (modified in place) with exactly the accounted schedule.
 
-    ``seed`` drives Poisson sampling and, with :attr:`NoiseSource.SEEDED`, the
-    noise; with :attr:`NoiseSource.CSPRNG` the noise ignores it.
+    The one DP-SGD loop of fedguard (local training and federated distillation):
+    Opacus with Poisson sampling at the rate and step count of
+    :func:`~fedguard.privacy.analysis.dp_sgd.poisson_schedule` (checked, or it
+    refuses to train), a noise-only step for each empty Poisson batch, and CSPRNG
+    noise unless the seeded source is configured. ``dataset``'s first two tensors
+    are features and labels; without ``batch_loss`` the loss is cross-entropy
+    through Opacus's criterion (which ghost clipping needs); with it, the loss of
+    each batch is ``batch_loss(private_model, batch)`` (ghost clipping refused).
+    ``seed`` drives Poisson sampling and, with :attr:`NoiseSource.SEEDED`, the noise.
     """
-    if len(data) == 0:
+    num_examples = len(dataset)
+    if num_examples == 0:
         raise ConfigError("cannot train on an empty data set")
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ConfigError(f"noise multiplier must be finite and >= 0, got {noise_multiplier}")
-    sample_rate, steps = poisson_schedule(len(data), training.batch_size, training.local_epochs)
+    if batch_loss is not None and dp.grad_sample_mode is GradSampleMode.GHOST:
+        raise ConfigError("ghost clipping needs Opacus's criterion: not with a custom loss")
+    sample_rate, steps = poisson_schedule(num_examples, training.batch_size, training.local_epochs)
     torch.manual_seed(seed)
-    loader = DataLoader(data.dataset(), batch_size=training.batch_size)
+    loader = DataLoader(dataset, batch_size=training.batch_size)
     criterion: Any = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # Opacus warns that its secure RNG is off; fedguard supplies its own noise source.
@@ -132,7 +163,7 @@ def train_dp_sgd(
     generator = seeded_torch_generator(seed) if dp.noise_source is NoiseSource.SEEDED else None
     wrapped = engine.make_private(
         module=model,
-        optimizer=_make_optimizer(model, training),
+        optimizer=make_optimizer(model, training),
         criterion=criterion,
         data_loader=loader,
         noise_multiplier=noise_multiplier,
@@ -162,27 +193,47 @@ def train_dp_sgd(
     losses: list[float] = []
     taken = 0
     for _ in range(training.local_epochs):
-        for features, labels in private_loader:
+        for batch in private_loader:
             optimizer.zero_grad()
-            if len(labels) == 0:
+            if len(batch[1]) == 0:
                 _noise_only_step(optimizer)
             else:
-                loss = criterion(private_model(features), labels)
+                if batch_loss is None:
+                    loss = criterion(private_model(batch[0]), batch[1])
+                else:
+                    loss = batch_loss(private_model, batch)
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
             taken += 1
     if taken != steps:
         raise TrainingError(f"took {taken} DP-SGD steps, the ledger charged {steps}")
+    return DpSgdRun(sample_rate, steps, losses)
+
+
+def train_dp_sgd(
+    model: nn.Module,
+    data: LocalData,
+    training: LocalTrainingConfig,
+    dp: LocalDPConfig,
+    noise_multiplier: float,
+    seed: int,
+) -> TrainResult:
+    """Run ``training.local_epochs`` epochs of DP-SGD on ``model`` (modified in place).
+
+    ``seed`` drives Poisson sampling and, with :attr:`NoiseSource.SEEDED`, the
+    noise; with :attr:`NoiseSource.CSPRNG` the noise ignores it.
+    """
+    run = run_dp_sgd(model, data.dataset(), training, dp, noise_multiplier, seed)
     weights = model_weights(model)
     if not all(np.isfinite(v).all() for v in weights.values()):
         raise TrainingError("local DP-SGD diverged: the model holds NaN or Inf")
     return TrainResult(
         weights=weights,
         num_examples=len(data),
-        steps=steps,
-        sample_rate=sample_rate,
-        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        steps=run.steps,
+        sample_rate=run.sample_rate,
+        mean_loss=float(np.mean(run.losses)) if run.losses else float("nan"),
     )
 
 
@@ -204,7 +255,7 @@ def train_non_private(
     loader = DataLoader(
         data.dataset(), batch_size=training.batch_size, shuffle=True, generator=generator
     )
-    optimizer = _make_optimizer(model, training)
+    optimizer = make_optimizer(model, training)
     criterion = nn.CrossEntropyLoss()
     model.train()
     losses: list[float] = []

@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -55,7 +54,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -63,16 +61,14 @@ from fedguard.client.training import (
     LocalData,
     TrainingError,
     TrainResult,
-    _make_optimizer,
-    _noise_only_step,
-    use_csprng_noise,
+    make_optimizer,
+    run_dp_sgd,
 )
 from fedguard.core.config import (
     CentralDPConfig,
     GradSampleMode,
     LocalDPConfig,
     LocalTrainingConfig,
-    NoiseSource,
     OptimizerKind,
     PrivacyBudget,
 )
@@ -93,7 +89,6 @@ from fedguard.core.serialization import (
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.events import DpFedAvgRound, DpSgdRound
 from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger, RoundPlan
-from fedguard.privacy.noise import CsprngGaussian, seeded_torch_generator
 from fedguard.strategies.pipeline import AggregationPipeline, ClientUpdate
 
 __all__ = [
@@ -379,72 +374,30 @@ def train_dp_sgd_distill(
     empty Poisson batches and CSPRNG noise as fedguard's DP-SGD; the only change is
     the loss, which also reads each sample's teacher logits (sampled with it).
     """
-    if len(data) == 0:
-        raise ConfigError("cannot train on an empty data set")
     if soft_targets.shape[0] != len(data) or soft_targets.dtype != np.float32:
         raise ConfigError("soft targets must be float32 with one row per training record")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ConfigError(f"noise multiplier must be finite and >= 0, got {noise_multiplier}")
     if dp.grad_sample_mode is GradSampleMode.GHOST:
         raise ConfigError("ghost clipping is not supported for the distillation loss")
-    sample_rate, steps = poisson_schedule(len(data), training.batch_size, training.local_epochs)
-    torch.manual_seed(seed)
     dataset = TensorDataset(
         torch.from_numpy(data.features),
         torch.from_numpy(data.labels),
         torch.from_numpy(np.ascontiguousarray(soft_targets)),
     )
-    loader = DataLoader(dataset, batch_size=training.batch_size)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant="rdp")  # the ledger accounts; this one is unused
-    generator = seeded_torch_generator(seed) if dp.noise_source is NoiseSource.SEEDED else None
-    private_model, optimizer, private_loader = engine.make_private(
-        module=model,
-        optimizer=_make_optimizer(model, training),
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode=dp.grad_sample_mode.value,
-        noise_generator=generator,
-    )
-    actual_rate = private_loader.batch_sampler.sample_rate
-    if not math.isclose(actual_rate, sample_rate, rel_tol=1e-12) or (
-        len(private_loader) * training.local_epochs != steps
-    ):
-        raise TrainingError(
-            f"Opacus sampling (q={actual_rate}, {len(private_loader)} steps/epoch) differs "
-            f"from the accounted schedule (q={sample_rate}, {steps} steps); refusing to train"
-        )
-    if dp.noise_source is NoiseSource.CSPRNG:
-        use_csprng_noise(optimizer, CsprngGaussian())
-    private_model.train()
-    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-    losses: list[float] = []
-    taken = 0
-    for _ in range(training.local_epochs):
-        for features, labels, soft in private_loader:
-            optimizer.zero_grad()
-            if len(labels) == 0:
-                _noise_only_step(optimizer)
-            else:
-                loss = distillation_loss(private_model(features), soft, labels, temperature, alpha)
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            taken += 1
-    if taken != steps:
-        raise TrainingError(f"took {taken} DP-SGD steps, the ledger charged {steps}")
+
+    def batch_loss(student: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        features, labels, soft = batch
+        return distillation_loss(student(features), soft, labels, temperature, alpha)
+
+    run = run_dp_sgd(model, dataset, training, dp, noise_multiplier, seed, batch_loss)
     weights = model_weights(model)
     if not all(np.isfinite(v).all() for v in weights.values()):
         raise TrainingError("DP-SGD distillation diverged: the student holds NaN or Inf")
     return TrainResult(
         weights=weights,
         num_examples=len(data),
-        steps=steps,
-        sample_rate=sample_rate,
-        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        steps=run.steps,
+        sample_rate=run.sample_rate,
+        mean_loss=float(np.mean(run.losses)) if run.losses else float("nan"),
     )
 
 
@@ -469,7 +422,7 @@ def train_non_private_distill(
         torch.from_numpy(np.ascontiguousarray(soft_targets, dtype=np.float32)),
     )
     loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
-    optimizer = _make_optimizer(model, training)
+    optimizer = make_optimizer(model, training)
     model.train()
     losses: list[float] = []
     steps = 0
