@@ -13,6 +13,7 @@ missing byte is a :class:`MalformedMessageError`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
@@ -173,17 +174,17 @@ def _sorted_ids(name: str, ids: Sequence[int]) -> tuple[int, ...]:
     return normalised
 
 
-class Payload:
+class Payload(ABC):
     """Base of every message: canonical ``to_bytes`` / ``from_bytes``."""
 
     TAG: ClassVar[bytes]
 
-    def to_bytes(self) -> bytes:
-        raise NotImplementedError
+    @abstractmethod
+    def to_bytes(self) -> bytes: ...
 
     @classmethod
-    def _read(cls, reader: Reader) -> Self:
-        raise NotImplementedError
+    @abstractmethod
+    def _read(cls, reader: Reader) -> Self: ...
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
