@@ -132,6 +132,14 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="H1,H2,...",
         help=f"hidden layer sizes of the tabular MLP [default: {d['hidden']}]",
     )
+    train.add_argument(
+        "--update-clip-norm",
+        type=float,
+        default=None,
+        help="L2 bound on each silo's update (new - global): silos clip to it, the server "
+        f"rejects a larger one and checks secure sums against it (0: off) "
+        f"[default: {d['update-clip-norm']}]",
+    )
     privacy = p.add_argument_group("local DP-SGD (sample-level, per silo)")
     privacy.add_argument(
         "--target-epsilon",
@@ -174,6 +182,13 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         help=f"largest σ a silo accepts before calling the budget infeasible "
         f"[default: {d['max-noise-multiplier']}]",
     )
+    privacy.add_argument(
+        "--scaler-epsilon",
+        type=float,
+        default=None,
+        help=f"ε each silo spends on the DP feature moments of the federated scaler "
+        f"(released once, before round 1) [default: {d['scaler-epsilon']}]",
+    )
     central = p.add_argument_group("central DP (user-level, on the server)")
     central.add_argument(
         "--central-dp",
@@ -204,6 +219,13 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help=f"δ of the central guarantee [default: {d['central-delta']}]",
+    )
+    central.add_argument(
+        "--central-epsilon-budget",
+        type=float,
+        default=None,
+        help="training stops before a round that would take the central ε past this "
+        f"(no amplification by sampling is credited) [default: {d['central-epsilon-budget']}]",
     )
     secure = p.add_argument_group("secure aggregation (SecAgg+: the server sees only sums)")
     secure.add_argument(
@@ -256,7 +278,7 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="silos clip their update to this L2 norm before masking; a group mean above "
-        "it is flagged and left out (0: off) [default: 0]",
+        "it is flagged and left out (0: the --update-clip-norm) [default: 0]",
     )
     robust = p.add_argument_group("robust aggregation")
     robust.add_argument(
@@ -432,6 +454,8 @@ def _progress(variant: str, record: Any) -> None:
     auc = f" auc {ev.auc:.3f}" if ev.auc is not None else ""
     eps = max(record.silo_epsilon.values()) if record.silo_epsilon else None
     eps_text = f" max ε {eps:.2f}" if eps is not None else ""
+    if record.central_epsilon is not None:
+        eps_text += f" central ε {record.central_epsilon:.2f}"
     extra = ""
     if record.round > 0:
         extra = (

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -30,11 +30,20 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedguard.client.outbox import Outbox, weights_sha256
-from fedguard.client.secure import SecureAggregationClient, update_delta
+from fedguard.client.outbox import Outbox, SentUpdate, weights_sha256
+from fedguard.client.policy import PolicyRefusalError, RefusalReason
+from fedguard.client.secagg_instances import InstanceKey
+from fedguard.client.secure import SecureAggregationClient, clip_update, update_delta
+from fedguard.client.secure_identity import IDENTITY_QUERY, identity_reply
 from fedguard.client.silo import SiloSettings, settings_from_node_config
 from fedguard.client.silo_log import record_reply
-from fedguard.client.statistics import planned_release_events, release_statistic
+from fedguard.client.statistics import (
+    StatisticKind,
+    StatisticRequest,
+    planned_release_events,
+    release_statistic,
+    released_values,
+)
 from fedguard.client.training import (
     LocalData,
     TrainResult,
@@ -53,7 +62,7 @@ from fedguard.core.errors import (
     TrainingRefusedError,
 )
 from fedguard.core.models import build_model
-from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.protocol import ReplyStatus, RoundInstructions
 from fedguard.core.seeding import derive_seed
 from fedguard.core.serialization import (
@@ -75,9 +84,13 @@ def _reply(
     status: ReplyStatus,
     reason: str = "",
     records: dict[str, Any] | None = None,
+    refusal: str = "",
 ) -> Message:
     content = RecordDict(
-        {protocol.STATUS: protocol.status_record(status, reason, silo_id), **(records or {})}
+        {
+            protocol.STATUS: protocol.status_record(status, reason, silo_id, refusal),
+            **(records or {}),
+        }
     )
     return Message(content, reply_to=message)
 
@@ -127,7 +140,10 @@ class SiloAgent:
         except (BudgetExhaustedError, InfeasibleBudgetError, TrainingRefusedError) as refused:
             # Policy decisions of the silo: a budget that cannot pay, a non-private request.
             log.warning("silo %s refused: %s", self.settings.silo_id, refused)
-            return _reply(message, self.settings.silo_id, ReplyStatus.REFUSED, str(refused))
+            code = refused.reason.value if isinstance(refused, PolicyRefusalError) else ""
+            return _reply(
+                message, self.settings.silo_id, ReplyStatus.REFUSED, str(refused), refusal=code
+            )
         except FedguardError as failed:
             log.error("silo %s failed: %s", self.settings.silo_id, failed)
             return _reply(
@@ -138,11 +154,26 @@ class SiloAgent:
             )
 
     def feature_statistics(self, message: Message) -> Message:
-        silo = self._load(message)
-        stats = FeatureStatistics.from_features(silo.train)
-        record = ArrayRecord({k: _array(v) for k, v in stats.to_arrays().items()})
+        """The federated scaler's feature moments, released in clear (plain mode).
+
+        The same DP release as under SecAgg+ (``feature-moments`` statistic, noised
+        and charged first, replayed from the release store): only the transport
+        differs. With SecAgg on, the server asks through ``query.secagg_statistic``.
+        """
+        request = StatisticRequest.from_message(message)
+        if request.kind is not StatisticKind.FEATURE_MOMENTS:
+            raise ProtocolError(
+                f"a feature-statistics query asks for feature moments, not {request.kind.value}"
+            )
+        _, values, metrics = released_values(self.settings, self.allow_non_private, message)
         return _reply(
-            message, self.settings.silo_id, ReplyStatus.OK, records={protocol.STATISTICS: record}
+            message,
+            self.settings.silo_id,
+            ReplyStatus.OK,
+            records={
+                protocol.STATISTICS: ArrayRecord({"moments": _array(values)}),
+                protocol.METRICS: MetricRecord(dict(metrics)),
+            },
         )
 
     def train(self, message: Message) -> Message:
@@ -158,29 +189,50 @@ class SiloAgent:
     def local_update(self, message: Message) -> LocalUpdate:
         """Train on the global model in ``message`` (charging the ledger first)."""
         instructions = self._instructions(message)
+        policy = self.settings.policy
+        if not instructions.local_dp.enabled:
+            if not self.allow_non_private:
+                raise PolicyRefusalError(
+                    RefusalReason.NON_PRIVATE,
+                    f"silo {self.settings.silo_id} only trains with DP-SGD; "
+                    "the server asked for non-private training",
+                )
+        else:
+            # Checked before anything is loaded, trained or charged.
+            policy.check_noise_source(instructions.local_dp.noise_source)
+            policy.check_clip(instructions.local_dp.max_grad_norm)
         silo = self._load(message)
         model = build_model(silo.schema, instructions.model)
         global_weights = record_to_weights(self._record(message, protocol.ARRAYS))
         load_weights(model, global_weights)
         data = self._local_data(message, silo, train=True)
+        # Used only where randomness may be public: research mode's seeded DP-SGD and
+        # the non-private baseline; CSPRNG DP-SGD ignores it (fedguard.client.training).
         seed = derive_seed(instructions.seed, "train", self.settings.silo_id, instructions.round)
         if not instructions.local_dp.enabled:
-            if not self.allow_non_private:
-                raise TrainingRefusedError(
-                    f"silo {self.settings.silo_id} only trains with DP-SGD; "
-                    "the server asked for non-private training"
-                )
             result = train_non_private(model, data, instructions.training, seed)
-            return LocalUpdate(global_weights, result.weights, self._metrics(result, {"dp": 0}))
+            weights = clip_update(global_weights, result.weights, instructions.update_clip_norm)
+            return LocalUpdate(global_weights, weights, self._metrics(result, {"dp": 0}))
+        # The silo's own noise source and σ ceiling, whatever the instruction says.
+        local_dp = replace(
+            instructions.local_dp,
+            noise_source=policy.noise_source,
+            max_noise_multiplier=policy.max_noise_multiplier,
+        )
         outbox = Outbox(self.settings.state_dir)
         global_sha256 = weights_sha256(global_weights)
         with PrivacyLedger.open(
             self.settings.state_dir, self.settings.silo_id, self.settings.budget
         ) as ledger:
             sent = outbox.load(instructions.run_id, instructions.round)
-            if sent is not None and sent.global_sha256 == global_sha256:
-                # A replayed round (the server resumed after a crash): resend the update
-                # already released and charged; training again would be a second release.
+            channel = (
+                "secure" if message.metadata.message_type == protocol.SECAGG_SETUP else "plain"
+            )
+            if sent is not None:
+                self._check_replay(instructions, sent, global_sha256, channel)
+                # A replayed plain round (the server resumed after a crash): resend the
+                # update already released and charged; training again would be a
+                # second release.
                 log.warning(
                     "silo %s: round %d of run %s replayed; resending the update already sent",
                     self.settings.silo_id,
@@ -195,10 +247,12 @@ class SiloAgent:
                     model,
                     data,
                     instructions.training,
-                    instructions.local_dp,
+                    local_dp,
                     event.noise_multiplier,
                     seed,
                 )
+                # Post-processing of the DP output: the run's robustness bound on Δ.
+                weights = clip_update(global_weights, result.weights, instructions.update_clip_norm)
                 metrics = self._metrics(
                     result,
                     {
@@ -208,13 +262,37 @@ class SiloAgent:
                 )
                 # Kept before the reply leaves, so a replay can be answered identically.
                 outbox.save(
-                    instructions.run_id, instructions.round, global_sha256, result.weights, metrics
+                    instructions.run_id,
+                    instructions.round,
+                    global_sha256,
+                    weights,
+                    metrics,
+                    channel,
                 )
             except BaseException:
                 ledger.mark(entry.entry_id, ChargeStatus.FAILED)
                 raise
             ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
-        return LocalUpdate(global_weights, result.weights, metrics)
+        return LocalUpdate(global_weights, weights, metrics)
+
+    def _check_replay(
+        self, instructions: RoundInstructions, sent: SentUpdate, global_sha256: str, channel: str
+    ) -> None:
+        """Refuse a replay that would release more than the first answer did."""
+        where = f"round {instructions.round} of run {instructions.run_id!r}"
+        if sent.global_sha256 != global_sha256:
+            raise PolicyRefusalError(
+                RefusalReason.REPLAYED_ROUND,
+                f"{where} was already trained from another global model; "
+                "a second update would be a second release",
+            )
+        if sent.channel == "secure" or channel == "secure":
+            raise PolicyRefusalError(
+                RefusalReason.REPLAYED_ROUND,
+                f"{where} was already answered ({sent.channel}); resending its update "
+                f"{'in clear' if channel == 'plain' else 'in another secure aggregation'} "
+                "would reveal it",
+            )
 
     def encodable_update(self, message: Message) -> tuple[np.ndarray, dict[str, float]]:
         """The round's update as one vector Δ = new − global, for secure aggregation."""
@@ -222,9 +300,10 @@ class SiloAgent:
         return update_delta(update.global_weights, update.weights), update.metrics
 
     def _metrics(self, result: TrainResult, extra: dict[str, float]) -> dict[str, float]:
+        # No training loss: it is a function of the private batches, not DP-noised
+        # (docs/threat-model.md lists every field a silo sends).
         return {
             "num-examples": result.num_examples,
-            "train-loss": result.mean_loss,
             "steps": result.steps,
             "sample-rate": result.sample_rate,
             "epsilon-budget": self.settings.budget.epsilon,
@@ -246,6 +325,13 @@ class SiloAgent:
         )
 
     def evaluate(self, message: Message) -> Message:
+        """Exact evaluation sums in clear (plain mode; SecAgg runs use the statistic path)."""
+        if self.settings.policy.evaluation_epsilon is not None:
+            raise PolicyRefusalError(
+                RefusalReason.NON_PRIVATE,
+                f"silo {self.settings.silo_id} releases its evaluations only with DP noise "
+                "(evaluation-epsilon), under secure aggregation; not exact sums in clear",
+            )
         instructions = self._instructions(message)
         silo = self._load(message)
         model = build_model(silo.schema, instructions.model)
@@ -307,12 +393,13 @@ class SiloAgent:
                     rounds=instructions.planned_rounds,
                     target_epsilon=self.settings.budget.epsilon,
                     delta=self.settings.budget.delta,
-                    max_noise_multiplier=instructions.local_dp.max_noise_multiplier,
+                    max_noise_multiplier=self.settings.policy.max_noise_multiplier,
                     # Trust-layer releases planned after training are kept budget for.
                     prior=[e.event.to_dp_event() for e in entries]
                     + planned_release_events(
                         instructions.planned_releases, self.settings.budget.delta
-                    ),
+                    )
+                    + self._planned_evaluations(instructions),
                 )
             except InfeasibleBudgetError as too_small:
                 raise InfeasibleBudgetError(
@@ -320,7 +407,16 @@ class SiloAgent:
                     f"ε={self.settings.budget.epsilon:g} in {len(entries)} earlier rounds): "
                     f"{too_small}"
                 ) from None
-            plan = RoundPlan(sample_rate, sigma, steps, instructions.planned_rounds)
+            # The server's planned_rounds sets σ; a plan too thin for the silo's floor
+            # is refused (charging nothing) rather than trained.
+            self.settings.policy.check_noise_multiplier(sigma)
+            plan = RoundPlan(
+                sample_rate,
+                sigma,
+                steps,
+                instructions.planned_rounds,
+                private_against_server=self.settings.policy.private_against_server,
+            )
             ledger.set_plan(instructions.run_id, plan)
         elif plan.sample_rate != sample_rate or plan.steps_per_round != steps:
             raise LedgerError(
@@ -329,6 +425,19 @@ class SiloAgent:
                 f"{steps} steps: the silo's data or the batch settings changed mid-run"
             )
         return DpSgdRound(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
+
+    def _planned_evaluations(self, instructions: RoundInstructions) -> list[Any]:
+        """Noised evaluations (the silo's own policy) of this round and every later one.
+
+        The plan is made at the run's first training round; the evaluations before
+        it (round 0's) and the feature moments are charged already, so they are in
+        the ledger's entries, not here.
+        """
+        epsilon = self.settings.policy.evaluation_epsilon
+        if epsilon is None:
+            return []
+        count = max(instructions.planned_rounds - instructions.round + 1, 0)
+        return planned_release_events([epsilon] * count, self.settings.budget.delta)
 
     def _instructions(self, message: Message) -> RoundInstructions:
         if protocol.CONFIG not in message.content.config_records:
@@ -358,6 +467,23 @@ class SiloAgent:
         part = silo.train if train else silo.test
         features = scaler.transform(part.features).reshape((-1, *silo.schema.input_shape))
         return LocalData(np.ascontiguousarray(features, dtype=np.float32), part.labels)
+
+
+def training_instance(message: Message) -> InstanceKey:
+    """The SecAgg instance a training round's setup belongs to: (run, round, training)."""
+    if protocol.CONFIG not in message.content.config_records:
+        raise ProtocolError("instruction has no config record")
+    instructions = RoundInstructions.from_record(message.content.config_records[protocol.CONFIG])
+    return InstanceKey(instructions.run_id, instructions.round, "training")
+
+
+def statistic_instance(message: Message) -> InstanceKey:
+    """The SecAgg instance of a statistic query: (run, query round, statistic kind)."""
+    if protocol.CONFIG not in message.content.config_records:
+        raise ProtocolError("statistic query has no config record")
+    instructions = RoundInstructions.from_record(message.content.config_records[protocol.CONFIG])
+    request = StatisticRequest.from_message(message)
+    return InstanceKey(instructions.run_id, request.query_round, f"statistic:{request.kind.value}")
 
 
 def _array(value: np.ndarray) -> Any:
@@ -411,7 +537,7 @@ def make_client_app(
     ) -> Callable[[Message, Context], Message]:
         def handler(message: Message, context: Context) -> Message:
             def run(silo_agent: SiloAgent, m: Message) -> Message:
-                client = SecureAggregationClient(context, silo_agent.settings.silo_id)
+                client = SecureAggregationClient(context, silo_agent.settings)
                 return stage(client, silo_agent, m)
 
             return dispatch(message, context, run)
@@ -423,6 +549,7 @@ def make_client_app(
             lambda c, a, m: c.setup(
                 m,
                 a.encodable_update,
+                training_instance(m),
                 clip=a.adversary is None or not a.adversary.skips_clipping,
             )
         )
@@ -434,13 +561,22 @@ def make_client_app(
     # Trust-layer statistics: the first SecAgg+ stage is a query, the rest as above.
     app.query("secagg_statistic")(
         secure(
-            lambda c, a, m: c.setup(m, partial(release_statistic, a.settings, a.allow_non_private))
+            lambda c, a, m: c.setup(
+                m,
+                partial(release_statistic, a.settings, a.allow_non_private),
+                statistic_instance(m),
+            )
         )
     )
 
     @app.query("feature_statistics")
     def _feature_statistics(message: Message, context: Context) -> Message:
         return dispatch(message, context, SiloAgent.feature_statistics)
+
+    # Which silo this node is (for the SecAgg roster): the silo id only, no data.
+    @app.query(IDENTITY_QUERY.removeprefix("query."))
+    def _secagg_identity(message: Message, context: Context) -> Message:
+        return dispatch(message, context, lambda a, m: identity_reply(a.settings, m))
 
     @app.train()
     def _train(message: Message, context: Context) -> Message:

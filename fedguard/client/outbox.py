@@ -6,7 +6,10 @@ silo must not train again (that would be a second, charged release), and need
 not refuse: it answers with the very update it already released, which is
 post-processing of a release already in its ledger. The outbox holds that
 update, keyed by run and round, with the SHA-256 of the global model it was
-trained from: a replay from a different model is refused.
+trained from: a replay from a different model is refused. It also records how the
+update left (``plain`` in a train reply, ``secure`` inside one SecAgg instance):
+only a plain release is ever resent; an update that only the SecAgg sum saw is
+never resent in clear, nor masked again in another instance.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from fedguard.core.errors import LedgerError
 from fedguard.core.files import atomic_write_bytes
 from fedguard.core.serialization import ModelWeights
 
+CHANNELS = ("plain", "secure")
+
 
 def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
     """A content hash of named float32 tensors (names, shapes and bytes)."""
@@ -42,6 +47,9 @@ class SentUpdate:
     global_sha256: str
     weights: ModelWeights
     metrics: dict[str, float]
+    # "plain" (sent in clear in a train reply) or "secure" (encoded for one SecAgg
+    # instance, never seen unmasked): only a plain release may be resent.
+    channel: str = "plain"
 
 
 class Outbox:
@@ -59,9 +67,13 @@ class Outbox:
         global_sha256: str,
         weights: Mapping[str, np.ndarray],
         metrics: Mapping[str, float],
+        channel: str = "plain",
     ) -> None:
+        if channel not in CHANNELS:
+            raise LedgerError(f"outbox channel must be one of {CHANNELS}, got {channel!r}")
         meta = json.dumps(
             {
+                "channel": channel,
                 "run_id": run_id,
                 "round": round_number,
                 "global_sha256": global_sha256,
@@ -92,4 +104,7 @@ class Outbox:
             raise LedgerError(f"outbox entry {path} is unreadable: {bad}") from None
         if meta["run_id"] != run_id or meta["round"] != round_number:
             raise LedgerError(f"outbox entry {path} belongs to another run or round")
-        return SentUpdate(str(meta["global_sha256"]), weights, dict(meta["metrics"]))
+        channel = str(meta.get("channel", "plain"))  # entries before channels were plain
+        if channel not in CHANNELS:
+            raise LedgerError(f"outbox entry {path} has an unknown channel {channel!r}")
+        return SentUpdate(str(meta["global_sha256"]), weights, dict(meta["metrics"]), channel)

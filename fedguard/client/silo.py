@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from fedguard.client.policy import SiloPolicy, policy_from_node_config
 from fedguard.core.config import DatasetName, PartitionSpec, PrivacyBudget
 from fedguard.core.datasets import (
     SiloData,
@@ -22,6 +23,7 @@ from fedguard.core.datasets import (
 )
 from fedguard.core.errors import ConfigError
 from fedguard.core.seeding import derive_seed
+from fedguard.privacy.secagg.roster import RosterError, SiloIdentity
 
 
 class SiloDataSource(Protocol):
@@ -90,6 +92,11 @@ class SiloSettings:
     state_dir: Path
     budget: PrivacyBudget
     data: SiloDataSource
+    # Everything else the silo's privacy depends on (fedguard.client.policy).
+    policy: SiloPolicy = field(default_factory=SiloPolicy)
+    # The silo's SecAgg identity key and the consortium key its roster must verify
+    # under (fedguard.privacy.secagg.roster); None: it refuses every secure aggregation.
+    identity: SiloIdentity | None = None
 
     def __post_init__(self) -> None:
         if not self.silo_id or "/" in self.silo_id:
@@ -100,7 +107,9 @@ def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings
     """Parse a deployed SuperNode's ``--node-config`` once, at the boundary.
 
     Keys: ``silo-id``, ``dataset``, ``data-path``, ``state-dir``, ``target-epsilon``,
-    ``delta`` and optionally ``test-fraction``, ``seed``.
+    ``delta`` and optionally ``test-fraction``, ``seed``, the policy keys of
+    :data:`fedguard.client.policy.POLICY_KEYS` and the SecAgg identity keys of
+    :func:`identity_from_node_config`.
     """
     required = ("silo-id", "dataset", "data-path", "state-dir", "target-epsilon", "delta")
     missing = [k for k in required if k not in node_config]
@@ -125,4 +134,33 @@ def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings
             test_fraction=test_fraction,
             seed=seed,
         ),
+        policy=policy_from_node_config(node_config),
+        identity=identity_from_node_config(node_config),
     )
+
+
+#: Node-config keys of a silo's SecAgg identity (both or neither).
+IDENTITY_KEY = "secagg-identity-key"  # path of the silo's Ed25519 identity private key
+CONSORTIUM_KEY = "consortium-key"  # path of the trusted roster key (ca.crt, or a public key)
+
+
+def identity_from_node_config(node_config: Mapping[str, object]) -> SiloIdentity | None:
+    """The silo's SecAgg identity from ``secagg-identity-key`` and ``consortium-key``.
+
+    Neither key: no identity (the silo refuses secure aggregation). One without the
+    other, or files that do not load, is a configuration error.
+    """
+    given = [k for k in (IDENTITY_KEY, CONSORTIUM_KEY) if k in node_config]
+    if not given:
+        return None
+    if len(given) == 1:
+        raise ConfigError(
+            f"node config has {given[0]!r} but not its pair: a SecAgg identity needs both "
+            f"{IDENTITY_KEY!r} and {CONSORTIUM_KEY!r}"
+        )
+    try:
+        return SiloIdentity.load(
+            Path(str(node_config[IDENTITY_KEY])), Path(str(node_config[CONSORTIUM_KEY]))
+        )
+    except RosterError as bad:
+        raise ConfigError(f"node config's SecAgg identity: {bad}") from None

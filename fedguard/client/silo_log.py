@@ -2,7 +2,9 @@
 
 The silo agent appends to :class:`~fedguard.core.chained_log.SiloLog`
 (``<state-dir>/silo-log.jsonl``, next to its privacy ledger) once for every
-reply it sends to a ``train``, ``train.secagg_setup`` or ``evaluate`` message,
+reply it sends to a ``train``, ``train.secagg_setup`` or ``evaluate`` message
+(and for every ``refused`` reply, whatever the message: a policy refusal names its
+:class:`~fedguard.client.policy.RefusalReason` in ``reason``),
 *after* the reply is built and *before* Flower sends it. Each record holds:
 
 * ``run_id`` and ``round``: the fedguard run and round of the instruction
@@ -125,11 +127,13 @@ def record_reply(
     when the record cannot be written (or the signing key cannot be loaded).
     """
     message_type = message.metadata.message_type
-    if message_type not in LOGGED_MESSAGE_TYPES:
+    status, reason = protocol.reply_status(reply)
+    # Every refusal is logged, whatever the stage: the silo's policy decisions are the
+    # record an auditor reads to see what a server tried.
+    if message_type not in LOGGED_MESSAGE_TYPES and status is not ReplyStatus.REFUSED:
         return reply
     state_dir = Path(settings.state_dir)
     try:
-        status, reason = protocol.reply_status(reply)
         metrics = _metrics(reply)
         instructions = _instructions(message)
         text = status.value

@@ -34,6 +34,7 @@ stochastically (unbiased) otherwise. The server adds ``½`` per contributor back
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -56,8 +57,10 @@ from fedguard.client.silo import SiloSettings
 from fedguard.core import protocol
 from fedguard.core.datasets import SiloData, sensitive_groups
 from fedguard.core.errors import ConfigError, LedgerError, ProtocolError, TrainingRefusedError
+from fedguard.core.feature_moments import moment_layout
 from fedguard.core.files import atomic_write_bytes
 from fedguard.core.histograms import histogram_counts
+from fedguard.core.metrics import AUC_BINS
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.protocol import RoundInstructions
@@ -70,6 +73,7 @@ from fedguard.privacy.noise import CsprngGaussian
 from fedguard.privacy.secagg import SetupRequest
 
 __all__ = [
+    "EVALUATION_LOSS_BOUND",
     "REQUEST",
     "REQUEST_ARRAYS",
     "SCORE_BINS",
@@ -80,13 +84,17 @@ __all__ = [
     "StatisticKind",
     "StatisticRequest",
     "drift_statistic",
+    "evaluation_statistic",
+    "evaluation_vector_length",
     "fairness_statistic",
     "fairness_vector_length",
+    "feature_moments_statistic",
     "lattice_vector",
     "planned_release_events",
     "producer_for",
     "register_producer",
     "release_statistic",
+    "released_values",
 ]
 
 #: Message type of the first SecAgg+ stage of a statistic query (then ``train.secagg_*``).
@@ -96,6 +104,9 @@ REQUEST = "statistic"
 REQUEST_ARRAYS = "statistic-arrays"
 #: Score bins of the fairness audit's per-cohort histograms (AUC and calibration).
 SCORE_BINS = 10
+#: Per-example loss bound of an evaluation statistic (cross-entropy; a probability
+#: below e^-50 on the true class is counted as e^-50).
+EVALUATION_LOSS_BOUND = 50.0
 
 
 class StatisticKind(StrEnum):
@@ -104,6 +115,8 @@ class StatisticKind(StrEnum):
     FAIRNESS = "fairness"
     DRIFT = "drift"
     ATTRIBUTION = "attribution"
+    FEATURE_MOMENTS = "feature-moments"  # the federated scaler, before round 1
+    EVALUATION = "evaluation"  # each round's evaluation under SecAgg (noise: silo policy)
 
     @property
     def purpose(self) -> ChargePurpose:
@@ -348,8 +361,68 @@ def drift_statistic(
     )
 
 
+def feature_moments_statistic(
+    silo: SiloData, model: nn.Module | None, scaler: FeatureScaler, options: Mapping[str, Any]
+) -> SecureStatistic:
+    """The federated scaler's moments of the silo's training features on public bounds.
+
+    Layout and L2 sensitivity √(1 + m + 2d): :mod:`fedguard.core.feature_moments`.
+    No ``num-examples`` metadata: the row count is inside the vector, summed.
+    """
+    layout = moment_layout(silo.schema.dataset)
+    return SecureStatistic(layout.vector(silo.train.features), layout.l2_sensitivity)
+
+
+def evaluation_vector_length(num_classes: int, score_bins: int = AUC_BINS) -> int:
+    """Layout ``[n, correct, Σ loss / L, positives' score bins, negatives' score bins]``."""
+    return 3 + (2 * score_bins if num_classes == 2 else 0)
+
+
+def evaluation_statistic(
+    silo: SiloData, model: nn.Module | None, scaler: FeatureScaler, options: Mapping[str, Any]
+) -> SecureStatistic:
+    """Sums of the model's evaluation on the silo's test split (never trained on).
+
+    Each record's cross-entropy is bounded by :data:`EVALUATION_LOSS_BOUND` L and
+    summed divided by L; binary tasks add the score histograms the pooled ROC AUC
+    is computed from. One record adds 1 to ``n``, at most 1 to ``correct`` and to
+    the scaled loss, and 1 to one score bin: L2 sensitivity 2 (√3 without
+    histograms). No ``num-examples`` metadata: the count is summed, not reported.
+    """
+    if model is None:
+        raise ProtocolError("an evaluation query needs the model")
+    bins = int(options.get("score-bins", AUC_BINS))
+    if bins < 1:
+        raise ProtocolError(f"score-bins must be >= 1, got {bins}")
+    labels = silo.test.labels
+    if len(labels) == 0:
+        values = np.zeros(evaluation_vector_length(silo.schema.num_classes, bins))
+    else:
+        model.eval()
+        with torch.no_grad():
+            logits = model(_scaled_inputs(silo, scaler, train=False))
+            losses = nn.functional.cross_entropy(
+                logits, torch.from_numpy(labels), reduction="none"
+            )
+        loss = np.minimum(losses.double().numpy(), EVALUATION_LOSS_BOUND)
+        correct = float((logits.argmax(dim=1).numpy() == labels).sum())
+        head = [float(len(labels)), correct, float(loss.sum() / EVALUATION_LOSS_BOUND)]
+        if silo.schema.num_classes != 2:
+            values = np.asarray(head)
+        else:
+            scores = torch.softmax(logits, dim=1)[:, 1].numpy().astype(np.float64)
+            index = np.clip((scores * bins).astype(np.int64), 0, bins - 1)
+            positive = np.bincount(index[labels == 1], minlength=bins)
+            negative = np.bincount(index[labels == 0], minlength=bins)
+            values = np.concatenate([head, positive, negative]).astype(np.float64)
+    sensitivity = 2.0 if silo.schema.num_classes == 2 else math.sqrt(3.0)
+    return SecureStatistic(values, sensitivity)
+
+
 register_producer(StatisticKind.FAIRNESS, fairness_statistic)
 register_producer(StatisticKind.DRIFT, drift_statistic)
+register_producer(StatisticKind.FEATURE_MOMENTS, feature_moments_statistic)
+register_producer(StatisticKind.EVALUATION, evaluation_statistic)
 
 
 # --------------------------------------------------------------------------- release
@@ -382,12 +455,37 @@ def release_statistic(
     encode and the reply's metrics (``num-examples``, ``release-epsilon``,
     ``epsilon-spent``, ``noise-multiplier``, ``l2-sensitivity``).
     """
-    request = StatisticRequest.from_message(message)
     setup = SetupRequest.from_bytes(payload(message))
     if setup.config.clip_range != setup.config.levels / 2:
         raise ProtocolError(
             "a statistic query needs the encoder's clip range at half its levels (one step = 1)"
         )
+    request, values, metrics = released_values(settings, allow_non_private, message)
+    return lattice_vector(values, request.resolution), metrics
+
+
+def _policy_request(settings: SiloSettings, request: StatisticRequest) -> StatisticRequest:
+    """An evaluation's noise is the silo's decision (its policy), never the server's."""
+    if request.kind is not StatisticKind.EVALUATION:
+        return request
+    epsilon = settings.policy.evaluation_epsilon
+    if epsilon is None:
+        return dataclasses.replace(request, noise=TrustNoise.NONE)
+    return dataclasses.replace(request, noise=TrustNoise.GAUSSIAN, target_epsilon=epsilon)
+
+
+def released_values(
+    settings: SiloSettings, allow_non_private: bool, message: Message
+) -> tuple[StatisticRequest, np.ndarray, dict[str, float]]:
+    """The request, the released (noised, charged first) vector and the reply's metrics.
+
+    What :func:`release_statistic` encodes for SecAgg+, and what a plain-mode
+    feature-moments reply sends in clear (each silo's release is DP on its own).
+    Exact sums need ``allow_non_private``, except an evaluation's: the test split
+    is never trained on, and the silo's policy (``evaluation_epsilon``) alone
+    decides whether it is noised.
+    """
+    request = _policy_request(settings, StatisticRequest.from_message(message))
     if protocol.CONFIG not in message.content.config_records:
         raise ProtocolError("statistic query has no config record")
     instructions = RoundInstructions.from_record(message.content.config_records[protocol.CONFIG])
@@ -415,15 +513,15 @@ def release_statistic(
         "l2-sensitivity": statistic.l2_sensitivity,
     }
     if request.noise is TrustNoise.NONE:
-        if not allow_non_private:
+        if not allow_non_private and request.kind is not StatisticKind.EVALUATION:
             raise TrainingRefusedError(
                 f"silo {settings.silo_id} releases statistics only with DP noise; "
                 "the server asked for exact sums"
             )
         metrics = {**base, "noise-multiplier": 0.0, "release-epsilon": 0.0}
-        return lattice_vector(statistic.values, request.resolution), metrics
+        return request, statistic.values, metrics
     noised, metrics = noised_release(settings, instructions.run_id, request, statistic)
-    return lattice_vector(noised, request.resolution), {**base, **metrics}
+    return request, noised, {**base, **metrics}
 
 
 def noised_release(

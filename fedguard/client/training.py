@@ -19,13 +19,18 @@ Two details Opacus leaves to the caller:
   :class:`fedguard.privacy.noise.CsprngGaussian` instead (see that module for the
   threat model). Opacus has no hook for a non-torch noise source, so the
   optimizer's class is swapped for a subclass that overrides only ``add_noise``.
+  The Poisson batches likewise: Opacus samples them from torch's global
+  generator, which a seed known to the server would make reproducible (and
+  amplification by subsampling assumes the batches are secret), so the batch
+  sampler's class is swapped for one that draws each record's Bernoulli(q) from
+  the CSPRNG.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -143,7 +149,10 @@ def run_dp_sgd(
     are features and labels; without ``batch_loss`` the loss is cross-entropy
     through Opacus's criterion (which ghost clipping needs); with it, the loss of
     each batch is ``batch_loss(private_model, batch)`` (ghost clipping refused).
-    ``seed`` drives Poisson sampling and, with :attr:`NoiseSource.SEEDED`, the noise.
+    With :attr:`NoiseSource.CSPRNG` both the Poisson batches and the noise come from
+    an ``os.urandom``-keyed CSPRNG in this process: amplification by subsampling
+    needs the batches secret from the server, and ``seed`` is known to it. Only
+    :attr:`NoiseSource.SEEDED` (simulation research mode) uses ``seed`` for both.
     """
     num_examples = len(dataset)
     if num_examples == 0:
@@ -153,7 +162,8 @@ def run_dp_sgd(
     if batch_loss is not None and dp.grad_sample_mode is GradSampleMode.GHOST:
         raise ConfigError("ghost clipping needs Opacus's criterion: not with a custom loss")
     sample_rate, steps = poisson_schedule(num_examples, training.batch_size, training.local_epochs)
-    torch.manual_seed(seed)
+    if dp.noise_source is NoiseSource.SEEDED:
+        torch.manual_seed(seed)  # research mode: reproducible batches (Opacus uses torch's RNG)
     loader = DataLoader(dataset, batch_size=training.batch_size)
     criterion: Any = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
@@ -186,6 +196,7 @@ def run_dp_sgd(
         )
     if dp.noise_source is NoiseSource.CSPRNG:
         use_csprng_noise(optimizer, CsprngGaussian())
+        use_csprng_sampling(private_loader.batch_sampler, CsprngGaussian())
 
     private_model.train()
     # Opacus's hooks fire on the first layer although the inputs need no gradient.
@@ -300,7 +311,7 @@ def evaluate(model: nn.Module, data: LocalData, num_classes: int) -> EvaluationR
 
 # --- CSPRNG noise inside Opacus's optimizer -----------------------------------------
 
-_CSPRNG_CLASSES: dict[type, type] = {}
+_CSPRNG_CLASSES: dict[tuple[type, str], type] = {}
 
 
 def _csprng_add_noise(self: Any) -> None:
@@ -316,12 +327,41 @@ def _csprng_add_noise(self: Any) -> None:
         _mark_as_processed(p.summed_grad)
 
 
+def _csprng_poisson_batches(self: Any) -> Iterator[list[int]]:
+    # Mirrors UniformWithReplacementSampler.__iter__ (Opacus 1.6) with each record's
+    # Bernoulli(q) draw from a CSPRNG instead of torch's (Mersenne Twister) generator.
+    uniforms: CsprngGaussian = self._fedguard_uniforms
+    for _ in range(self.steps):
+        chosen = np.flatnonzero(uniforms.uniform(self.num_samples) < self.sample_rate)
+        yield chosen.tolist()
+
+
+def use_csprng_sampling(batch_sampler: Any, uniforms: CsprngGaussian) -> None:
+    """Make Opacus's Poisson ``batch_sampler`` draw its batches from ``uniforms``."""
+    if not isinstance(batch_sampler, UniformWithReplacementSampler):
+        raise TrainingError(
+            f"expected Opacus's Poisson sampler, got {type(batch_sampler).__name__}"
+        )
+    _override(batch_sampler, "__iter__", _csprng_poisson_batches, "_fedguard_uniforms", uniforms)
+
+
 def use_csprng_noise(optimizer: DPOptimizer, sampler: CsprngGaussian) -> None:
     """Make ``optimizer`` draw its Gaussian noise from ``sampler``."""
-    base = type(optimizer)
-    cls = _CSPRNG_CLASSES.get(base)
+    _override(optimizer, "add_noise", _csprng_add_noise, "_fedguard_noise", sampler)
+
+
+def _override(
+    target: Any, method: str, replacement: Callable[..., Any], attribute: str, source: Any
+) -> None:
+    """Swap ``target``'s class for a cached subclass overriding ``method``; attach ``source``.
+
+    Opacus has no hook for a non-torch random source, so the one method that draws
+    is overridden and the rest of the object is left as Opacus built it.
+    """
+    base = type(target)
+    cls = _CSPRNG_CLASSES.get((base, method))
     if cls is None:
-        cls = type(f"Csprng{base.__name__}", (base,), {"add_noise": _csprng_add_noise})
-        _CSPRNG_CLASSES[base] = cls
-    optimizer.__class__ = cls
-    setattr(optimizer, "_fedguard_noise", sampler)  # noqa: B010 - an attribute Opacus lacks
+        cls = type(f"Csprng{base.__name__}", (base,), {method: replacement})
+        _CSPRNG_CLASSES[(base, method)] = cls
+    target.__class__ = cls
+    setattr(target, attribute, source)  # an attribute Opacus lacks

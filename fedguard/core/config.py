@@ -81,6 +81,10 @@ class Engine(StrEnum):
     INPROCESS = "inprocess"
 
 
+#: Default L2 bound on a silo's update Δ (``RunConfig.update_clip_norm``).
+UPDATE_CLIP_NORM_DEFAULT = 10.0
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -194,10 +198,14 @@ class LocalDPConfig:
     grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
     noise_source: NoiseSource = NoiseSource.CSPRNG
     max_noise_multiplier: float = 30.0
+    # ε each silo spends (at its own δ) on the feature moments the federated scaler is
+    # built from, released once before round 1 (fedguard.core.feature_moments).
+    scaler_epsilon: float = 0.2
 
     def __post_init__(self) -> None:
         _finite_positive("max_grad_norm", self.max_grad_norm)
         _finite_positive("max_noise_multiplier", self.max_noise_multiplier)
+        _finite_positive("scaler_epsilon", self.scaler_epsilon)
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,16 @@ class CentralDPConfig:
     ICLR 2018: Poisson client sampling with rate ``client_sampling_rate``, each
     client's update clipped to ``clip_norm``, Gaussian noise of standard deviation
     ``noise_multiplier * clip_norm`` on the sum, fixed denominator.
+
+    The sampling is not credited in the accounting (each round's cohort is
+    published in the round log): every round counts as q = 1, see
+    :mod:`fedguard.server.central_dp`, which also says whom the guarantee covers.
+
+    ``epsilon_budget``: the server stops training before a round whose release
+    would take the central ε past it (:mod:`fedguard.server.central_dp`). The
+    default 10 is the upper end of the "reasonable" tier of Ponomareva et al.,
+    "How to DP-fy ML", JAIR 2023, Sec. 5.2 (ε ≤ 1 strong, ε ≤ 10 reasonable,
+    above it little formal protection).
     """
 
     enabled: bool = False
@@ -215,6 +233,7 @@ class CentralDPConfig:
     noise_multiplier: float = 1.0
     client_sampling_rate: float = 1.0
     delta: float = 1e-3
+    epsilon_budget: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -226,6 +245,7 @@ class CentralDPConfig:
             f"client_sampling_rate must lie in (0, 1], got {self.client_sampling_rate}",
         )
         _require(0.0 < self.delta < 1.0, f"central delta must lie in (0, 1), got {self.delta}")
+        _finite_positive("central epsilon budget", self.epsilon_budget)
 
 
 @dataclass(frozen=True)
@@ -238,7 +258,8 @@ class SecureAggregationConfig:
     run over the group means. ``min_group_size`` (>= 3) is the smallest group a
     round may form. ``clip_norm`` > 0: silos clip their update Δ to this L2 norm
     before masking, and a group whose decoded mean breaks the bound is flagged
-    and left out (it holds a silo that did not clip).
+    and left out (it holds a silo that did not clip); 0 takes the run's
+    ``update_clip_norm`` (:func:`fedguard.server.norm_guard.secure_clip_norm`).
 
     ``clip_range`` bounds each coordinate of a silo's update Δ before fixed-point
     encoding (clipped values are counted and logged); ``value_bits`` is the
@@ -316,6 +337,11 @@ class RunConfig:
     trust: TrustConfig = field(default_factory=TrustConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     test_fraction: float = 0.2
+    # L2 bound on each silo's update Δ = new − global (0: none). Silos clip to it; the
+    # server rejects a plain update above it and checks secure sums against it.
+    # Robustness, not privacy: it keeps one silo from blowing up the model. The
+    # default leaves room over measured honest updates (docs in fedguard.server.norm_guard).
+    update_clip_norm: float = UPDATE_CLIP_NORM_DEFAULT
     seed: int = 0
     out: Path = Path("runs")
     engine: Engine = Engine.RAY
@@ -333,6 +359,14 @@ class RunConfig:
         _require(
             0.0 < self.test_fraction < 1.0,
             f"test_fraction must lie in (0, 1), got {self.test_fraction}",
+        )
+        _require(
+            isinstance(self.update_clip_norm, (int, float))
+            and not isinstance(self.update_clip_norm, bool)
+            and math.isfinite(self.update_clip_norm)
+            and self.update_clip_norm >= 0,
+            f"update clip norm must be a finite number >= 0 (0: none), "
+            f"got {self.update_clip_norm!r}",
         )
         _require(
             isinstance(self.seed, int) and 0 <= self.seed < 2**63,
@@ -397,11 +431,13 @@ class RunConfig:
             "grad-sample-mode": self.local_dp.grad_sample_mode.value,
             "noise-source": self.local_dp.noise_source.value,
             "max-noise-multiplier": self.local_dp.max_noise_multiplier,
+            "scaler-epsilon": self.local_dp.scaler_epsilon,
             "central-dp": self.central_dp.enabled,
             "central-clip-norm": self.central_dp.clip_norm,
             "central-noise-multiplier": self.central_dp.noise_multiplier,
             "client-sampling-rate": self.central_dp.client_sampling_rate,
             "central-delta": self.central_dp.delta,
+            "central-epsilon-budget": self.central_dp.epsilon_budget,
             "secagg": self.secagg.enabled,
             "secagg-clip-range": self.secagg.clip_range,
             "secagg-value-bits": self.secagg.value_bits,
@@ -413,6 +449,7 @@ class RunConfig:
             **self.trust.to_options(),
             "hidden": ",".join(str(h) for h in self.model.hidden),
             "test-fraction": self.test_fraction,
+            "update-clip-norm": self.update_clip_norm,
             "seed": self.seed,
             "out": str(self.out),
             "engine": self.engine.value,
@@ -460,6 +497,7 @@ class RunConfig:
                     max_noise_multiplier=_as_float(
                         "max-noise-multiplier", o["max-noise-multiplier"]
                     ),
+                    scaler_epsilon=_as_float("scaler-epsilon", o["scaler-epsilon"]),
                 ),
                 central_dp=CentralDPConfig(
                     enabled=_as_bool("central-dp", o["central-dp"]),
@@ -471,6 +509,7 @@ class RunConfig:
                         "client-sampling-rate", o["client-sampling-rate"]
                     ),
                     delta=_as_float("central-delta", o["central-delta"]),
+                    epsilon_budget=_as_float("central-epsilon-budget", o["central-epsilon-budget"]),
                 ),
                 secagg=SecureAggregationConfig(
                     enabled=_as_bool("secagg", o["secagg"]),
@@ -487,6 +526,7 @@ class RunConfig:
                 trust=TrustConfig.from_options(o),
                 model=ModelSpec(hidden=_as_int_tuple("hidden", o["hidden"])),
                 test_fraction=_as_float("test-fraction", o["test-fraction"]),
+                update_clip_norm=_as_float("update-clip-norm", o["update-clip-norm"]),
                 seed=_as_int("seed", o["seed"]),
                 out=Path(str(o["out"])),
                 engine=_as_enum(Engine, "engine", o["engine"]),

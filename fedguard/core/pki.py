@@ -1,6 +1,6 @@
 """Key material for a consortium, made with ``cryptography``.
 
-Three kinds of keys, each in the exact format the component that reads it expects:
+Five kinds of keys, each in the exact format the component that reads it expects:
 
 * **Consortium CA** (:func:`init_ca`): a self-signed ECDSA P-384 certificate
   (``ca.crt``, PEM) and its key (``ca.key``, PEM PKCS#8). Every silo trusts the
@@ -17,6 +17,13 @@ Three kinds of keys, each in the exact format the component that reads it expect
   ``load_ssh_private_key`` (``flower-supernode --auth-supernode-private-key``),
   the public key with ``load_ssh_public_key`` (``flwr supernode register``). The
   same as ``ssh-keygen -t ecdsa -b 384 -N ''``.
+* **SecAgg identity key** (:func:`secagg_identity_keygen`, made by ``fedguard node
+  keygen`` beside the node key): the silo's long-term Ed25519 key that signs its
+  secure-aggregation key advertisements (``secagg-identity.key`` PEM PKCS#8,
+  ``secagg-identity.pub`` PEM). The consortium lists every silo's public half in
+  its signed roster (:mod:`fedguard.privacy.secagg.roster`).
+* **Ed25519 consortium key** (:func:`consortium_keygen`): what a simulation (or a
+  consortium without an X.509 CA) signs the roster with instead of ``ca.key``.
 
 Private keys are written unencrypted with mode 0600 (the operator protects the
 folder; Flower reads them without a pass phrase), created with ``O_EXCL`` so an
@@ -46,8 +53,12 @@ __all__ = [
     "AUDIT_PUB",
     "CA_CERT",
     "CA_KEY",
+    "CONSORTIUM_KEY",
+    "CONSORTIUM_PUB",
     "NODE_KEY",
     "NODE_PUB",
+    "SECAGG_IDENTITY_KEY",
+    "SECAGG_IDENTITY_PUB",
     "SERVER_CERT",
     "SERVER_KEY",
     "CaFiles",
@@ -57,11 +68,13 @@ __all__ = [
     "SigningKey",
     "VerifyingKey",
     "audit_keygen",
+    "consortium_keygen",
     "init_ca",
     "issue_server_cert",
     "load_private_key",
     "load_public_key",
     "node_keygen",
+    "secagg_identity_keygen",
 ]
 
 CA_CERT = "ca.crt"
@@ -72,6 +85,10 @@ AUDIT_KEY = "audit.key"
 AUDIT_PUB = "audit.pub"
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
+SECAGG_IDENTITY_KEY = "secagg-identity.key"
+SECAGG_IDENTITY_PUB = "secagg-identity.pub"
+CONSORTIUM_KEY = "consortium.key"
+CONSORTIUM_PUB = "consortium.pub"
 
 _CURVE = ec.SECP384R1
 _ALWAYS_HOSTS = ("localhost", "127.0.0.1")
@@ -289,7 +306,20 @@ def issue_server_cert(
 
 def audit_keygen(out_dir: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Make the server's Ed25519 audit signing key: ``audit.key`` (0600) and ``audit.pub``."""
-    key_path, pub_path = out_dir / AUDIT_KEY, out_dir / AUDIT_PUB
+    return _ed25519_keygen(out_dir / AUDIT_KEY, out_dir / AUDIT_PUB, overwrite)
+
+
+def secagg_identity_keygen(out_dir: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Make a silo's Ed25519 SecAgg identity key: ``secagg-identity.key`` (0600) and ``.pub``."""
+    return _ed25519_keygen(out_dir / SECAGG_IDENTITY_KEY, out_dir / SECAGG_IDENTITY_PUB, overwrite)
+
+
+def consortium_keygen(out_dir: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Make an Ed25519 consortium roster key: ``consortium.key`` (0600) and ``consortium.pub``."""
+    return _ed25519_keygen(out_dir / CONSORTIUM_KEY, out_dir / CONSORTIUM_PUB, overwrite)
+
+
+def _ed25519_keygen(key_path: Path, pub_path: Path, overwrite: bool) -> tuple[Path, Path]:
     _refuse_existing([key_path, pub_path], overwrite)
     key = ed25519.Ed25519PrivateKey.generate()
     _write(key_path, _pem_private(key), private=True, overwrite=overwrite)
@@ -300,10 +330,18 @@ def audit_keygen(out_dir: Path, *, overwrite: bool = False) -> tuple[Path, Path]
     return key_path, pub_path
 
 
-def node_keygen(out_dir: Path, *, comment: str = "", overwrite: bool = False) -> NodeKeyFiles:
-    """Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+def node_keygen(
+    out_dir: Path, *, comment: str = "", overwrite: bool = False, secagg_identity: bool = False
+) -> NodeKeyFiles:
+    """Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH format).
+
+    ``secagg_identity``: also make the silo's SecAgg identity key in ``out_dir``
+    (:func:`secagg_identity_keygen`); no file is written if any of the four exists.
+    """
     files = NodeKeyFiles(out_dir / NODE_KEY, out_dir / NODE_PUB)
-    _refuse_existing([files.private_key, files.public_key], overwrite)
+    identity = [out_dir / SECAGG_IDENTITY_KEY, out_dir / SECAGG_IDENTITY_PUB]
+    paths = [files.private_key, files.public_key, *(identity if secagg_identity else [])]
+    _refuse_existing(paths, overwrite)
     key = ec.generate_private_key(_CURVE())
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -319,6 +357,8 @@ def node_keygen(out_dir: Path, *, comment: str = "", overwrite: bool = False) ->
         public += b" " + comment.encode()
     _write(files.private_key, private, private=True, overwrite=overwrite)
     _write(files.public_key, public + b"\n", private=False, overwrite=True)
+    if secagg_identity:
+        secagg_identity_keygen(out_dir, overwrite=overwrite)
     return files
 
 

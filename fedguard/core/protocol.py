@@ -81,8 +81,15 @@ class RoundInstructions:
     # ε of each trust-layer release the run plans after training (fairness audit,
     # drift reference and monitoring, attributions): silos keep budget for them.
     planned_releases: tuple[float, ...] = ()
+    # L2 bound each silo clips its update Δ = new − global to (0: none). Robustness,
+    # not privacy: the server checks plain updates and decoded sums against it.
+    update_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.update_clip_norm >= 0 and self.update_clip_norm < float("inf")):
+            raise ProtocolError(
+                f"update clip norm must be finite and >= 0, got {self.update_clip_norm!r}"
+            )
         if not self.run_id:
             raise ProtocolError("run id is empty")
         if not all(isinstance(e, float) and 0 < e < float("inf") for e in self.planned_releases):
@@ -113,6 +120,7 @@ class RoundInstructions:
                 "noise-source": self.local_dp.noise_source.value,
                 "max-noise-multiplier": self.local_dp.max_noise_multiplier,
                 "planned-releases": [float(e) for e in self.planned_releases],
+                "update-clip-norm": float(self.update_clip_norm),
             }
         )
 
@@ -151,6 +159,9 @@ class RoundInstructions:
                     max_noise_multiplier=_float(record, "max-noise-multiplier"),
                 ),
                 planned_releases=_floats(record, "planned-releases"),
+                update_clip_norm=(
+                    _float(record, "update-clip-norm") if "update-clip-norm" in record else 0.0
+                ),
             )
         except KeyError as missing:
             raise ProtocolError(f"instruction lacks field {missing}") from None
@@ -197,8 +208,13 @@ def _bool(record: ConfigRecord, key: str) -> bool:
     return value
 
 
-def status_record(status: ReplyStatus, reason: str = "", silo_id: str = "") -> ConfigRecord:
-    return ConfigRecord({"status": status.value, "reason": reason, "silo-id": silo_id})
+def status_record(
+    status: ReplyStatus, reason: str = "", silo_id: str = "", refusal: str = ""
+) -> ConfigRecord:
+    """``refusal``: the silo policy's reason code of a ``refused`` reply (else empty)."""
+    return ConfigRecord(
+        {"status": status.value, "reason": reason, "silo-id": silo_id, "refusal": refusal}
+    )
 
 
 def reply_status(reply: Message) -> tuple[ReplyStatus, str]:

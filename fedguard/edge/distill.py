@@ -89,6 +89,7 @@ from fedguard.core.serialization import (
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.events import DpFedAvgRound, DpSgdRound
 from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger, RoundPlan
+from fedguard.server.central_dp import accounted_round
 from fedguard.strategies.pipeline import AggregationPipeline, ClientUpdate
 
 __all__ = [
@@ -686,8 +687,12 @@ def _sampled(central_dp: CentralDPConfig, seed: int, round_number: int, index: i
 
 
 def central_round_event(central_dp: CentralDPConfig) -> DpFedAvgRound:
-    """What one distillation round adds to the central (silo-level) guarantee."""
-    return DpFedAvgRound(central_dp.client_sampling_rate, central_dp.noise_multiplier)
+    """What one distillation round adds to the central (silo-level) guarantee.
+
+    As in training (:func:`fedguard.server.central_dp.accounted_round`): q = 1, no
+    amplification, since the cohort is seeded and in the round log.
+    """
+    return accounted_round(central_dp)
 
 
 def _fresh_copy(student: nn.Module, weights: Any) -> nn.Module:

@@ -92,7 +92,9 @@ from fedguard.edge.quantize import (
     synthetic_features,
 )
 from fedguard.privacy.accountant import PrivacyAccountant
+from fedguard.server.central_dp import central_dp_statement
 from fedguard.server.checkpoints import Checkpoint, CheckpointStore
+from fedguard.server.secure_metrics import same_scaler, scaler_reproduced
 
 __all__ = [
     "ExportConfig",
@@ -396,16 +398,15 @@ def _silo_id(index: int) -> str:
 
 
 def _rebuild_silos(saved: SavedRun) -> tuple[list[SiloData], FeatureStatistics]:
-    """The run's silos, rebuilt in process, checked against the run's own scaler."""
+    """The run's silos, rebuilt in process, checked against the run's own (DP) scaler."""
     c = saved.config
     silos = simulation_silos(c.dataset, c.num_clients, c.partition, c.test_fraction, c.seed)
     stats = FeatureStatistics.sum([FeatureStatistics.from_features(s.train) for s in silos])
-    rebuilt = FeatureScaler.from_statistics(stats, schema_for(c.dataset))
     stored = saved.scaler
-    if not (
-        np.allclose(rebuilt.mean, stored.mean, rtol=1e-9, atol=0)
-        and np.allclose(rebuilt.scale, stored.scale, rtol=1e-9, atol=0)
-    ):
+    agrees = scaler_reproduced(saved.variant_dir, c.dataset, [s.train for s in silos], stored)
+    if agrees is None:  # a run folder from before the DP scaler: exact pooled sums
+        agrees = same_scaler(FeatureScaler.from_statistics(stats, schema_for(c.dataset)), stored)
+    if not agrees:
         raise RunFolderError(
             "the silo data rebuilt from the run's config do not reproduce the run's feature "
             "scaler; the run folder was made with other data or another fedguard"
@@ -763,6 +764,12 @@ def _card(
             "delta": run.central_dp.delta,
             "rounds": teacher_rounds + (federated.central_events if federated else 0),
             "unit": "one silo (user-level DP-FedAvg)",
+            # Whom it covers; no amplification by sampling (cohorts are in the round logs).
+            **{
+                k: v
+                for k, v in central_dp_statement(run.central_dp).items()
+                if k in ("covers", "does_not_cover", "amplification_by_sampling")
+            },
         }
     not_protected = [
         "the feature statistics (per-feature counts, sums, sums of squares over each silo's "

@@ -121,6 +121,8 @@ class ChargePurpose(StrEnum):
     FAIRNESS = "fairness"  # trust layer releases (GaussianRelease) from here on
     DRIFT = "drift"
     ATTRIBUTION = "attribution"
+    FEATURE_MOMENTS = "feature-moments"  # the federated scaler's statistic
+    EVALUATION = "evaluation"  # a noised evaluation (only where the silo's policy asks)
 
     @property
     def event_type(self) -> type[LedgerEvent]:
@@ -161,8 +163,13 @@ class RoundPlan:
     noise_multiplier: float
     steps_per_round: int
     planned_rounds: int
+    # False for a simulation research-mode run (seeded noise and sampling): its ε is
+    # NOT a guarantee against the server, which knows the seeds.
+    private_against_server: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.private_against_server, bool):
+            raise ConfigError("plan private_against_server must be a bool")
         q = self.sample_rate
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
             raise ConfigError(f"plan sample_rate must lie in (0, 1], got {q!r}")
@@ -187,12 +194,19 @@ class RoundPlan:
             "noise_multiplier": self.noise_multiplier,
             "steps_per_round": self.steps_per_round,
             "planned_rounds": self.planned_rounds,
+            "private_against_server": self.private_against_server,
         }
 
     @classmethod
     def from_json(cls, data: object) -> RoundPlan:
         keys = {"version", "sample_rate", "noise_multiplier", "steps_per_round", "planned_rounds"}
-        if not isinstance(data, dict) or set(data) != keys or data["version"] != 1:
+        # Plans written before research mode existed lack the flag: they were private.
+        if (
+            not isinstance(data, dict)
+            or set(data) - {"private_against_server"} != keys
+            or data["version"] != 1
+            or not isinstance(data.get("private_against_server", True), bool)
+        ):
             raise LedgerError(f"malformed or unknown-version round plan {data!r}")
         try:
             return cls(
@@ -200,6 +214,7 @@ class RoundPlan:
                 data["noise_multiplier"],
                 data["steps_per_round"],
                 data["planned_rounds"],
+                data.get("private_against_server", True),
             )
         except ConfigError as exc:
             raise LedgerError(f"invalid round plan {data!r}: {exc}") from exc

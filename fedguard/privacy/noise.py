@@ -112,6 +112,14 @@ class CsprngGaussian:
             stream = self._encryptor.update(bytes(8 * count))
         return np.frombuffer(stream, dtype="<u8")
 
+    def uniform(self, size: int) -> np.ndarray:
+        """``size`` uniforms in [0, 1) (float64, 53 random bits each)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigError(f"size must be an integer >= 0, got {size!r}")
+        mantissas = (self._words(size) >> np.uint64(11)).astype(np.float64)
+        uniforms: np.ndarray = mantissas * _TWO_POW_MINUS_53
+        return uniforms
+
     def standard_normal(self, size: int) -> np.ndarray:
         """``size`` N(0, 1) samples in float64 (each the sum of four draws / 2)."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:

@@ -6,7 +6,9 @@ the deployed one and parses Flower's ``run_config`` once, at the boundary.
 
 Under a fedguard SuperLink (``fedguard server start`` sets ``FEDGUARD_SERVER_DIR``)
 the deployed one also writes every round to the server's signed audit log and
-its model registry (:class:`~fedguard.server.commands.DeploymentRecorder`).
+its model registry (:class:`~fedguard.server.commands.DeploymentRecorder`), and
+authenticates secure aggregation with the server folder's signed roster
+(``secagg-roster.json``, from ``fedguard ca sign-roster``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedguard.core.config import RunConfig
 from fedguard.core.flower_runtime import PromptGrid, fast_object_pulls
+from fedguard.privacy.secagg.roster import SignedRoster
 from fedguard.server.commands import DeploymentRecorder, ServerLayout
 from fedguard.server.orchestrator import FederatedRun, RoundCallback
 from fedguard.strategies.aggregators import Aggregator
@@ -31,15 +34,24 @@ def make_server_app(
     on_round: RoundCallback | None = None,
     reply_timeout: float | None = 900.0,
     aggregator: Aggregator | None = None,
+    roster: SignedRoster | None = None,
 ) -> ServerApp:
     """A ServerApp running one :class:`FederatedRun`; ``aggregator`` replaces the configured
-    rule (any :class:`~fedguard.strategies.aggregators.Aggregator`, e.g. a user's own)."""
+    rule (any :class:`~fedguard.strategies.aggregators.Aggregator`, e.g. a user's own);
+    ``roster`` is the consortium's signed SecAgg roster (needed for secure aggregation)."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         FederatedRun(
-            grid, config, run_id, run_dir, on_round, reply_timeout, aggregator=aggregator
+            grid,
+            config,
+            run_id,
+            run_dir,
+            on_round,
+            reply_timeout,
+            aggregator=aggregator,
+            roster=roster,
         ).run()
 
     return app
@@ -59,7 +71,8 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     if layout is None:  # a SuperLink that fedguard did not start: no audit log, no registry
         FederatedRun(grid, config, run_id, run_dir).run()
         return
+    roster = layout.load_roster()  # the signed SecAgg roster, if the consortium made one
     with DeploymentRecorder.open(
         layout, run_id, config.to_options(), run_dir, flower_run_id=context.run_id
     ) as recorder:
-        FederatedRun(grid, config, run_id, run_dir, on_round=recorder.on_round).run()
+        FederatedRun(grid, config, run_id, run_dir, on_round=recorder.on_round, roster=roster).run()

@@ -7,7 +7,10 @@ order.
 =============================  ==============================================================
 ``fedguard ca init``           make the consortium CA (``cryptography``; :mod:`fedguard.core.pki`)
 ``fedguard ca issue-server``   the SuperLink's TLS certificate and Ed25519 audit key
+``fedguard ca sign-roster``    the signed SecAgg roster of the silos' identity keys
+                               (:mod:`fedguard.server.roster_commands`)
 ``fedguard node keygen``       a silo's SuperNode authentication key (ECDSA P-384, OpenSSH)
+                               and its SecAgg identity key (Ed25519)
 ``fedguard node register``     ``flwr supernode register KEY.pub fedguard``
 ``fedguard node list``         ``flwr supernode list fedguard``
 ``fedguard server start``      ``flower-superlink`` with TLS, node authentication,
@@ -185,6 +188,12 @@ class ServerLayout:
 
         return ModelRegistry.open(self.registry)
 
+    def load_roster(self) -> Any:
+        """The signed SecAgg roster (``secagg-roster.json``), or None if there is none."""
+        from fedguard.server.roster_commands import load_server_roster
+
+        return load_server_roster(self.root)
+
 
 @dataclass(frozen=True)
 class SiloLayout:
@@ -321,7 +330,6 @@ class DeploymentRecorder:
             "loss": evaluation.get("loss"),
             "accuracy": evaluation.get("accuracy"),
             "auc": evaluation.get("auc"),
-            "train_loss": record.get("train_loss"),
         }
         model = self.registry.register(
             weights,
@@ -375,10 +383,15 @@ def node_config_toml(
     state_dir: Path,
     budget: PrivacyBudget,
     signing_key: Path | None = None,
+    secagg_identity: Path | None = None,
+    consortium_key: Path | None = None,
 ) -> str:
     """The ``--node-config`` file of a silo (the keys ``fedguard.client.app`` reads).
 
-    ``signing-key`` (the node key) lets the silo sign its log of what it sent.
+    ``signing-key`` (the node key) lets the silo sign its log of what it sent;
+    ``secagg-identity-key`` and ``consortium-key`` (its Ed25519 SecAgg identity key,
+    and ``ca.crt`` or another key the roster must verify under) let it take part in
+    authenticated secure aggregation.
     """
     values: dict[str, object] = {
         "silo-id": silo_id,
@@ -390,6 +403,11 @@ def node_config_toml(
     }
     if signing_key is not None:
         values["signing-key"] = str(signing_key)
+    if (secagg_identity is None) != (consortium_key is None):
+        raise ConfigError("a SecAgg identity needs both the identity key and the consortium key")
+    if secagg_identity is not None and consortium_key is not None:
+        values["secagg-identity-key"] = str(secagg_identity)
+        values["consortium-key"] = str(consortium_key)
     return _toml_table(values)
 
 
@@ -635,12 +653,15 @@ def cmd_ca_issue_server(args: argparse.Namespace) -> int:
 
 
 def cmd_node_keygen(args: argparse.Namespace) -> int:
-    from fedguard.core.pki import node_keygen
+    from fedguard.core.pki import SECAGG_IDENTITY_KEY, SECAGG_IDENTITY_PUB, node_keygen
 
-    files = node_keygen(Path(args.out), comment=args.name or "", overwrite=args.force)
+    out = Path(args.out)
+    files = node_keygen(out, comment=args.name or "", overwrite=args.force, secagg_identity=True)
     print(
         f"node private key (stays with the silo): {files.private_key}\n"
-        f"node public key (send it to the consortium): {files.public_key}"
+        f"node public key (send it to the consortium): {files.public_key}\n"
+        f"SecAgg identity key (stays with the silo): {out / SECAGG_IDENTITY_KEY}\n"
+        f"SecAgg identity public key (for the consortium's roster): {out / SECAGG_IDENTITY_PUB}"
     )
     return 0
 
@@ -830,6 +851,11 @@ def cmd_client_start(args: argparse.Namespace) -> int:
         raise ConfigError(f"--activation-retry must be >= 0, got {args.activation_retry}")
     budget = PrivacyBudget(args.target_epsilon, args.delta)
     silo_id = args.silo_id or layout.root.name
+    from fedguard.server.roster_commands import silo_identity_paths
+
+    identity = silo_identity_paths(
+        args.secagg_identity, Path(args.key), args.consortium_key, Path(args.ca_cert)
+    )
     layout.node_config.write_text(
         node_config_toml(
             silo_id,
@@ -838,6 +864,8 @@ def cmd_client_start(args: argparse.Namespace) -> int:
             layout.root,
             budget,
             signing_key=Path(args.key).resolve(),
+            secagg_identity=identity[0] if identity else None,
+            consortium_key=identity[1] if identity else None,
         )
     )
     command = supernode_command(
@@ -1123,15 +1151,20 @@ def add_deploy_commands(sub: Any) -> None:
     p.add_argument("--days", type=int, default=825, help="validity in days")
     p.add_argument("--force", action="store_true", help="overwrite an existing certificate")
     _with_handler(p, cmd_ca_issue_server)
+    from fedguard.server.roster_commands import add_sign_roster_parser
+
+    add_sign_roster_parser(ca_sub, fmt, _with_handler)
 
     node = sub.add_parser("node", help="silo node keys and registration")
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
     p = node_sub.add_parser(
         "keygen", help="make a silo's SuperNode key pair", formatter_class=fmt,
         description="Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH "
-        "format, as Flower reads it): OUT/node.key (mode 0600) and OUT/node.pub.",
+        "format, as Flower reads it): OUT/node.key (mode 0600) and OUT/node.pub, and the "
+        "silo's SecAgg identity key (Ed25519, PEM): OUT/secagg-identity.key (0600) and "
+        "OUT/secagg-identity.pub (for the consortium's roster).",
     )  # fmt: skip
-    p.add_argument("--out", required=True, help="folder for node.key and node.pub")
+    p.add_argument("--out", required=True, help="folder for the key files")
     p.add_argument("--name", default="", help="comment written after the public key")
     p.add_argument("--force", action="store_true", help="overwrite an existing key pair")
     _with_handler(p, cmd_node_keygen)
@@ -1186,6 +1219,9 @@ def add_deploy_commands(sub: Any) -> None:
     p.add_argument("--superlink", default=DEFAULT_SERVER_ADDRESS, metavar="HOST:PORT")
     p.add_argument("--ca-cert", default="ca.crt", metavar="FILE", help="the consortium CA")
     p.add_argument("--key", default="node.key", metavar="FILE", help="this silo's node key")
+    from fedguard.server.roster_commands import add_client_identity_arguments
+
+    add_client_identity_arguments(p)
     p.add_argument("--silo-id", default=None, help="[default: the state folder's name]")
     p.add_argument(
         "--dataset", default=defaults.dataset.value, choices=[d.value for d in DatasetName]

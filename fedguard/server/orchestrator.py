@@ -2,9 +2,10 @@
 
 One :class:`FederatedRun` drives a whole run:
 
-1. **Feature statistics.** Every silo sends the sums of its training features
-   (counts, sums, sums of squares); the server adds them into the one feature
-   scaler every silo applies. No preprocessing is fitted on pooled records.
+1. **Feature statistics.** Every silo releases the moments of its training
+   features on public bounds (count, Σu, Σu²) as a DP statistic charged to its
+   ledger; the server gets their sum (under SecAgg+ when it is on) and builds the
+   one feature scaler every silo applies (:mod:`fedguard.server.secure_metrics`).
 2. **Rounds.** Sample silos (all of them, or Poisson sampling when central DP is
    on), send the global model, collect replies. Each reply is classified: ``ok``
    updates are checked (names, shapes, dtype, finite values, example count) and
@@ -12,8 +13,9 @@ One :class:`FederatedRun` drives a whole run:
    replies and silent silos are logged. The accepted updates go through the
    :class:`~fedguard.strategies.pipeline.AggregationPipeline`.
 3. **Evaluation.** Every silo evaluates the new model on its own held-out test
-   split and returns sums (loss, correct answers, score histograms); the server
-   pools them into loss, accuracy and, for binary tasks, the pooled ROC AUC.
+   split; its sums (loss, correct answers, score histograms) are pooled into
+   loss, accuracy and, for binary tasks, the pooled ROC AUC. With SecAgg on they
+   are summed under SecAgg+ and the records hold no per-silo metric.
 4. **Checkpoint.** The round's model, scaler and the run history so far are
    written atomically before the next round starts.
 """
@@ -26,7 +28,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,12 @@ from fedguard.core.datasets import schema_for
 from fedguard.core.errors import (
     CheckpointError,
     ConfigError,
-    FedguardError,
     ProtocolError,
     UpdateRejectedError,
 )
 from fedguard.core.files import atomic_write_json
-from fedguard.core.metrics import AUC_BINS, binned_auc
 from fedguard.core.models import build_model
-from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.protocol import ReplyStatus, RoundInstructions
 from fedguard.core.seeding import derive_seed, numpy_rng, seed_torch
 from fedguard.core.serialization import (
@@ -59,14 +58,26 @@ from fedguard.core.serialization import (
     validate_weights,
     weights_to_record,
 )
-from fedguard.privacy.accountant import PrivacyAccountant
-from fedguard.privacy.events import DpFedAvgRound
-from fedguard.privacy.secagg import FixedPointEncoder, SecAggAbort, SecAggError
+from fedguard.privacy.secagg.roster import SignedRoster
+from fedguard.server.central_dp import CentralPrivacy
 from fedguard.server.checkpoints import CheckpointStore
+from fedguard.server.norm_guard import check_update_norm
+from fedguard.server.round_records import NodeOutcome, RoundRecord
+from fedguard.server.secure_metrics import (
+    EvaluationSummary,
+    RunAbortedError,
+    evaluate_round,
+    federated_scaler,
+    public_outcome_metrics,
+    write_moments,
+)
 from fedguard.server.secure_round import (
-    SecureAggregationSettings,
-    run_secure_groups,
-    run_secure_round,
+    SecAggIdentities,
+    secagg_identities,
+)
+from fedguard.server.secure_updates import (
+    grouped_secure_updates,
+    secure_updates,
 )
 from fedguard.server.trust import run_trust_phase
 from fedguard.strategies.aggregators import AggregationError, Aggregator
@@ -74,57 +85,13 @@ from fedguard.strategies.pipeline import (
     AggregationOutcome,
     AggregationPipeline,
     ClientUpdate,
-    GroupSum,
 )
 from fedguard.strategies.registry import build_aggregator, check_inputs_suffice
 
 log = logging.getLogger(__name__)
 
-# SecAggConfig needs n >= 3: with two silos each would learn the other's update.
-SECAGG_MIN_CLIENTS = 3
 
-
-class RunAbortedError(FedguardError):
-    """The run cannot continue (for example, no silo answered the statistics query)."""
-
-
-@dataclass(frozen=True)
-class NodeOutcome:
-    """What one silo did in one round; ``reason`` says why when it is not ``ok``."""
-
-    node_id: int
-    silo_id: str
-    status: str  # ok | refused | error | rejected | no-reply
-    reason: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class EvaluationSummary:
-    num_examples: int
-    loss: float
-    accuracy: float
-    auc: float | None
-    per_silo: dict[str, dict[str, float]]
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    round: int
-    seconds: float
-    sampled: int
-    outcomes: list[NodeOutcome]
-    aggregation: dict[str, Any]
-    train_loss: float | None
-    evaluation: EvaluationSummary
-    silo_epsilon: dict[str, float]
-    central_epsilon: float | None
-
-    def count(self, status: str) -> int:
-        return sum(1 for o in self.outcomes if o.status == status)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["EvaluationSummary", "FederatedRun", "NodeOutcome", "RoundRecord", "RunAbortedError"]
 
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -141,7 +108,9 @@ class FederatedRun:
         reply_timeout: float | None = 900.0,
         connect_timeout: float = 300.0,
         aggregator: Aggregator | None = None,
+        roster: SignedRoster | None = None,
     ) -> None:
+        self.roster = roster  # the consortium's signed SecAgg roster (roster.py)
         self.grid = grid
         self.connect_timeout = connect_timeout
         self.config = config
@@ -156,7 +125,9 @@ class FederatedRun:
             byzantine_f=config.aggregation.f if aggregator is None else 0,
             rule_for_f=lambda f: build_aggregator(dataclasses.replace(config.aggregation, f=f)),
         )
-        self.central_accountant = PrivacyAccountant() if config.central_dp.enabled else None
+        # Central DP: CSPRNG sampling, no amplification, a budget (fedguard.server.central_dp).
+        self.central = CentralPrivacy(config.central_dp) if config.central_dp.enabled else None
+        self.central_accountant = self.central.accountant if self.central is not None else None
         self.history: list[RoundRecord] = []
         self._prior_history: list[dict[str, Any]] = []
         self.silo_names: dict[int, str] = {}
@@ -184,6 +155,11 @@ class FederatedRun:
 
     def run(self) -> list[RoundRecord]:
         """Run every round; after a crash, resume from the last completed round."""
+        if self.roster is None and (self.config.secagg.enabled or self.config.trust.enabled):
+            raise ConfigError(
+                "secure aggregation (and every trust-layer statistic) is authenticated: "
+                "the run needs the consortium's signed SecAgg roster"
+            )
         nodes = self._wait_for_silos()
         resumed = self._resume()
         if resumed is None:
@@ -197,16 +173,23 @@ class FederatedRun:
             log.warning("resuming run %s after round %d", self.run_id, completed)
             first = completed + 1
         for round_number in range(first, self.config.num_rounds + 1):
+            stop = self.central.check_round(round_number) if self.central is not None else None
+            if stop is not None:
+                log.error("%s", stop.reason)
+                break
             weights = self._round(round_number, nodes, weights, scaler)
         atomic_write_json(self.run_dir / "history.json", self.history_dicts())
+        if self.central is not None:
+            self.central.write(self.run_dir)
         if self.config.trust.enabled:  # fairness audit, drift reference, attributions
             run_trust_phase(
-                lambda kind, contents: self._send_each(kind, self.config.num_rounds + 1, contents),
+                lambda kind, contents: self.send_each(kind, self.config.num_rounds + 1, contents),
                 nodes,
                 self.config,
                 self.run_dir,
                 self._instruction(self.config.num_rounds, weights, scaler),
                 self.silo_name,
+                identities=self.identities_for(self.config.num_rounds + 1, nodes),
             )
         return self.history
 
@@ -267,7 +250,7 @@ class FederatedRun:
     ) -> RoundRecord:
         started = time.monotonic()
         evaluation = self._evaluate(0, nodes, weights, scaler)
-        record = RoundRecord(0, time.monotonic() - started, 0, [], {}, None, evaluation, {}, None)
+        record = RoundRecord(0, time.monotonic() - started, 0, [], {}, evaluation, {}, None)
         self._finish_round(record, weights, scaler)
         return record
 
@@ -299,23 +282,12 @@ class FederatedRun:
                     outcome.reason,
                 )
         new_weights = unflatten_weights(aggregated.new_global, weights)
-        central_epsilon = None
-        if self.central_accountant is not None:
-            self.central_accountant.compose(
-                DpFedAvgRound(
-                    self.config.central_dp.client_sampling_rate,
-                    self.config.central_dp.noise_multiplier,
-                )
-            )
-            central_epsilon = self.central_accountant.epsilon(self.config.central_dp.delta)
+        central_epsilon = self.central.charge_round() if self.central is not None else None
         evaluation = self._evaluate(round_number, nodes, new_weights, scaler)
-        accepted = [o for o in outcomes if o.status == "ok"]
-        examples = sum(o.metrics.get("num-examples", 0.0) for o in accepted)
-        train_loss = (
-            sum(o.metrics["train-loss"] * o.metrics["num-examples"] for o in accepted) / examples
-            if examples > 0
-            else None
-        )
+        if self.config.secagg.enabled:  # only plan and ledger values, never a metric
+            outcomes = [
+                dataclasses.replace(o, metrics=public_outcome_metrics(o.metrics)) for o in outcomes
+            ]
         silo_epsilon = {
             o.silo_id: o.metrics["epsilon-spent"] for o in outcomes if "epsilon-spent" in o.metrics
         }
@@ -325,7 +297,6 @@ class FederatedRun:
             sampled=len(sampled),
             outcomes=outcomes,
             aggregation={**aggregated.details, "accepted": accepted_count},
-            train_loss=train_loss,
             evaluation=evaluation,
             silo_epsilon=silo_epsilon,
             central_epsilon=central_epsilon,
@@ -387,105 +358,13 @@ class FederatedRun:
         scaler: FeatureScaler,
         global_vector: np.ndarray,
     ) -> tuple[list[NodeOutcome], AggregationOutcome, int]:
-        """SecAgg+ inside random groups; the robust rule runs over the group means.
-
-        The server learns one sum per group, never one silo's update. Silos clip Δ
-        to ``secagg.clip_norm`` before masking (when set); a group whose mean breaks
-        the bound is flagged and left out. A group that aborts is left out too; the
-        rule's precondition is checked against the groups that remain.
-        """
-        secagg = self.config.secagg
-        groups = self.secure_groups(round_number, sampled)
-        names = [[self.silo_name(n) for n in g] for g in groups]
-        rule = self.pipeline.aggregator.name
-        small = [len(g) for g in groups if len(g) < secagg.min_group_size]
-        if small:
-            reason = (
-                f"{len(sampled)} silos sampled make groups of {small} silos, below the minimum "
-                f"group size {secagg.min_group_size}"
-            )
-            log.error("round %d: %s", round_number, reason)
-            aborted = [NodeOutcome(n, self.silo_name(n), "aborted", reason) for n in sampled]
-            return (
-                aborted,
-                AggregationOutcome(
-                    global_vector.copy(), {"rule": rule, "groups": names, "aborted": reason}
-                ),
-                0,
-            )
-        settings = SecureAggregationSettings(
-            clip_range=secagg.clip_range,
-            value_bits=secagg.value_bits,
-            dropout_rate=secagg.dropout_rate,
-            weight_unit=1,
-            clip_norm=secagg.clip_norm,
-        )
-
-        def send(message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
-            return self._send_each(message_type, round_number, contents)
-
-        results = run_secure_groups(
-            send,
-            groups,
+        return grouped_secure_updates(
+            self,
+            round_number,
+            sampled,
             self._instruction(round_number, weights, scaler),
-            global_vector.size,
-            settings,
+            global_vector,
         )
-        outcomes: list[NodeOutcome] = []
-        sums: list[GroupSum] = []
-        group_log: list[dict[str, Any]] = []
-        tolerance = 0.0
-        for index, (group, result) in enumerate(zip(groups, results, strict=True)):
-            if isinstance(result, SecAggError):
-                reason = f"group {index} aborted: {result}"
-                log.error("round %d: %s", round_number, reason)
-                outcomes += [NodeOutcome(n, self.silo_name(n), "aborted", reason) for n in group]
-                group_log.append({"group": index, "members": names[index], "aborted": str(result)})
-                continue
-            contributors = set(result.contributors)
-            outcomes += [
-                NodeOutcome(
-                    n,
-                    self.silo_name(n),
-                    "ok" if n in contributors else "dropout",
-                    result.dropped_at.get(n, ""),
-                    result.metrics.get(n, {}),
-                )
-                for n in group
-            ]
-            members = tuple(self.silo_name(n) for n in result.contributors)
-            sums.append(GroupSum(members, result.weighted_sum, float(result.total_weight)))
-            group_log.append(
-                {
-                    "group": index,
-                    "members": names[index],
-                    "contributors": list(members),
-                    "total-weight": float(result.total_weight),
-                }
-            )
-            # Stochastic rounding moves each coordinate of the mean by < one step.
-            tolerance = max(
-                tolerance, FixedPointEncoder(result.config).step * math.sqrt(global_vector.size)
-            )
-        try:
-            aggregated = self.pipeline.apply_groups(
-                global_vector, sums, norm_bound=secagg.clip_norm, norm_tolerance=tolerance
-            )
-        except AggregationError as failed:
-            log.error("round %d: aggregation over groups failed: %s", round_number, failed)
-            aggregated = AggregationOutcome(
-                global_vector.copy(), {"rule": rule, "failed": str(failed)}
-            )
-        for flagged in aggregated.details.get("flagged-groups", []):
-            log.warning(
-                "round %d: secure group %s flagged: %s",
-                round_number,
-                flagged["group"],
-                flagged["reason"],
-            )
-        aggregated.details.update({"groups": group_log, "group-seed": self.config.seed})
-        accepted = sum(1 for o in outcomes if o.status == "ok")
-        return outcomes, aggregated, accepted
 
     def _secure_updates(
         self,
@@ -496,71 +375,14 @@ class FederatedRun:
         global_vector: np.ndarray,
         population: int,
     ) -> tuple[list[NodeOutcome], AggregationOutcome, int]:
-        """SecAgg+: the server learns only the sum of the surviving silos' updates.
-
-        Per-silo checks of names, shapes and finite values move to the silo (its
-        encoder refuses NaN/Inf and counts clipped values); the server checks the
-        masked vectors' length and every protocol message. A SecAgg abort leaves
-        the model unchanged and the run goes on with the next round.
-        """
-        central = self.config.central_dp
-        settings = SecureAggregationSettings(
-            clip_range=self.config.secagg.clip_range,
-            value_bits=self.config.secagg.value_bits,
-            dropout_rate=self.config.secagg.dropout_rate,
-            # DP-FedAvg needs uniform weights and a per-silo L2 bound before the sum.
-            weight_unit=0 if central.enabled else 1,
-            clip_norm=central.clip_norm if central.enabled else self.config.secagg.clip_norm,
+        return secure_updates(
+            self,
+            round_number,
+            sampled,
+            self._instruction(round_number, weights, scaler),
+            global_vector,
+            population,
         )
-
-        def send(message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
-            return self._send_each(message_type, round_number, contents)
-
-        try:
-            if len(sampled) < SECAGG_MIN_CLIENTS:
-                raise SecAggAbort(
-                    "setup",
-                    f"{len(sampled)} silo(s) sampled; secure aggregation needs at least "
-                    f"{SECAGG_MIN_CLIENTS}",
-                )
-            result = run_secure_round(
-                send,
-                sampled,
-                self._instruction(round_number, weights, scaler),
-                global_vector.size,
-                settings,
-            )
-        except SecAggAbort as abort:
-            log.error("round %d: secure aggregation aborted: %s", round_number, abort)
-            outcomes = [
-                NodeOutcome(node, self.silo_name(node), "aborted", str(abort)) for node in sampled
-            ]
-            details = {"rule": "secagg", "aborted": str(abort)}
-            return outcomes, AggregationOutcome(global_vector.copy(), details), 0
-        contributors = set(result.contributors)
-        outcomes = [
-            NodeOutcome(
-                node,
-                self.silo_name(node),
-                "ok" if node in contributors else "dropout",
-                result.dropped_at.get(node, ""),
-                result.metrics.get(node, {}),
-            )
-            for node in sampled
-        ]
-        aggregated = self.pipeline.apply_sum(
-            global_vector, result.weighted_sum, result.total_weight, population
-        )
-        aggregated.details.update(
-            {
-                "secagg-degree": result.config.degree,
-                "secagg-threshold": result.config.threshold,
-                "secagg-clipped-values": sum(
-                    int(m.get("secagg-clipped", 0)) for m in result.metrics.values()
-                ),
-            }
-        )
-        return outcomes, aggregated, len(contributors)
 
     def _finish_round(
         self, record: RoundRecord, weights: ModelWeights, scaler: FeatureScaler
@@ -582,15 +404,8 @@ class FederatedRun:
     # -- sampling and messages ---------------------------------------------------------
 
     def _sample(self, round_number: int, nodes: list[int]) -> list[int]:
-        rate = (
-            self.config.central_dp.client_sampling_rate if self.config.central_dp.enabled else 1.0
-        )
-        if rate >= 1.0:
-            return list(nodes)
-        # Poisson sampling, as the central accountant assumes. Public seeded randomness:
-        # who takes part is not secret from the server, only what they send.
-        rng = numpy_rng(self.config.seed, "client-sampling", round_number)
-        return [n for n in nodes if rng.random() < rate]
+        # Central DP: Poisson sampling from the server's OS CSPRNG, never the run seed.
+        return self.central.sample(nodes) if self.central is not None else list(nodes)
 
     def _instructions(self, round_number: int) -> RoundInstructions:
         return RoundInstructions(
@@ -603,6 +418,7 @@ class FederatedRun:
             training=self.config.training,
             local_dp=self.config.local_dp,
             planned_releases=self.config.trust.planned_releases(),
+            update_clip_norm=self.config.update_clip_norm,
         )
 
     def _instruction(
@@ -621,9 +437,9 @@ class FederatedRun:
     def _send(
         self, message_type: str, round_number: int, nodes: Iterable[int], content: RecordDict
     ) -> dict[int, Message]:
-        return self._send_each(message_type, round_number, dict.fromkeys(nodes, content))
+        return self.send_each(message_type, round_number, dict.fromkeys(nodes, content))
 
-    def _send_each(
+    def send_each(
         self, message_type: str, round_number: int, contents: Mapping[int, RecordDict]
     ) -> dict[int, Message]:
         """Send each node its own content; collect replies until the timeout."""
@@ -653,6 +469,17 @@ class FederatedRun:
     def silo_name(self, node: int) -> str:
         return self.silo_names.get(node, f"node-{node}")
 
+    def identities_for(
+        self, round_number: int, nodes: list[int], secure_only: bool = False
+    ) -> SecAggIdentities | None:
+        """The roster and node -> silo ids of a secure round (asks nodes not heard from);
+        ``secure_only``: None unless the run has secure aggregation on."""
+        if secure_only and not self.config.secagg.enabled:
+            return None
+        return secagg_identities(
+            self.roster, self.silo_names, nodes, lambda t, c: self.send_each(t, round_number, c)
+        )
+
     # -- replies -----------------------------------------------------------------------
 
     def _check_train_reply(
@@ -676,6 +503,12 @@ class FederatedRun:
                 raise ProtocolError("reply has no model arrays")
             candidate = record_to_weights(reply.content.array_records[protocol.ARRAYS])
             validate_weights(weights, candidate)
+            new_vector = flatten_weights(candidate)
+            delta = new_vector - global_vector
+            # The norm guard (fedguard.server.norm_guard): ‖Δ‖ within update_clip_norm.
+            check_update_norm(
+                delta, self.config.update_clip_norm, float(np.linalg.norm(new_vector))
+            )
             num_examples = metrics.get("num-examples", float("nan"))
             if not (
                 math.isfinite(num_examples) and num_examples >= 1 and num_examples.is_integer()
@@ -686,100 +519,37 @@ class FederatedRun:
         except (UpdateRejectedError, ProtocolError, ValueError, TypeError) as bad:
             reason = getattr(bad, "reason", str(bad))
             return NodeOutcome(node, name, "rejected", reason, metrics), None
-        delta = flatten_weights(candidate) - global_vector
         return (
             NodeOutcome(node, name, "ok", "", metrics),
             ClientUpdate(node, name, delta, int(num_examples)),
         )
 
     def _federated_scaler(self, nodes: list[int]) -> FeatureScaler:
-        content = RecordDict({protocol.CONFIG: self._instructions(0).to_record()})
-        replies = self._send(protocol.FEATURE_STATISTICS, 0, nodes, content)
-        parts: list[FeatureStatistics] = []
-        for node in nodes:
-            reply = replies.get(node)
-            if reply is None:
-                log.warning("silo %s sent no feature statistics", self.silo_name(node))
-                continue
-            status, reason = protocol.reply_status(reply)
-            if (
-                status is not ReplyStatus.OK
-                or protocol.STATISTICS not in reply.content.array_records
-            ):
-                log.warning("silo %s: no feature statistics (%s)", self.silo_name(node), reason)
-                continue
-            record = reply.content.array_records[protocol.STATISTICS]
-            try:
-                parts.append(
-                    FeatureStatistics.from_arrays({k: v.numpy() for k, v in record.items()})
-                )
-            except FedguardError as bad:
-                log.warning("silo %s: feature statistics rejected: %s", self.silo_name(node), bad)
-        if not parts:
-            raise RunAbortedError("no silo sent usable feature statistics; cannot preprocess")
-        return FeatureScaler.from_statistics(
-            FeatureStatistics.sum(parts), schema_for(self.config.dataset)
+        """The scaler from the silos' DP feature moments (see fedguard.server.secure_metrics)."""
+        release = federated_scaler(
+            lambda kind, contents: self.send_each(kind, 0, contents),
+            nodes,
+            self.config,
+            self._instructions(0).to_record(),
+            self.silo_name,
+            identities=self.identities_for(0, nodes, secure_only=True),
         )
+        write_moments(self.run_dir, release, self.config.dataset.value)
+        return release.scaler
 
     def _evaluate(
         self, round_number: int, nodes: list[int], weights: ModelWeights, scaler: FeatureScaler
     ) -> EvaluationSummary:
-        content = self._instruction(round_number, weights, scaler)
-        replies = self._send(protocol.EVALUATE, round_number, nodes, content)
-        total = 0
-        loss_sum = 0.0
-        correct = 0
-        positive: np.ndarray | None = None
-        negative: np.ndarray | None = None
-        per_silo: dict[str, dict[str, float]] = {}
-        for node in nodes:
-            reply = replies.get(node)
-            if reply is None or protocol.reply_status(reply)[0] is not ReplyStatus.OK:
-                continue
-            m = _metrics(reply)
-            n = int(m.get("num-examples", 0))
-            if n <= 0 or not math.isfinite(m.get("loss-sum", float("nan"))):
-                continue
-            total += n
-            loss_sum += m["loss-sum"]
-            correct += int(m["correct"])
-            silo: dict[str, float] = {
-                "num-examples": n,
-                "loss": m["loss-sum"] / n,
-                "accuracy": m["correct"] / n,
-            }
-            if protocol.HISTOGRAMS in reply.content.array_records:
-                pos, neg = _histograms(reply.content.array_records[protocol.HISTOGRAMS])
-                if pos is None or neg is None:
-                    log.warning("silo %s sent malformed score histograms", self.silo_name(node))
-                    continue
-                silo["auc"] = binned_auc(pos, neg)
-                positive = pos if positive is None else positive + pos
-                negative = neg if negative is None else negative + neg
-            per_silo[self.silo_name(node)] = silo
-        auc = (
-            binned_auc(positive, negative)
-            if positive is not None and negative is not None
-            else None
+        """Pooled evaluation: a secure sum with SecAgg on, per-silo sums otherwise."""
+        return evaluate_round(
+            lambda kind, contents: self.send_each(kind, round_number, contents),
+            nodes,
+            self.config,
+            self._instruction(round_number, weights, scaler),
+            round_number,
+            self.silo_name,
+            identities=self.identities_for(round_number, nodes, secure_only=True),
         )
-        return EvaluationSummary(
-            num_examples=total,
-            loss=loss_sum / total if total else float("nan"),
-            accuracy=correct / total if total else float("nan"),
-            auc=auc,
-            per_silo=per_silo,
-        )
-
-
-def _histograms(record: ArrayRecord) -> tuple[np.ndarray | None, np.ndarray | None]:
-    try:
-        pos, neg = record["positive"].numpy(), record["negative"].numpy()
-    except KeyError:
-        return None, None
-    for hist in (pos, neg):
-        if hist.shape != (AUC_BINS,) or hist.dtype.kind not in "iu" or (hist < 0).any():
-            return None, None
-    return pos.astype(np.int64), neg.astype(np.int64)
 
 
 def _metrics(reply: Message) -> dict[str, float]:

@@ -38,7 +38,12 @@ from fedguard.core.errors import ConfigError
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.secagg import SecAggAbort, SecAggConfig
 from fedguard.privacy.secagg.config import RING_BITS
-from fedguard.server.secure_round import SecureAggregationSettings, Send, run_secure_round
+from fedguard.server.secure_round import (
+    SecAggIdentities,
+    SecureAggregationSettings,
+    Send,
+    run_secure_round,
+)
 
 __all__ = [
     "DEFAULT_RESOLUTION",
@@ -106,8 +111,13 @@ def grid_send(grid: Grid, group_id: str, timeout: float | None = None) -> Send:
     return send
 
 
-def statistic_settings(num_silos: int, dropout_rate: float = 0.1) -> SecureAggregationSettings:
-    """Encoder settings of a statistic round: weight 1, step 1, all bits to the values."""
+def statistic_settings(
+    num_silos: int, dropout_rate: float = 0.1, identities: SecAggIdentities | None = None
+) -> SecureAggregationSettings:
+    """Encoder settings of a statistic round: weight 1, step 1, all bits to the values.
+
+    ``identities``: the roster and node → silo ids the round authenticates with.
+    """
     value_bits = min(SecAggConfig.max_bits_per_value(num_silos), RING_BITS - 2)
     return SecureAggregationSettings(
         clip_range=(2**value_bits - 1) / 2,
@@ -115,6 +125,7 @@ def statistic_settings(num_silos: int, dropout_rate: float = 0.1) -> SecureAggre
         dropout_rate=dropout_rate,
         weight_unit=0,
         clip_norm=0.0,
+        identities=identities,
     )
 
 
@@ -131,6 +142,7 @@ def collect_secure_statistic(
     options: Mapping[str, Any] | None = None,
     resolution: float | None = None,
     dropout_rate: float = 0.1,
+    identities: SecAggIdentities | None = None,
 ) -> SecureStatisticResult:
     """Ask every silo in ``nodes`` for a ``kind`` statistic; return the secure sum.
 
@@ -139,6 +151,8 @@ def collect_secure_statistic(
     (scalars, lists, numpy arrays) go to the silos' producer. ``query_round``
     names the release in the silos' ledgers with the run id and the kind: asking
     again with the same one replays the release, it is not charged twice.
+    ``identities`` (the signed roster, each node's silo id) authenticate the round:
+    silos refuse a secure aggregation without them.
 
     Raises:
         SecAggAbort: fewer than :data:`MIN_SILOS` silos, or too few survived.
@@ -164,7 +178,7 @@ def collect_secure_statistic(
         content[REQUEST_ARRAYS] = ArrayRecord(
             {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
         )
-    settings = statistic_settings(len(nodes), dropout_rate)
+    settings = statistic_settings(len(nodes), dropout_rate, identities)
     result = run_secure_round(
         send, list(nodes), content, vector_length, settings, setup_message_type=SECAGG_STATISTIC
     )

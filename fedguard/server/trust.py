@@ -65,7 +65,7 @@ from fedguard.server.fairness import (
     equalized_odds_difference,
     group_metrics,
 )
-from fedguard.server.secure_round import Send
+from fedguard.server.secure_round import SecAggIdentities, Send
 from fedguard.server.statistics import SecureStatisticResult, collect_secure_statistic
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ def fairness_audit(
     config: RunConfig,
     instruction: RecordDict,
     silo_name: SiloName,
+    identities: SecAggIdentities | None = None,
 ) -> tuple[FairnessResult, dict[str, Any]]:
     """The audit of the model in ``instruction`` by cohort; (result, calibration per group)."""
     trust = config.trust
@@ -169,6 +170,7 @@ def fairness_audit(
             "bands": list(groups.bands),
             "score-bins": SCORE_BINS,
         },
+        identities=identities,
     )
     counts = fairness_counts(groups.names, result.values, SCORE_BINS)
     metrics = group_metrics(counts)
@@ -257,6 +259,7 @@ def _histograms(
     edges: np.ndarray,
     query_round: int,
     split: str,
+    identities: SecAggIdentities | None = None,
 ) -> SecureStatisticResult:
     content = RecordDict({k: v for k, v in instruction.items() if k != protocol.ARRAYS})
     return collect_secure_statistic(
@@ -269,6 +272,7 @@ def _histograms(
         target_epsilon=config.trust.drift_epsilon,
         noise=config.trust.noise,
         options={"edges": edges, "split": split},
+        identities=identities,
     )
 
 
@@ -278,11 +282,12 @@ def drift_reference(
     config: RunConfig,
     instruction: RecordDict,
     silo_name: SiloName,
+    identities: SecAggIdentities | None = None,
 ) -> DriftReference:
     """Fix the bins from the scaler's schema and release the training-time histograms."""
     schema = schema_for(config.dataset)
     edges = bin_edges(schema.standardize, config.trust.drift_bins)
-    result = _histograms(send, nodes, config, instruction, edges, 0, "train")
+    result = _histograms(send, nodes, config, instruction, edges, 0, "train", identities)
     counts = result.values.reshape(edges.shape[0], -1)
     return DriftReference(
         feature_names=schema.feature_names,
@@ -304,12 +309,15 @@ def monitor_drift(
     silo_name: SiloName,
     split: str = "train",
     threshold: float | None = None,
+    identities: SecAggIdentities | None = None,
 ) -> DriftResult:
     """One monitoring round: current histograms against the reference, alerts per feature."""
     if query_round < 1:
         raise DataError("monitoring rounds are numbered from 1 (round 0 is the reference)")
     limit = reference.threshold if threshold is None else threshold
-    result = _histograms(send, nodes, config, instruction, reference.edges, query_round, split)
+    result = _histograms(
+        send, nodes, config, instruction, reference.edges, query_round, split, identities
+    )
     current = result.values.reshape(reference.counts.shape)
     scores = drift_scores(
         reference.feature_names, reference.counts, current, limit, reference.merge
@@ -332,6 +340,7 @@ def global_attributions(
     config: RunConfig,
     instruction: RecordDict,
     silo_name: SiloName,
+    identities: SecAggIdentities | None = None,
 ) -> AttributionResult:
     """Mean clipped Integrated-Gradients attribution per feature of the model in ``instruction``."""
     schema = schema_for(config.dataset)
@@ -351,6 +360,7 @@ def global_attributions(
             "attribution-steps": trust.explain_steps,
             "attribution-split": "train",
         },
+        identities=identities,
     )
     return attribution_from_sum(
         result.values,
@@ -391,11 +401,13 @@ def run_trust_phase(
     run_dir: Path,
     instruction: RecordDict,
     silo_name: SiloName,
+    identities: SecAggIdentities | None = None,
 ) -> TrustResults:
     """Audit, drift reference and attributions of the final model; writes ``trust.json``.
 
     A part that cannot be computed (too few silos answer, a data set without the
-    attribute) is logged and left out; the others go on.
+    attribute) is logged and left out; the others go on. ``identities`` (the signed
+    roster, each node's silo id) authenticate every secure statistic.
     """
     trust = config.trust
     fairness: FairnessResult | None = None
@@ -405,7 +417,7 @@ def run_trust_phase(
     if trust.fairness_attribute is not None:
         try:
             fairness, extra["fairness_calibration"] = fairness_audit(
-                send, nodes, config, instruction, silo_name
+                send, nodes, config, instruction, silo_name, identities
             )
             append_log(run_dir, {"release": "fairness", "result": fairness.to_json()})
         except (SecAggAbort, FedguardError) as failed:
@@ -413,7 +425,7 @@ def run_trust_phase(
             append_log(run_dir, {"release": "fairness", "error": str(failed)})
     if trust.drift:
         try:
-            reference = drift_reference(send, nodes, config, instruction, silo_name)
+            reference = drift_reference(send, nodes, config, instruction, silo_name, identities)
             reference.save(run_dir)
             drift.append(_drift_result(reference))
             append_log(run_dir, {"release": "drift-reference", "cost": reference.cost.to_json()})
@@ -422,7 +434,9 @@ def run_trust_phase(
             append_log(run_dir, {"release": "drift-reference", "error": str(failed)})
     if trust.explain:
         try:
-            attributions.append(global_attributions(send, nodes, config, instruction, silo_name))
+            attributions.append(
+                global_attributions(send, nodes, config, instruction, silo_name, identities)
+            )
             append_log(run_dir, {"release": "attribution", "result": attributions[-1].to_json()})
         except (SecAggAbort, FedguardError) as failed:
             log.error("attributions failed: %s", failed)

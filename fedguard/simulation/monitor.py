@@ -30,6 +30,7 @@ from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import ModelWeights
 from fedguard.core.trust_results import DriftResult, read_trust_results
 from fedguard.server.checkpoints import CheckpointStore
+from fedguard.server.secure_round import secagg_identities
 from fedguard.server.statistics import grid_send
 from fedguard.server.trust import (
     DriftReference,
@@ -37,6 +38,7 @@ from fedguard.server.trust import (
     record_monitoring,
     trust_instruction,
 )
+from fedguard.simulation.identities import load_roster, silo_identity
 from fedguard.simulation.inprocess import run_inprocess
 
 __all__ = ["DriftedSiloSource", "MonitoringRun", "drift_shift", "load_run", "simulate_monitoring"]
@@ -140,6 +142,7 @@ def simulate_monitoring(
     if unknown:
         raise ConfigError(f"drift silos {unknown} outside 0..{config.num_clients - 1}")
     reference = DriftReference.load(run_dir)
+    roster = load_roster(run_dir)  # the run's signed SecAgg roster
     moved = drift_shift(run.scaler, config.dataset, shift, features)
     first = _next_query_round(run_dir)
     state = {"round": first}
@@ -161,6 +164,7 @@ def simulate_monitoring(
             state_dir=run_dir / "silos" / f"silo-{index}",
             budget=config.budget,
             data=source,
+            identity=silo_identity(run_dir, f"silo-{index}"),
         )
 
     results: list[DriftResult] = []
@@ -170,9 +174,11 @@ def simulate_monitoring(
     def _main(grid: Grid, context: Context) -> None:
         nodes = sorted(grid.get_node_ids())
         instruction = trust_instruction(config, run.run_id, run.weights, run.scaler)
+        silo_ids: dict[int, str] = {}
         for query_round in range(first, first + rounds):
             state["round"] = query_round
             send = grid_send(grid, f"monitor-{query_round}")
+            identities = secagg_identities(roster, silo_ids, nodes, send)
             result = monitor_drift(
                 send,
                 nodes,
@@ -180,8 +186,9 @@ def simulate_monitoring(
                 instruction,
                 reference,
                 query_round,
-                lambda node: f"node-{node}",
+                lambda node: silo_ids.get(node, f"node-{node}"),
                 threshold=threshold,
+                identities=identities,
             )
             record_monitoring(run_dir, result)
             results.append(result)

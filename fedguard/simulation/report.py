@@ -8,10 +8,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedguard.core.config import RunConfig
+from fedguard.client.policy import NOT_PRIVATE_AGAINST_SERVER
+from fedguard.core.config import NoiseSource, RunConfig
 from fedguard.core.files import atomic_write_json
 from fedguard.core.trust_report import plot_trust, trust_markdown
 from fedguard.core.trust_results import TrustResults, read_trust_results
+from fedguard.server.central_dp import central_dp_statement, read_central_dp
 from fedguard.simulation.runner import SiloPlan, VariantResult
 
 PACKAGES = (
@@ -103,6 +105,8 @@ def build_report(
                 "loss": _metric(final, "loss"),
             },
             "central_epsilon": central,
+            # What central DP covers, ε spent and any budget stop (central-dp.json).
+            "central_dp": read_central_dp(result.run_dir),
             "silos": silo_epsilon_summary(result.config, result),
             "history": result.history,
             "trust": trust.to_json() if trust is not None and not trust.empty else None,
@@ -117,6 +121,17 @@ def build_report(
             "accountant": "dp_accounting PLD, pessimistic, value discretization 1e-4",
             "composition": "over every round a silo actually trained; no credit for selection",
             "noise_source": config.local_dp.noise_source.value,
+            # docs/threat-model.md: seeded noise and batches are research mode.
+            "private_against_server": config.local_dp.noise_source is not NoiseSource.SEEDED,
+            "against_server": (
+                NOT_PRIVATE_AGAINST_SERVER
+                if config.local_dp.noise_source is NoiseSource.SEEDED
+                else "each silo's ε holds against the server: CSPRNG noise and Poisson "
+                "batches drawn inside the silo, policy checked by the silo"
+            ),
+            "central": (
+                central_dp_statement(config.central_dp) if config.central_dp.enabled else None
+            ),
         },
         "silo_plans": [vars(p) for p in plans],
         "variants": variants,
@@ -151,6 +166,9 @@ def summary_table(config: RunConfig, report: dict[str, Any]) -> str:
         dp, base = variants["dp"]["final"][key], variants["no-dp"]["final"][key]
         if base and not math.isnan(base) and not math.isnan(dp):
             lines.append(f"DP keeps {100 * dp / base:.1f}% of the non-private {key.upper()}.")
+    lines += _central_lines(report)
+    if not report["privacy"].get("private_against_server", True):
+        lines.append(f"WARNING: {NOT_PRIVATE_AGAINST_SERVER}.")
     if "dp" in variants:
         lines.append("")
         lines.append(
@@ -166,6 +184,60 @@ def summary_table(config: RunConfig, report: dict[str, Any]) -> str:
                 f"{_fmt(s['steps_per_round']):>8} {_fmt(s['epsilon_spent'], 3):>8} {within:>10}"
             )
     return "\n".join(lines)
+
+
+def _central_lines(report: dict[str, Any]) -> list[str]:
+    """Central DP in plain words: ε per variant, any budget stop, what it covers."""
+    statement = report["privacy"].get("central")
+    if not statement:
+        return []
+    lines = [""]
+    for name, variant in report["variants"].items():
+        state = variant.get("central_dp") or {}
+        eps = state.get("epsilon", variant.get("central_epsilon"))
+        lines.append(
+            f"[{name}] central ε (one silo, δ={statement['delta']:g}): {_fmt(eps, 2)} "
+            f"of budget {statement['epsilon_budget']:g}"
+        )
+        if state.get("stopped"):
+            lines.append(f"[{name}] {state['stopped']['reason']}")
+    lines.append(f"Central DP covers {statement['covers']};")
+    lines.append(f"  not {statement['does_not_cover']}.")
+    lines.append(f"  Amplification by sampling {statement['amplification']}.")
+    return lines
+
+
+def _central_markdown(report: dict[str, Any]) -> list[str]:
+    statement = report["privacy"].get("central")
+    if not statement:
+        return []
+    return [
+        f"* Central DP (one silo, ε budget {statement['epsilon_budget']:g} at "
+        f"δ = {statement['delta']:g}): covers {statement['covers']}; not "
+        f"{statement['does_not_cover']}.",
+        f"* Amplification by client sampling {statement['amplification']}.",
+    ]
+
+
+def _disclosure_markdown(config: RunConfig) -> list[str]:
+    """What the server learns besides the DP-noised model: the scaler and the evaluations."""
+    scaler = (
+        f"DP feature moments (ε = {config.local_dp.scaler_epsilon:g} per silo, charged to its "
+        "ledger)"
+        if config.local_dp.enabled
+        else "exact feature moments (no DP run)"
+    )
+    if config.secagg.enabled:
+        return [
+            f"* Federated scaler: {scaler}, summed under SecAgg+: the server sees only the sum.",
+            "* Evaluation: each round's sums (examples, loss, correct, score histograms) are",
+            "  summed under SecAgg+; the records hold the pooled values only, no per-silo metric.",
+        ]
+    return [
+        f"* Federated scaler: {scaler}, each silo's release sent in clear (plain mode).",
+        "* Not protected by DP: the evaluation sums each silo returns in clear (test loss,",
+        "  correct answers, score histograms), kept per silo in the history.",
+    ]
 
 
 def write_report(
@@ -280,8 +352,8 @@ def _markdown(
         f"* Budget per silo: ε = {config.budget.epsilon:g} at δ = {config.budget.delta:g}.",
         f"* Accountant: {report['privacy']['accountant']}; {report['privacy']['composition']}.",
         f"* DP-SGD noise source: `{config.local_dp.noise_source.value}`.",
-        "* Not protected by DP: the evaluation sums each silo returns (test loss, correct answers,",
-        "  score histograms) and the feature statistics (sums) used for preprocessing.",
+        *_disclosure_markdown(config),
+        *_central_markdown(report),
         "",
         f"## {key.upper()} per round",
         "",

@@ -6,7 +6,10 @@ part of a seeded partition of a built-in data set, a state directory with its
 own persistent privacy ledger, and its own held-out test split.
 
 A run folder holds one or two variants of the run: ``dp`` (local DP-SGD) and
-``no-dp`` (the same everything else, without DP), plus the report.
+``no-dp`` (the same everything else, without DP), plus the report. Each variant
+makes its consortium's SecAgg identities first (a roster key, one identity key
+per silo, the signed roster: :mod:`fedguard.simulation.identities`), so secure
+aggregation and the trust layer's statistics run authenticated, as deployed.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import Any
 from flwr.app import Context
 
 from fedguard.client.app import make_client_app
+from fedguard.client.policy import SiloPolicy
 from fedguard.client.silo import SiloSettings, SimulatedSiloSource
-from fedguard.core.config import Engine, RunConfig
+from fedguard.core.config import Engine, NoiseSource, RunConfig
 from fedguard.core.datasets import SiloData, simulation_silos
 from fedguard.core.errors import InfeasibleBudgetError
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
@@ -33,6 +37,7 @@ from fedguard.privacy.ledger import PrivacyLedger
 from fedguard.server.app import make_server_app
 from fedguard.server.orchestrator import RoundRecord
 from fedguard.simulation.attacks import AttackConfig, adversaries
+from fedguard.simulation.identities import provision_identities, silo_identity
 from fedguard.simulation.inprocess import run_inprocess
 from fedguard.strategies.aggregators import Aggregator
 
@@ -109,7 +114,24 @@ def plan_silos(config: RunConfig) -> tuple[list[SiloData], list[SiloPlan]]:
     return silos, plans
 
 
+def simulated_silo_policy(config: RunConfig) -> SiloPolicy:
+    """The policy each simulated silo holds: the deployed defaults, the run's noise source.
+
+    Seeded noise is research mode: the ledger plans and the report say the ε is not
+    a guarantee against the server.
+    """
+    seeded = config.local_dp.noise_source is NoiseSource.SEEDED
+    return SiloPolicy(
+        noise_source=config.local_dp.noise_source,
+        research_mode=seeded,
+        max_noise_multiplier=config.local_dp.max_noise_multiplier,
+        max_clip_norm=max(SiloPolicy.max_clip_norm, config.local_dp.max_grad_norm),
+    )
+
+
 def _client_settings(config: RunConfig, run_dir: Path) -> Callable[[Context], SiloSettings]:
+    policy = simulated_silo_policy(config)
+
     def resolve(context: Context) -> SiloSettings:
         index = int(str(context.node_config["partition-id"]))
         return SiloSettings(
@@ -124,6 +146,9 @@ def _client_settings(config: RunConfig, run_dir: Path) -> Callable[[Context], Si
                 test_fraction=config.test_fraction,
                 seed=config.seed,
             ),
+            policy=policy,
+            # The silo's SecAgg identity key and the consortium key, from its own files.
+            identity=silo_identity(run_dir, silo_id(index)),
         )
 
     return resolve
@@ -151,7 +176,11 @@ def run_variant(
             on_round(round_record)
 
     run_id = f"{run_dir.parent.name}/{name}"
-    server_app = make_server_app(config, run_id, run_dir, record, aggregator=aggregator)
+    # Authenticated SecAgg: keys and a signed roster, as `fedguard ca sign-roster` makes.
+    roster = provision_identities(run_dir, [silo_id(i) for i in range(config.num_clients)])
+    server_app = make_server_app(
+        config, run_id, run_dir, record, aggregator=aggregator, roster=roster
+    )
     byzantine = adversaries(attack, config) if attack is not None else {}
     client_app = make_client_app(
         _client_settings(config, run_dir),
@@ -206,6 +235,7 @@ def read_ledgers(config: RunConfig, run_dir: Path) -> dict[str, list[dict[str, A
                 {
                     "run_id": e.run_id,
                     "round": e.round,
+                    "purpose": e.purpose.value,
                     "epsilon_after": e.epsilon_after,
                     "status": e.status.value,
                     **e.event.to_json(),

@@ -8,12 +8,22 @@ from flwr.app import ConfigRecord
 
 from fedguard.client.app import SiloAgent, make_client_app
 from fedguard.client.silo import settings_from_node_config
+from fedguard.client.statistics import REQUEST, StatisticKind, StatisticRequest
 from fedguard.core import protocol
 from fedguard.core.config import DatasetName, LocalDPConfig, PrivacyBudget
 from fedguard.core.errors import ConfigError
+from fedguard.core.feature_moments import moment_layout
 from fedguard.core.protocol import ReplyStatus
-from fedguard.privacy.ledger import PrivacyLedger
-from tests.factories import initial_weights, instruction, local_scaler, node_context, silo_settings
+from fedguard.core.trust import TrustNoise
+from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
+from tests.factories import (
+    DATASET,
+    initial_weights,
+    instruction,
+    local_scaler,
+    node_context,
+    silo_settings,
+)
 
 
 def _train(agent: SiloAgent, message):  # type: ignore[no-untyped-def]
@@ -82,8 +92,8 @@ def test_a_replayed_round_from_another_model_is_refused(tmp_path: Path) -> None:
     assert _train(SiloAgent(settings), instruction(1, weights, scaler))[1][0] is ReplyStatus.OK
     other = {k: v + 0.5 for k, v in weights.items()}
     _, (status, reason) = _train(SiloAgent(settings), instruction(1, other, scaler))
-    assert status is ReplyStatus.ERROR
-    assert "already" in reason
+    assert status is ReplyStatus.REFUSED
+    assert reason.startswith("[replayed-round]") and "already" in reason
 
 
 def test_budget_too_small_for_one_round_is_refused_with_a_clear_reason(tmp_path: Path) -> None:
@@ -129,12 +139,27 @@ def test_evaluate_and_statistics_replies(tmp_path: Path) -> None:
     metrics = reply.content.metric_records[protocol.METRICS]
     assert metrics["num-examples"] == len(settings.data.load().test)
     assert protocol.HISTOGRAMS in reply.content.array_records
+    # Plain mode's feature moments: the DP release in clear, charged to the ledger first.
+    layout = moment_layout(DATASET)
+    request = StatisticRequest(
+        StatisticKind.FEATURE_MOMENTS, 0, 0.2, TrustNoise.GAUSSIAN, 2.0**-6, layout.length, {}
+    )
+    message.content[REQUEST] = ConfigRecord(request.to_records()[0])
     stats = agent.handle(message, agent.feature_statistics)
-    assert set(stats.content.array_records[protocol.STATISTICS]) == {
-        "count",
-        "total",
-        "total_squares",
-    }
+    assert protocol.reply_status(stats)[0] is ReplyStatus.OK
+    (moments,) = stats.content.array_records[protocol.STATISTICS].values()
+    assert moments.numpy().shape == (layout.length,)
+    released = stats.content.metric_records[protocol.METRICS]
+    assert released["noise-multiplier"] > 0 and released["l2-sensitivity"] == layout.l2_sensitivity
+    with PrivacyLedger.open(settings.state_dir, settings.silo_id, settings.budget) as ledger:
+        (entry,) = ledger.entries()
+        assert (entry.round, entry.purpose) == (0, ChargePurpose.FEATURE_MOMENTS)
+    # A replayed query resends the very same release, charging nothing.
+    again = agent.handle(message, agent.feature_statistics)
+    np.testing.assert_array_equal(
+        next(iter(again.content.array_records[protocol.STATISTICS].values())).numpy(),
+        moments.numpy(),
+    )
 
 
 def test_client_app_routes_messages_like_flower(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ from fedguard.client.explain import AttributionSettings, attribution_statistic
 from fedguard.client.silo import SiloSettings
 from fedguard.client.statistics import StatisticKind
 from fedguard.client.training import LocalData, train_non_private
+from fedguard.core.chained_log import read_records
 from fedguard.core.config import LocalTrainingConfig, ModelSpec
 from fedguard.core.datasets import schema_for
+from fedguard.core.errors import FedguardError
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import load_weights, model_weights, record_to_weights
@@ -29,13 +31,20 @@ from fedguard.core.trust_results import (
 from fedguard.privacy.analysis.release import release_epsilon
 from fedguard.privacy.events import GaussianRelease
 from fedguard.privacy.ledger import ChargePurpose, LedgerEntry, PrivacyLedger
+from fedguard.server.secure_round import SecAggIdentities
 from fedguard.server.statistics import (
     SecureStatisticResult,
     collect_secure_statistic,
     grid_send,
 )
 from fedguard.simulation.inprocess import InProcessGrid
-from tests.factories import DATASET, instruction, local_scaler, silo_settings
+from tests.factories import (
+    DATASET,
+    consortium_identities,
+    instruction,
+    local_scaler,
+    silo_settings,
+)
 
 SILOS = 3
 SETTINGS = AttributionSettings(clip_norm=1.0, steps=16)
@@ -70,7 +79,11 @@ def _local_vectors(
 
 
 def _collect(
-    grid: InProcessGrid, content: RecordDict, noise: TrustNoise, query_round: int = 0
+    grid: InProcessGrid,
+    content: RecordDict,
+    noise: TrustNoise,
+    identities: SecAggIdentities,
+    query_round: int = 0,
 ) -> SecureStatisticResult:
     return collect_secure_statistic(
         grid_send(grid, "explain"),
@@ -82,12 +95,13 @@ def _collect(
         target_epsilon=1.0,
         noise=noise,
         options=SETTINGS.to_options(),
+        identities=identities,
     )
 
 
 def test_secure_sum_without_noise_equals_the_silos_local_sums(tmp_path: Path) -> None:
     grid, settings, scaler, content = _setup(tmp_path)
-    result = _collect(grid, content, TrustNoise.NONE)
+    result = _collect(grid, content, TrustNoise.NONE, consortium_identities(tmp_path, SILOS))
     expected = np.sum(_local_vectors(settings, scaler, content), axis=0)
     assert len(result.contributors) == SILOS
     # The count is exact; the real sums are rounded (unbiasedly) to 2^-12 per silo.
@@ -120,7 +134,7 @@ def _entries(s: SiloSettings) -> list[LedgerEntry]:
 
 def test_noised_release_is_charged_once_to_every_ledger(tmp_path: Path) -> None:
     grid, settings, scaler, content = _setup(tmp_path)
-    result = _collect(grid, content, TrustNoise.GAUSSIAN)
+    result = _collect(grid, content, TrustNoise.GAUSSIAN, consortium_identities(tmp_path, SILOS))
     expected = np.sum(_local_vectors(settings, scaler, content), axis=0)
     for s in settings:
         charges = [e for e in _entries(s) if e.purpose is ChargePurpose.ATTRIBUTION]
@@ -133,8 +147,13 @@ def test_noised_release_is_charged_once_to_every_ledger(tmp_path: Path) -> None:
     residual = result.values - expected
     assert np.abs(residual).max() > 0.1
     assert np.std(residual) == pytest.approx(result.noise_std, rel=0.5)
-    # Asking again with the same query round replays the release: no second charge.
-    again = _collect(grid, content, TrustNoise.GAUSSIAN)
-    np.testing.assert_allclose(again.values, result.values, atol=SILOS * 2.0**-12)
+    # Asking again with the same query round is a second SecAgg instance over the same
+    # release (the difference of two sums could isolate a silo): every silo refuses it.
+    with pytest.raises(FedguardError, match="only 0 client"):
+        _collect(grid, content, TrustNoise.GAUSSIAN, consortium_identities(tmp_path, SILOS))
+    for s in settings:
+        logged = read_records(s.state_dir / "silo-log.jsonl")
+        refusals = [r.payload for r in logged if r.payload.get("status") == "refused"]
+        assert refusals and "[secagg-second-instance]" in refusals[-1]["reason"]
     for s in settings:
         assert len([e for e in _entries(s) if e.purpose is ChargePurpose.ATTRIBUTION]) == 1

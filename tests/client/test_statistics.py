@@ -28,7 +28,14 @@ from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
 from fedguard.privacy.secagg import SecAggAbort
 from fedguard.server.statistics import collect_secure_statistic, grid_send
 from fedguard.simulation.inprocess import InProcessGrid
-from tests.factories import DATASET, initial_weights, instruction, local_scaler, silo_settings
+from tests.factories import (
+    DATASET,
+    consortium_identities,
+    initial_weights,
+    instruction,
+    local_scaler,
+    silo_settings,
+)
 
 
 def _request(kind: StatisticKind, length: int, query_round: int = 0) -> StatisticRequest:
@@ -95,6 +102,7 @@ def test_exact_sums_with_noise_off_equal_the_silos_plain_sums(tmp_path: Path) ->
             target_epsilon=1.0,
             noise=TrustNoise.NONE,
             options=options,
+            identities=consortium_identities(tmp_path, 3),
         )
         producer = drift_statistic if kind is StatisticKind.DRIFT else fairness_statistic
         plain = sum(producer(s, model, scaler, options).values for s in silos)
@@ -124,5 +132,6 @@ def test_silos_refuse_exact_sums_unless_they_allow_non_private_work(tmp_path: Pa
             target_epsilon=1.0,
             noise=TrustNoise.NONE,
             options={"edges": edges},
+            identities=consortium_identities(tmp_path, 3),
         )
     assert not (tmp_path / "silo-0" / PrivacyLedger.FILENAME).exists()

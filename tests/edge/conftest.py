@@ -64,7 +64,7 @@ def with_lifetime_budget(run_dir: Path, budget: PrivacyBudget) -> None:
         (silo_dir / PrivacyLedger.FILENAME).unlink()
         with PrivacyLedger.open(silo_dir, silo_dir.name, budget) as ledger:
             for entry in entries:
-                charged = ledger.charge(entry.run_id, entry.round, entry.event)
+                charged = ledger.charge(entry.run_id, entry.round, entry.event, entry.purpose)
                 ledger.mark(charged.entry_id, ChargeStatus.COMPLETED)
     report["config"]["budget"] = {"epsilon": budget.epsilon, "delta": budget.delta}
     report_path.write_text(json.dumps(report))

@@ -26,7 +26,10 @@ checked:
   no lost or doubled round, no budget charged twice (the silos' ledgers), the
   replayed round answered from the outbox, each round audited once;
 * an oversize update is rejected with its reason (in process: NaN, wrong shape
-  and wrong dtype are covered in tests/server/test_orchestrator.py).
+  and wrong dtype are covered in tests/server/test_orchestrator.py);
+* ``secure``, a 1-round SecAgg+ run: every advert signed with the silos' identity
+  keys (``node keygen``) and checked against the roster the CA signed
+  (``ca sign-roster``), each silo verifying it with its own ``ca.crt``.
 
 Each run calibrates σ so that its planned rounds fit the silo's *whole* budget
 with what was spent before composed in. The silos' budget here (ε = 100) is
@@ -56,7 +59,7 @@ import numpy as np
 import pytest
 
 from fedguard.core.config import PrivacyBudget
-from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
 from fedguard.server.commands import ServerLayout
 
 SILOS = ("hospital-a", "hospital-b", "hospital-c")
@@ -261,6 +264,11 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
         c.fedguard("ca", "issue-server", "--ca-dir", "ca", "--out", "server")
         for name in [*SILOS, "rogue"]:
             c.fedguard("node", "keygen", "--out", f"keys/{name}", "--name", name)
+        # The CA signs the roster of the silos' SecAgg identity keys for the server.
+        c.fedguard(
+            "ca", "sign-roster", "--ca-dir", "ca", "--out", "server/secagg-roster.json",
+            *[f"--silo={name}=keys/{name}/secagg-identity.pub" for name in SILOS],
+        )  # fmt: skip
         _write_silo_data(root / "data")
         c.start_server()
         for name in SILOS:
@@ -283,7 +291,7 @@ def _write_silo_data(folder: Path) -> None:
         frame.iloc[i % len(SILOS) :: len(SILOS)].to_csv(folder / f"{name}.csv", index=False)
 
 
-def _write_config(root: Path, name: str, rounds: int) -> Path:
+def _write_config(root: Path, name: str, rounds: int, extra: tuple[str, ...] = ()) -> Path:
     path = root / f"{name}.toml"
     path.write_text(
         "\n".join(
@@ -295,6 +303,7 @@ def _write_config(root: Path, name: str, rounds: int) -> Path:
                 "learning-rate = 0.1",
                 'hidden = "16"',
                 f'run-name = "{name}"',
+                *extra,
                 "",
             ]
         )
@@ -312,7 +321,11 @@ def _outcomes(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _charges(state: Path, silo: str, run: str) -> list[tuple[int, str]]:
     with PrivacyLedger.open(state, silo, BUDGET) as ledger:
-        return [(e.round, str(e.status)) for e in ledger.entries() if e.run_id == run]
+        return [
+            (e.round, str(e.status))
+            for e in ledger.entries()
+            if e.run_id == run and e.purpose is ChargePurpose.TRAINING
+        ]
 
 
 def _silo_log(state: Path, run: str) -> list[dict[str, Any]]:
@@ -632,3 +645,20 @@ def test_an_oversize_update_is_rejected_with_its_reason(tmp_path: Path) -> None:
     assert "shape" in outcomes["silo-1"].reason
     assert outcomes["silo-2"].status == "ok"
     assert records[-1].aggregation["accepted"] == 1
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S)
+def test_a_secure_run_is_authenticated_with_the_signed_roster(consortium: Consortium) -> None:
+    """SecAgg+ over the deployment: adverts signed by the silos' identity keys, checked
+    against the roster the CA signed (each silo verifies it with its own ca.crt)."""
+    config = _write_config(consortium.root, "secure", rounds=1, extra=("secagg = true",))
+    done = consortium.fedguard("run", config.name, "--server-dir", "server", "--wait")
+    assert "secure: finished:completed" in done.stdout, done.stdout + done.stderr
+    record = _history(consortium, "secure")[-1]
+    assert str(record["aggregation"]["rule"]).startswith("secagg+")
+    assert {s: o["status"] for s, o in _outcomes(record).items()} == dict.fromkeys(SILOS, "ok")
+    for name, state in consortium.silos.items():
+        config_text = (state / "node-config.toml").read_text()
+        assert "secagg-identity-key" in config_text and "consortium-key" in config_text
+        seen = json.loads((state / "secagg-roster-seen.json").read_text())
+        assert [entry["serial"] for entry in seen.values()] == [1], name

@@ -26,8 +26,14 @@ def test_ray_engine_run_improves_and_spends_epsilon(tmp_path: Path) -> None:
     assert history[-1]["evaluation"]["loss"] < history[0]["evaluation"]["loss"]
     assert history[-1]["evaluation"]["auc"] > history[0]["evaluation"]["auc"]
     for silo, entries in result.ledgers.items():
-        assert [e["round"] for e in entries] == [1, 2], silo
-        assert 0 < entries[0]["epsilon_after"] < entries[1]["epsilon_after"] <= 3.0
+        # First the scaler's feature-moments release (query round 0), then training.
+        assert [(e["purpose"], e["round"]) for e in entries] == [
+            ("feature-moments", 0),
+            ("training", 1),
+            ("training", 2),
+        ], silo
+        spent = [e["epsilon_after"] for e in entries]
+        assert 0 < spent[0] < spent[1] < spent[2] <= 3.0
     on_disk = json.loads((tmp_path / "ray-run" / "dp" / "history.json").read_text())
     assert len(on_disk) == 3
 

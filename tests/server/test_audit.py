@@ -337,7 +337,6 @@ def test_record_round_sorts_outcomes_and_writes_a_round_once(tmp_path: Path) -> 
             {"node_id": 4, "silo_id": "d", "status": "no-reply", "reason": "timeout"},
         ],
         "aggregation": {"accepted": 1, "rule": "mean"},
-        "train_loss": 0.4,
         "evaluation": {"num_examples": 10, "loss": math.nan, "accuracy": 0.9, "auc": None},
         "silo_epsilon": {"a": 1.5},
         "central_epsilon": None,

@@ -280,3 +280,54 @@ def test_prompt_grid_pulls_replies_every_poll_and_keeps_flower_timeout_semantics
     never.pulls = -100  # replies only after 100 pulls
     partial = PromptGrid(never, poll=0.01)  # type: ignore[arg-type]
     assert list(partial.send_and_receive([object()], timeout=0.05)) == []  # type: ignore[list-item]
+
+
+def test_the_ca_signs_the_roster_the_silos_and_the_server_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.common.config import parse_config_args
+
+    from fedguard.client.silo import settings_from_node_config
+    from fedguard.privacy.secagg.roster import SignedRoster, load_consortium_key
+    from fedguard.server.roster_commands import silo_identity_paths
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["ca", "init", "--dir", "ca"]) == 0
+    assert main(["ca", "issue-server", "--ca-dir", "ca", "--out", "server"]) == 0
+    for name in ("hospital-a", "hospital-b", "hospital-c"):
+        assert main(["node", "keygen", "--out", f"keys/{name}", "--name", name]) == 0
+        assert (tmp_path / "keys" / name / "secagg-identity.key").stat().st_mode & 0o777 == 0o600
+    assert "SecAgg identity public key" in capsys.readouterr().out
+    silos = [f"--silo={n}=keys/{n}/secagg-identity.pub" for n in ("hospital-a", "hospital-b")]
+    assert main(["ca", "sign-roster", "--ca-dir", "ca", *silos]) == 0
+    assert "serial 1, 2 silo(s)" in capsys.readouterr().out
+    silos.append("--silo=hospital-c=keys/hospital-c/secagg-identity.pub")
+    assert main(["ca", "sign-roster", "--ca-dir", "ca", *silos]) == 0  # the next serial
+    signed = SignedRoster.load(Path("server/secagg-roster.json"))
+    roster = signed.verify(load_consortium_key(Path("ca/ca.crt")))
+    assert roster.serial == 2 and list(roster.silos) == ["hospital-a", "hospital-b", "hospital-c"]
+    assert roster.consortium == "fedguard consortium CA"
+    assert ServerLayout(Path("server")).load_roster() == signed
+    assert main(["ca", "sign-roster", "--ca-dir", "ca", "--silo", "nokey"]) == 2
+    # client start's node config: the identity beside the node key, the CA as trusted key.
+    paths = silo_identity_paths(None, Path("keys/hospital-a/node.key"), None, Path("ca/ca.crt"))
+    assert paths is not None
+    text = node_config_toml(
+        "hospital-a",
+        DatasetName.BREAST_CANCER,
+        tmp_path / "a.csv",
+        tmp_path / "state",
+        PrivacyBudget(3.0, 1e-5),
+        secagg_identity=paths[0],
+        consortium_key=paths[1],
+    )
+    Path("node-config.toml").write_text(text)
+    settings = settings_from_node_config(parse_config_args(["node-config.toml"]))
+    assert settings.identity is not None
+    assert settings.identity.public_key == roster.silos["hospital-a"]
+    assert silo_identity_paths(None, Path("elsewhere/node.key"), None, Path("ca/ca.crt")) is None
+    assert "will refuse secure aggregation" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="does not exist"):
+        silo_identity_paths(
+            "missing.key", Path("keys/hospital-a/node.key"), None, Path("ca/ca.crt")
+        )

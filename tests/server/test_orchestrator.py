@@ -10,12 +10,13 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedguard.client.app import make_client_app
+from fedguard.client.policy import SiloPolicy
 from fedguard.client.silo import SiloSettings
 from fedguard.core import protocol
-from fedguard.core.config import LocalDPConfig, NoiseSource, PrivacyBudget, RunConfig
+from fedguard.core.config import PrivacyBudget, RunConfig
 from fedguard.core.errors import CheckpointError
 from fedguard.privacy.events import DpSgdRound
-from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
 from fedguard.server.app import make_server_app
 from fedguard.server.checkpoints import CheckpointStore
 from fedguard.server.orchestrator import RoundRecord
@@ -107,9 +108,16 @@ def test_a_refusing_silo_is_skipped_and_the_run_goes_on(tmp_path: Path) -> None:
     spent = silo_settings(tmp_path, 0, budget)
     with PrivacyLedger.open(spent.state_dir, "silo-0", budget) as ledger:
         ledger.charge("earlier-run", 1, DpSgdRound(0.2, 2.985, 100))
-    # The consortium caps σ at 3 (more noise would make the update useless).
-    dp = LocalDPConfig(noise_source=NoiseSource.SEEDED, max_noise_multiplier=3.0)
-    records = _run(tmp_path, small_config(tmp_path, num_rounds=2, local_dp=dp))
+    # silo-0's own policy caps σ at 3 (more noise would make its update useless); the
+    # server has no say in it.
+    capped = SiloPolicy(max_noise_multiplier=3.0)
+    records = _run(
+        tmp_path,
+        small_config(tmp_path, num_rounds=2),
+        resolve=lambda c: silo_settings(
+            tmp_path, int(c.node_config["partition-id"]), budget, policy=capped
+        ),
+    )
     for record in records[1:]:
         by_silo = {o.silo_id: o for o in record.outcomes}
         assert by_silo["silo-0"].status == "refused"
@@ -160,7 +168,14 @@ def test_a_crashed_server_resumes_without_lost_doubled_or_recharged_rounds(tmp_p
         with PrivacyLedger.open(
             tmp_path / f"silo-{i}", f"silo-{i}", PrivacyBudget(3.0, 1e-5)
         ) as ledger:
-            assert [e.round for e in ledger.entries()] == [1, 2, 3]  # nothing charged twice
+            # The scaler's feature moments (query round 0), then the three training rounds:
+            # nothing charged twice.
+            assert [(e.round, e.purpose) for e in ledger.entries()] == [
+                (0, ChargePurpose.FEATURE_MOMENTS),
+                (1, ChargePurpose.TRAINING),
+                (2, ChargePurpose.TRAINING),
+                (3, ChargePurpose.TRAINING),
+            ]
 
 
 def test_checkpoints_of_another_run_are_not_resumed(tmp_path: Path) -> None:

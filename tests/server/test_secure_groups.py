@@ -28,7 +28,7 @@ from fedguard.server.orchestrator import FederatedRun, RoundRecord
 from fedguard.simulation.attack_config import AttackConfig, AttackName
 from fedguard.simulation.attacks import adversaries
 from fedguard.simulation.inprocess import InProcessGrid, run_inprocess
-from tests.factories import silo_settings, small_config
+from tests.factories import consortium_roster, silo_settings, small_config
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 SILOS = 9
@@ -66,7 +66,8 @@ def _run(
     mods: list[Mod] | None = None,
 ) -> list[RoundRecord]:
     records: list[RoundRecord] = []
-    server = make_server_app(config, "groups", tmp_path / "run", records.append)
+    roster = consortium_roster(tmp_path, config.num_clients)
+    server = make_server_app(config, "groups", tmp_path / "run", records.append, roster=roster)
     run_inprocess(server, _client(tmp_path, config, attack, mods or []), config.num_clients)  # type: ignore[arg-type]
     return records
 

@@ -51,7 +51,8 @@ def test_dp_run_audits_and_charges_each_release_once_within_budget(tmp_path: Pat
     for i in range(3):
         with _ledger(run_dir, config, i) as ledger:
             purposes = [e.purpose for e in ledger.entries()]
-            assert purposes == [ChargePurpose.TRAINING] * 2 + [
+            # The scaler's feature moments come first, before any training round.
+            assert purposes == [ChargePurpose.FEATURE_MOMENTS] + [ChargePurpose.TRAINING] * 2 + [
                 ChargePurpose.FAIRNESS,
                 ChargePurpose.DRIFT,
                 ChargePurpose.DRIFT,
@@ -59,7 +60,7 @@ def test_dp_run_audits_and_charges_each_release_once_within_budget(tmp_path: Pat
             assert ledger.spent_epsilon() <= config.budget.epsilon
             assert (
                 results.fairness.cost.epsilon_by_silo[f"silo-{i}"]
-                == ledger.entries()[2].epsilon_after
+                == ledger.entries()[3].epsilon_after
             )
     log = (run_dir / "trust-log.jsonl").read_text().splitlines()
     assert [json.loads(line)["release"] for line in log] == [

@@ -14,6 +14,8 @@ CCS 2020). Modules:
 * :mod:`.messages` — the payloads, with ``to_bytes`` / ``from_bytes``.
 * :mod:`.crypto`, :mod:`.shamir`, :mod:`.graph` — X25519, Ed25519, HKDF, AES-GCM,
   AES-CTR masks; Shamir sharing; the neighbour graph.
+* :mod:`.roster` — the consortium's signed roster of silo identity keys (the PKI
+  that authenticates every key advertisement); not imported here.
 """
 
 from __future__ import annotations

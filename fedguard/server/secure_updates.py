@@ -1,0 +1,229 @@
+"""The two SecAgg+ paths of a training round: one secure sum, or robust rules over groups.
+
+Split from :mod:`fedguard.server.orchestrator` (which calls them with itself as
+``run``): the server learns one sum per SecAgg+ instance, never one silo's update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Message, RecordDict
+
+from fedguard.privacy.secagg import FixedPointEncoder, SecAggAbort, SecAggError
+from fedguard.server.norm_guard import secure_clip_norm, secure_sum_violation
+from fedguard.server.round_records import NodeOutcome
+from fedguard.server.secure_round import (
+    SecureAggregationSettings,
+    run_secure_groups,
+    run_secure_round,
+)
+from fedguard.strategies.aggregators import AggregationError
+from fedguard.strategies.pipeline import AggregationOutcome, GroupSum
+
+if TYPE_CHECKING:
+    from fedguard.server.orchestrator import FederatedRun
+
+__all__ = ["SECAGG_MIN_CLIENTS", "grouped_secure_updates", "secure_updates"]
+
+log = logging.getLogger(__name__)
+
+# SecAggConfig needs n >= 3: with two silos each would learn the other's update.
+SECAGG_MIN_CLIENTS = 3
+
+
+def grouped_secure_updates(
+    run: FederatedRun,
+    round_number: int,
+    sampled: list[int],
+    instruction: RecordDict,
+    global_vector: np.ndarray,
+) -> tuple[list[NodeOutcome], AggregationOutcome, int]:
+    """SecAgg+ inside random groups; the robust rule runs over the group means.
+
+    The server learns one sum per group, never one silo's update. Silos clip Δ
+    to ``secagg.clip_norm`` before masking (when set); a group whose mean breaks
+    the bound is flagged and left out. A group that aborts is left out too; the
+    rule's precondition is checked against the groups that remain.
+    """
+    secagg = run.config.secagg
+    groups = run.secure_groups(round_number, sampled)
+    names = [[run.silo_name(n) for n in g] for g in groups]
+    rule = run.pipeline.aggregator.name
+    small = [len(g) for g in groups if len(g) < secagg.min_group_size]
+    if small:
+        reason = (
+            f"{len(sampled)} silos sampled make groups of {small} silos, below the minimum "
+            f"group size {secagg.min_group_size}"
+        )
+        log.error("round %d: %s", round_number, reason)
+        aborted = [NodeOutcome(n, run.silo_name(n), "aborted", reason) for n in sampled]
+        return (
+            aborted,
+            AggregationOutcome(
+                global_vector.copy(), {"rule": rule, "groups": names, "aborted": reason}
+            ),
+            0,
+        )
+    settings = SecureAggregationSettings(
+        clip_range=secagg.clip_range,
+        value_bits=secagg.value_bits,
+        dropout_rate=secagg.dropout_rate,
+        weight_unit=1,
+        clip_norm=secure_clip_norm(run.config),
+        identities=run.identities_for(round_number, sampled),
+    )
+
+    def send(message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+        return run.send_each(message_type, round_number, contents)
+
+    results = run_secure_groups(
+        send,
+        groups,
+        instruction,
+        global_vector.size,
+        settings,
+    )
+    outcomes: list[NodeOutcome] = []
+    sums: list[GroupSum] = []
+    group_log: list[dict[str, Any]] = []
+    tolerance = 0.0
+    for index, (group, result) in enumerate(zip(groups, results, strict=True)):
+        if isinstance(result, SecAggError):
+            reason = f"group {index} aborted: {result}"
+            log.error("round %d: %s", round_number, reason)
+            outcomes += [NodeOutcome(n, run.silo_name(n), "aborted", reason) for n in group]
+            group_log.append({"group": index, "members": names[index], "aborted": str(result)})
+            continue
+        contributors = set(result.contributors)
+        outcomes += [
+            NodeOutcome(
+                n,
+                run.silo_name(n),
+                "ok" if n in contributors else "dropout",
+                result.dropped_at.get(n, ""),
+                result.metrics.get(n, {}),
+            )
+            for n in group
+        ]
+        members = tuple(run.silo_name(n) for n in result.contributors)
+        sums.append(GroupSum(members, result.weighted_sum, float(result.total_weight)))
+        group_log.append(
+            {
+                "group": index,
+                "members": names[index],
+                "contributors": list(members),
+                "total-weight": float(result.total_weight),
+            }
+        )
+        # Stochastic rounding moves each coordinate of the mean by < one step.
+        tolerance = max(
+            tolerance, FixedPointEncoder(result.config).step * math.sqrt(global_vector.size)
+        )
+    try:
+        aggregated = run.pipeline.apply_groups(
+            global_vector, sums, norm_bound=settings.clip_norm, norm_tolerance=tolerance
+        )
+    except AggregationError as failed:
+        log.error("round %d: aggregation over groups failed: %s", round_number, failed)
+        aggregated = AggregationOutcome(global_vector.copy(), {"rule": rule, "failed": str(failed)})
+    for flagged in aggregated.details.get("flagged-groups", []):
+        log.warning(
+            "round %d: secure group %s flagged: %s",
+            round_number,
+            flagged["group"],
+            flagged["reason"],
+        )
+    aggregated.details.update({"groups": group_log, "group-seed": run.config.seed})
+    accepted = sum(1 for o in outcomes if o.status == "ok")
+    return outcomes, aggregated, accepted
+
+
+def secure_updates(
+    run: FederatedRun,
+    round_number: int,
+    sampled: list[int],
+    instruction: RecordDict,
+    global_vector: np.ndarray,
+    population: int,
+) -> tuple[list[NodeOutcome], AggregationOutcome, int]:
+    """SecAgg+: the server learns only the sum of the surviving silos' updates.
+
+    Per-silo checks of names, shapes and finite values move to the silo (its
+    encoder refuses NaN/Inf and counts clipped values); the server checks the
+    masked vectors' length and every protocol message. A SecAgg abort leaves
+    the model unchanged and the run goes on with the next round.
+    """
+    central = run.config.central_dp
+    settings = SecureAggregationSettings(
+        clip_range=run.config.secagg.clip_range,
+        value_bits=run.config.secagg.value_bits,
+        dropout_rate=run.config.secagg.dropout_rate,
+        # DP-FedAvg needs uniform weights and a per-silo L2 bound before the sum.
+        weight_unit=0 if central.enabled else 1,
+        clip_norm=secure_clip_norm(run.config),  # update_clip_norm unless set otherwise
+        identities=run.identities_for(round_number, sampled),
+    )
+
+    def send(message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
+        return run.send_each(message_type, round_number, contents)
+
+    try:
+        if len(sampled) < SECAGG_MIN_CLIENTS:
+            raise SecAggAbort(
+                "setup",
+                f"{len(sampled)} silo(s) sampled; secure aggregation needs at least "
+                f"{SECAGG_MIN_CLIENTS}",
+            )
+        result = run_secure_round(
+            send,
+            sampled,
+            instruction,
+            global_vector.size,
+            settings,
+        )
+    except SecAggAbort as abort:
+        log.error("round %d: secure aggregation aborted: %s", round_number, abort)
+        outcomes = [
+            NodeOutcome(node, run.silo_name(node), "aborted", str(abort)) for node in sampled
+        ]
+        details = {"rule": "secagg", "aborted": str(abort)}
+        return outcomes, AggregationOutcome(global_vector.copy(), details), 0
+    contributors = set(result.contributors)
+    outcomes = [
+        NodeOutcome(
+            node,
+            run.silo_name(node),
+            "ok" if node in contributors else "dropout",
+            result.dropped_at.get(node, ""),
+            result.metrics.get(node, {}),
+        )
+        for node in sampled
+    ]
+    rounding = FixedPointEncoder(result.config).step * math.sqrt(global_vector.size)
+    violation = secure_sum_violation(
+        result.weighted_sum, result.total_weight, settings.clip_norm, rounding
+    )
+    if violation is not None:  # the norm guard: a silo in the sum did not clip
+        log.error("round %d: %s", round_number, violation)
+        rejected = [
+            dataclasses.replace(o, status="rejected", reason=violation) if o.status == "ok" else o
+            for o in outcomes
+        ]
+        details = {"rule": "secagg", "rejected": violation}
+        return rejected, AggregationOutcome(global_vector.copy(), details), 0
+    aggregated = run.pipeline.apply_sum(
+        global_vector, result.weighted_sum, result.total_weight, population
+    )
+    aggregated.details.update(
+        {
+            "secagg-degree": result.config.degree,
+            "secagg-threshold": result.config.threshold,
+        }
+    )
+    return outcomes, aggregated, len(contributors)
