@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.outbox import Outbox, SentUpdate, weights_sha256
 from fedguard.client.policy import PolicyRefusalError, RefusalReason
 from fedguard.client.secagg_instances import InstanceKey
@@ -221,9 +222,7 @@ class SiloAgent:
         )
         outbox = Outbox(self.settings.state_dir)
         global_sha256 = weights_sha256(global_weights)
-        with PrivacyLedger.open(
-            self.settings.state_dir, self.settings.silo_id, self.settings.budget
-        ) as ledger:
+        with open_silo_ledger(self.settings) as ledger:
             sent = outbox.load(instructions.run_id, instructions.round)
             channel = (
                 "secure" if message.metadata.message_type == protocol.SECAGG_SETUP else "plain"

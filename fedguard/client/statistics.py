@@ -52,6 +52,7 @@ import torch
 from flwr.app import Message
 from torch import nn
 
+from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.secure import payload
 from fedguard.client.silo import SiloSettings
 from fedguard.core import protocol
@@ -68,7 +69,7 @@ from fedguard.core.serialization import load_weights, record_to_weights
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.analysis.release import calibrate_release_noise, release_epsilon
 from fedguard.privacy.events import GaussianRelease
-from fedguard.privacy.ledger import ChargePurpose, ChargeStatus, PrivacyLedger
+from fedguard.privacy.ledger import ChargePurpose, ChargeStatus
 from fedguard.privacy.noise import CsprngGaussian
 from fedguard.privacy.secagg import SetupRequest
 
@@ -535,7 +536,7 @@ def noised_release(
     sigma = calibrate_release_noise(request.target_epsilon, delta, statistic.count)
     event = GaussianRelease(sigma, statistic.count)
     store = ReleaseStore(settings.state_dir)
-    with PrivacyLedger.open(settings.state_dir, settings.silo_id, settings.budget) as ledger:
+    with open_silo_ledger(settings) as ledger:
         entry = ledger.find(run_id, request.query_round, purpose)
         if entry is not None:
             stored = store.load(run_id, purpose, request.query_round)

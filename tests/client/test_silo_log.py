@@ -96,8 +96,11 @@ def test_a_log_that_cannot_be_written_turns_the_reply_into_an_error(tmp_path: Pa
     reply = call(instruction(1, initial_weights(), local_scaler(settings)))
     status, reason = protocol.reply_status(reply)
     assert status is ReplyStatus.ERROR
+    # Nothing is trained or charged either: the ledger cannot be checked against an
+    # unreadable log (fedguard.client.ledger_guard); the error reply is not logged.
     assert "SiloLogError" in reason and "does not send it" in reason
     assert protocol.ARRAYS not in reply.content.array_records  # the update is not sent
+    assert not (settings.state_dir / "privacy-ledger.sqlite").exists()
 
 
 def test_a_tampered_silo_log_refuses_further_replies(tmp_path: Path) -> None:
