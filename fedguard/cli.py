@@ -30,6 +30,7 @@ from fedguard.core.config import (
     RunConfig,
 )
 from fedguard.core.errors import ConfigError, FedguardError
+from fedguard.core.options import PARTICIPATION_OPTIONS, add_table_options
 from fedguard.edge.commands import (
     add_export_command,
     add_predict_command,
@@ -254,6 +255,15 @@ def _simulate_parser(sub: Any) -> argparse.ArgumentParser:
         help=f"planned dropout share, sets the neighbour degree and threshold "
         f"[default: {d['secagg-dropout-rate']}]",
     )
+    secure.add_argument(
+        "--secagg-allow-no-dropout",
+        action="store_true",
+        default=None,
+        help="run a SecAgg configuration in which one silo's dropout aborts the round "
+        "(refused otherwise; see the README's small-consortia table)",
+    )
+    participation = p.add_argument_group("participation policy (when a run counts as completed)")
+    add_table_options(participation, PARTICIPATION_OPTIONS, d)
     secure.add_argument(
         "--secagg-groups",
         "--groups",
@@ -507,7 +517,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"  {name}: {path}")
     if args.export == "edge":
         export_after_simulate(run_dir)
-    return 0
+    # As `fedguard run --wait`: 0 only if every variant completed, 3 if one ended
+    # degraded or stopped on the central budget, 1 if one failed.
+    statuses = {str((r.outcome or {}).get("status", "completed")) for r in results}
+    if statuses - {"completed", "degraded", "stopped"}:
+        return 1
+    return 3 if statuses - {"completed"} else 0
 
 
 def _write_attack_summary(run_dir: Path, config: RunConfig, attack: Any, results: Any) -> None:

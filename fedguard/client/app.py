@@ -5,16 +5,20 @@ so a Flower user can put them in their own ``ClientApp``::
 
     app = make_client_app(lambda context: settings_from_node_config(context.node_config))
 
-Privacy flow of one ``train`` message (the ledger is written before training):
+Privacy flow of one ``train`` message (charged at release, fedguard.client.release):
 
-1. parse and check the instruction and the global model;
-2. open the silo's persistent ledger; on the run's first round, calibrate the
-   noise multiplier σ so that the planned rounds fit the silo's remaining budget,
-   and store that plan in the ledger (σ stays fixed for the run);
-3. charge this round's DP-SGD event; if it would exceed the budget, reply
-   ``refused`` and train nothing;
-4. train with Opacus, mark the charge completed (or failed: it stays charged);
-5. reply with the new weights and the ledger's ε.
+1. parse and check the instruction and the global model against the silo's policy;
+2. open the silo's persistent ledger (checked against its signed log); on the
+   run's first round, calibrate the noise multiplier σ so that the planned rounds
+   fit the silo's whole budget, and store that plan in the ledger (σ stays fixed
+   for the run);
+3. check this round's DP-SGD event fits the budget; if not, reply ``refused``
+   and train nothing;
+4. train with Opacus;
+5. charge the round durably (ledger, then the silo log) right before the update
+   leaves: in the ``train`` reply, or, under SecAgg, at the masked-input stage
+   (a round that aborts before it costs nothing); keep the update in the
+   outbox; reply with the new weights and the ledger's ε.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,11 +38,12 @@ from flwr.clientapp.typing import Mod
 from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.outbox import Outbox, SentUpdate, weights_sha256
 from fedguard.client.policy import PolicyRefusalError, RefusalReason
+from fedguard.client.release import PendingCharge, charge_release
 from fedguard.client.secagg_instances import InstanceKey
 from fedguard.client.secure import SecureAggregationClient, clip_update, update_delta
 from fedguard.client.secure_identity import IDENTITY_QUERY, identity_reply
 from fedguard.client.silo import SiloSettings, settings_from_node_config
-from fedguard.client.silo_log import record_reply
+from fedguard.client.silo_log import SIGNING_KEY, record_reply
 from fedguard.client.statistics import (
     StatisticKind,
     StatisticRequest,
@@ -74,7 +80,7 @@ from fedguard.core.serialization import (
 )
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.events import DpSgdRound
-from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger, RoundPlan
+from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger, RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,8 @@ class LocalUpdate:
     global_weights: ModelWeights
     weights: ModelWeights
     metrics: dict[str, float]
+    # Under SecAgg: the charge the masked input will pay (fedguard.client.release).
+    pending: PendingCharge | None = None
 
 
 class UpdateAdversary(Protocol):
@@ -166,7 +174,7 @@ class SiloAgent:
             raise ProtocolError(
                 f"a feature-statistics query asks for feature moments, not {request.kind.value}"
             )
-        _, values, metrics = released_values(self.settings, self.allow_non_private, message)
+        _, values, metrics, _ = released_values(self.settings, self.allow_non_private, message)
         return _reply(
             message,
             self.settings.silo_id,
@@ -222,57 +230,57 @@ class SiloAgent:
         )
         outbox = Outbox(self.settings.state_dir)
         global_sha256 = weights_sha256(global_weights)
-        with open_silo_ledger(self.settings) as ledger:
+        channel = "secure" if message.metadata.message_type == protocol.SECAGG_SETUP else "plain"
+        where = f"round {instructions.round} of run {instructions.run_id!r}"
+        with open_silo_ledger(self.settings) as ledger:  # checked against the silo log
             sent = outbox.load(instructions.run_id, instructions.round)
-            channel = (
-                "secure" if message.metadata.message_type == protocol.SECAGG_SETUP else "plain"
-            )
             if sent is not None:
                 self._check_replay(instructions, sent, global_sha256, channel)
                 # A replayed plain round (the server resumed after a crash): resend the
-                # update already released and charged; training again would be a
-                # second release.
+                # update already released and charged (the outbox is written after the
+                # charge); training again would be a second release.
                 log.warning(
-                    "silo %s: round %d of run %s replayed; resending the update already sent",
+                    "silo %s: %s replayed; resending the update already sent",
                     self.settings.silo_id,
-                    instructions.round,
-                    instructions.run_id,
+                    where,
                 )
                 return LocalUpdate(global_weights, sent.weights, {**sent.metrics, "replayed": 1})
             event = self._round_event(ledger, instructions, len(data))
-            entry = ledger.charge(instructions.run_id, instructions.round, event)
-            try:
-                result = train_dp_sgd(
-                    model,
-                    data,
-                    instructions.training,
-                    local_dp,
-                    event.noise_multiplier,
-                    seed,
-                )
-                # Post-processing of the DP output: the run's robustness bound on Δ.
-                weights = clip_update(global_weights, result.weights, instructions.update_clip_norm)
-                metrics = self._metrics(
-                    result,
-                    {
-                        "epsilon-spent": entry.epsilon_after,
-                        "noise-multiplier": event.noise_multiplier,
-                    },
-                )
-                # Kept before the reply leaves, so a replay can be answered identically.
-                outbox.save(
-                    instructions.run_id,
-                    instructions.round,
-                    global_sha256,
-                    weights,
-                    metrics,
-                    channel,
-                )
-            except BaseException:
-                ledger.mark(entry.entry_id, ChargeStatus.FAILED)
-                raise
-            ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
-        return LocalUpdate(global_weights, weights, metrics)
+            # Checked before training; charged only right before the update leaves
+            # (fedguard.client.release): a round that ends before that costs nothing.
+            if ledger.find(instructions.run_id, instructions.round) is None:
+                ledger.check_affordable(event, where)
+        result = train_dp_sgd(
+            model,
+            data,
+            instructions.training,
+            local_dp,
+            event.noise_multiplier,
+            seed,
+        )
+        # Post-processing of the DP output: the run's robustness bound on Δ.
+        weights = clip_update(global_weights, result.weights, instructions.update_clip_norm)
+        pending = PendingCharge(
+            instructions.run_id, instructions.round, ChargePurpose.TRAINING, event
+        )
+        metrics = self._metrics(result, {"noise-multiplier": event.noise_multiplier})
+        if channel == "plain":
+            # The reply is the release: charge now. Under SecAgg the masked input is
+            # the release, charged at the mask stage (fedguard.client.secure).
+            entry = charge_release(self.settings, pending)
+            metrics["epsilon-spent"] = entry.epsilon_after
+        # Kept before the reply leaves, so a replay can be answered identically.
+        outbox.save(
+            instructions.run_id,
+            instructions.round,
+            global_sha256,
+            weights,
+            metrics,
+            channel,
+        )
+        return LocalUpdate(
+            global_weights, weights, metrics, pending if channel == "secure" else None
+        )
 
     def _check_replay(
         self, instructions: RoundInstructions, sent: SentUpdate, global_sha256: str, channel: str
@@ -293,10 +301,17 @@ class SiloAgent:
                 "would reveal it",
             )
 
-    def encodable_update(self, message: Message) -> tuple[np.ndarray, dict[str, float]]:
-        """The round's update as one vector Δ = new − global, for secure aggregation."""
+    def encodable_update(
+        self, message: Message
+    ) -> tuple[np.ndarray, dict[str, float], PendingCharge | None]:
+        """The round's update as one vector Δ = new − global, for secure aggregation,
+        with the charge its masked input will pay."""
         update = self.round_update(message)
-        return update_delta(update.global_weights, update.weights), update.metrics
+        return (
+            update_delta(update.global_weights, update.weights),
+            update.metrics,
+            update.pending,
+        )
 
     def _metrics(self, result: TrainResult, extra: dict[str, float]) -> dict[str, float]:
         # No training loss: it is a function of the private batches, not DP-noised
@@ -509,6 +524,11 @@ def make_client_app(
     ) -> Message:
         try:
             settings = resolve_settings(context)
+            key = context.node_config.get(SIGNING_KEY)
+            if settings.signing_key is None and key not in (None, ""):
+                # One key signs every record of the silo log: the replies and the
+                # ledger's commitments (fedguard.client.ledger_guard).
+                settings = replace(settings, signing_key=Path(str(key)))
             silo_agent = SiloAgent(
                 settings,
                 allow_non_private=allow_non_private,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from fedguard.core.errors import LedgerError
-from fedguard.core.files import atomic_write_bytes
+from fedguard.core.errors import LedgerError, OutboxStorageError
+from fedguard.core.files import atomic_write_bytes, storage_error
 from fedguard.core.serialization import ModelWeights
 
 CHANNELS = ("plain", "secure")
@@ -88,7 +89,11 @@ class Outbox:
             meta=np.frombuffer(meta.encode(), dtype=np.uint8),
             **arrays,
         )
-        atomic_write_bytes(self._path(run_id, round_number), buffer.getvalue())
+        # A failure (full disk, read-only folder) raises OutboxStorageError naming
+        # the file and the cause; the entry is then absent, never half written.
+        atomic_write_bytes(
+            self._path(run_id, round_number), buffer.getvalue(), error=OutboxStorageError
+        )
 
     def load(self, run_id: str, round_number: int) -> SentUpdate | None:
         path = self._path(run_id, round_number)
@@ -100,7 +105,9 @@ class Outbox:
                 weights: ModelWeights = OrderedDict(
                     (name, data[f"w{i}"]) for i, name in enumerate(meta["names"])
                 )
-        except (OSError, ValueError, KeyError) as bad:
+        except OSError as bad:
+            raise storage_error(OutboxStorageError, "cannot read outbox entry", path, bad) from bad
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as bad:
             raise LedgerError(f"outbox entry {path} is unreadable: {bad}") from None
         if meta["run_id"] != run_id or meta["round"] != round_number:
             raise LedgerError(f"outbox entry {path} belongs to another run or round")

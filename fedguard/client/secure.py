@@ -1,14 +1,17 @@
 """The silo side of SecAgg+ over Flower messages (five ``train.secagg_*`` stages).
 
 Stage 0 (``secagg_setup``) carries the usual training instruction: the silo
-trains (charging its ledger first, as for plain ``train``), turns its update
+checks its budget and trains (charging nothing yet), turns its update
 Δ = new − global into a fixed-point vector (:class:`FixedPointEncoder`: clipped
 values counted, stochastic rounding, integer weight) and answers with its key
 advertisement only. The encoded vector and the round's secrets stay in the
 node's ``context.state``, which Flower keeps on the silo between messages (the
 ClientApp object itself is rebuilt per message). Later stages load that state,
 run one :class:`ClientRound` step and store it again; after unmasking it is
-deleted.
+deleted. The masked input (stage 2) is the release: the silo charges its ledger
+and logs the charge right before it answers that stage, and reports the ε after
+the charge in that reply (``epsilon-spent``); a round that aborts earlier costs
+nothing (:mod:`fedguard.client.release`).
 
 With central DP on, the silo clips its Δ to the central L2 bound before
 encoding (the server adds the Gaussian noise to the unmasked sum) and every
@@ -29,6 +32,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedguard.client.policy import PolicyRefusalError, RefusalReason
+from fedguard.client.release import PendingCharge, charge_release
 from fedguard.client.secagg_instances import InstanceKey, InstanceStatus, SecAggInstances
 from fedguard.client.secure_identity import authenticate_setup
 from fedguard.client.silo import SiloSettings
@@ -106,6 +110,7 @@ class SecureAggregationClient:
         encoded: np.ndarray | None = None,
         instance: InstanceKey | None = None,
         metrics: dict[str, float] | None = None,
+        pending: PendingCharge | None = None,
     ) -> None:
         record = ConfigRecord({"round": state.to_bytes()})
         previous = self.context.state.config_records.get(STATE_KEY)
@@ -113,6 +118,7 @@ class SecureAggregationClient:
             ("encoded", None if encoded is None else encoded.astype("<u4").tobytes()),
             ("instance", None if instance is None else _instance_text(instance)),
             ("metrics", None if metrics is None else json.dumps(metrics, sort_keys=True)),
+            ("charge", None if pending is None else pending.to_text()),
         ):
             if value is not None:
                 record[name] = value
@@ -159,7 +165,7 @@ class SecureAggregationClient:
     def setup(
         self,
         message: Message,
-        train: Callable[[Message], tuple[np.ndarray, dict[str, float]]],
+        train: Callable[[Message], tuple[np.ndarray, dict[str, float], PendingCharge | None]],
         instance: InstanceKey,
         clip: bool = True,
     ) -> Message:
@@ -186,7 +192,8 @@ class SecureAggregationClient:
             self.context.state.config_records.pop(STATE_KEY, None)
             if stale is not None and stale != instance:
                 self.instances.close(stale, InstanceStatus.ABORTED, "superseded by a new round")
-            delta, metrics = train(message)
+            # Trained (or computed) here, charged only when the masked input leaves.
+            delta, metrics, pending = train(message)
             if clip_norm > 0 and clip:
                 delta = clip_to_norm(delta, clip_norm)
             examples = int(metrics["num-examples"])
@@ -205,7 +212,7 @@ class SecureAggregationClient:
             )
             # No count of clipped values: it is a function of the silo's update.
             metrics = {**metrics, "secagg-weight": weight}
-            self._save(state, encoded.values, instance, metrics)
+            self._save(state, encoded.values, instance, metrics, pending)
             return self._reply(message, advertisement.to_bytes(), metrics)
 
     def _identity(
@@ -262,12 +269,26 @@ class SecureAggregationClient:
             self._save(state)
             return self._reply(message, reply.to_bytes())
 
+    def _pending(self) -> PendingCharge | None:
+        record = self.context.state.config_records.get(STATE_KEY)
+        text = None if record is None else record.get("charge")
+        return PendingCharge.from_text(text) if isinstance(text, str) else None
+
     def mask(self, message: Message) -> Message:
+        """Stage 2: the release. The charge is committed first (ledger, silo log)."""
         with self._stage():
             state, encoded = self._load()
-            reply = state.mask_input(MaskedInputRequest.from_bytes(payload(message)), encoded)
+            request = MaskedInputRequest.from_bytes(payload(message))
+            pending = self._pending()
+            reply = state.mask_input(request, encoded)  # may still fail: nothing sent yet
+            metrics: dict[str, float] | None = None
+            if pending is not None:
+                # The last step before the masked input leaves; the budget is checked
+                # again (it may have been spent since setup): refused, nothing leaves.
+                entry = charge_release(self.settings, pending)
+                metrics = {"epsilon-spent": entry.epsilon_after}
             self._save(state)
-            return self._reply(message, reply.to_bytes())
+            return self._reply(message, reply.to_bytes(), metrics)
 
     def consistency(self, message: Message) -> Message:
         with self._stage():

@@ -97,6 +97,9 @@ class SiloSettings:
     # The silo's SecAgg identity key and the consortium key its roster must verify
     # under (fedguard.privacy.secagg.roster); None: it refuses every secure aggregation.
     identity: SiloIdentity | None = None
+    # The node key the silo signs its log with (node config ``signing-key``); None:
+    # the log is only chained (simulation).
+    signing_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.silo_id or "/" in self.silo_id:
@@ -136,6 +139,11 @@ def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings
         ),
         policy=policy_from_node_config(node_config),
         identity=identity_from_node_config(node_config),
+        signing_key=(
+            Path(str(node_config["signing-key"]))
+            if node_config.get("signing-key") not in (None, "")
+            else None
+        ),
     )
 
 

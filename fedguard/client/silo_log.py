@@ -2,7 +2,8 @@
 
 The silo agent appends to :class:`~fedguard.core.chained_log.SiloLog`
 (``<state-dir>/silo-log.jsonl``, next to its privacy ledger) once for every
-reply it sends to a ``train``, ``train.secagg_setup`` or ``evaluate`` message
+reply it sends to a ``train``, ``train.secagg_setup``, ``train.secagg_mask`` (the
+masked input: the release under SecAgg, charged right before it) or ``evaluate`` message
 (and for every ``refused`` reply, whatever the message: a policy refusal names its
 :class:`~fedguard.client.policy.RefusalReason` in ``reason``),
 *after* the reply is built and *before* Flower sends it. Each record holds:
@@ -42,7 +43,7 @@ from flwr.app import Message
 from fedguard.client.silo import SiloSettings
 from fedguard.core import protocol
 from fedguard.core.chained_log import SiloLog
-from fedguard.core.errors import FedguardError
+from fedguard.core.errors import FedguardError, LedgerError
 from fedguard.core.pki import SigningKey, load_private_key
 from fedguard.core.protocol import ReplyStatus, RoundInstructions
 from fedguard.core.serialization import record_to_weights, weights_sha256
@@ -52,7 +53,9 @@ __all__ = ["LOGGED_MESSAGE_TYPES", "SIGNING_KEY", "SiloLogError", "record_reply"
 log = logging.getLogger(__name__)
 
 #: The messages whose replies a silo logs (the ones that release something).
-LOGGED_MESSAGE_TYPES = frozenset({protocol.TRAIN, protocol.SECAGG_SETUP, protocol.EVALUATE})
+LOGGED_MESSAGE_TYPES = frozenset(
+    {protocol.TRAIN, protocol.SECAGG_SETUP, protocol.SECAGG_MASK, protocol.EVALUATE}
+)
 #: Node config key: path of the private key the silo signs its log with.
 SIGNING_KEY = "signing-key"
 
@@ -105,7 +108,7 @@ def _update_sha256(
     return None
 
 
-def _epsilon_after(settings: SiloSettings, metrics: Mapping[str, Any]) -> float:
+def _epsilon_after(settings: SiloSettings, metrics: Mapping[str, Any]) -> float | None:
     state_dir = Path(settings.state_dir)
     if "epsilon-spent" in metrics:
         return float(metrics["epsilon-spent"])
@@ -113,8 +116,13 @@ def _epsilon_after(settings: SiloSettings, metrics: Mapping[str, Any]) -> float:
         return 0.0
     from fedguard.privacy.ledger import PrivacyLedger
 
-    with PrivacyLedger.open(state_dir, settings.silo_id, settings.budget) as ledger:
-        entries = ledger.entries()
+    try:
+        with PrivacyLedger.open(state_dir, settings.silo_id, settings.budget) as ledger:
+            entries = ledger.entries()
+    except LedgerError:
+        # An unreadable ledger (a damaged page) must not keep the error reply that
+        # says so out of the log: the record carries no ε instead.
+        return None
     return float(entries[-1].epsilon_after) if entries else 0.0
 
 

@@ -10,14 +10,16 @@ silo, for each query:
    sensitivity to adding or removing one record;
 2. calibrates σ so that the release costs the query's ε at the δ of the silo's
    own budget (:func:`fedguard.privacy.analysis.release.calibrate_release_noise`),
-   **charges its persistent ledger** for a
+   checks its persistent ledger can pay for a
    :class:`~fedguard.privacy.events.GaussianRelease` under the query's purpose,
-   and only then adds N(0, (σ·Δ)²) noise from the CSPRNG
+   and adds N(0, (σ·Δ)²) noise from the CSPRNG
    (:class:`~fedguard.privacy.noise.CsprngGaussian`);
 3. keeps the noised vector (so a replayed query is answered with the very same
-   release, never a second one: the ledger refuses a second charge of the same
-   ``(run, round, purpose)``) and hands it to SecAgg+ (the ``train.secagg_*``
-   stages), which reveals only the sum over the silos.
+   release, never a second one) and hands it to SecAgg+ (the ``train.secagg_*``
+   stages), which reveals only the sum over the silos. The charge is committed
+   (ledger and silo log) right before the release: at the mask stage under
+   SecAgg, before the reply in clear (:mod:`fedguard.client.release`); a query
+   that aborts before it costs nothing.
 
 Each silo's release is thus (ε, δ)-DP for its own records whatever the server
 and the other silos do. The price: the sum carries every contributing silo's
@@ -53,6 +55,7 @@ from flwr.app import Message
 from torch import nn
 
 from fedguard.client.ledger_guard import open_silo_ledger
+from fedguard.client.release import PendingCharge, charge_release
 from fedguard.client.secure import payload
 from fedguard.client.silo import SiloSettings
 from fedguard.core import protocol
@@ -69,7 +72,7 @@ from fedguard.core.serialization import load_weights, record_to_weights
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.analysis.release import calibrate_release_noise, release_epsilon
 from fedguard.privacy.events import GaussianRelease
-from fedguard.privacy.ledger import ChargePurpose, ChargeStatus
+from fedguard.privacy.ledger import ChargePurpose
 from fedguard.privacy.noise import CsprngGaussian
 from fedguard.privacy.secagg import SetupRequest
 
@@ -402,9 +405,7 @@ def evaluation_statistic(
         model.eval()
         with torch.no_grad():
             logits = model(_scaled_inputs(silo, scaler, train=False))
-            losses = nn.functional.cross_entropy(
-                logits, torch.from_numpy(labels), reduction="none"
-            )
+            losses = nn.functional.cross_entropy(logits, torch.from_numpy(labels), reduction="none")
         loss = np.minimum(losses.double().numpy(), EVALUATION_LOSS_BOUND)
         correct = float((logits.argmax(dim=1).numpy() == labels).sum())
         head = [float(len(labels)), correct, float(loss.sum() / EVALUATION_LOSS_BOUND)]
@@ -449,20 +450,23 @@ def _model(message: Message, silo: SiloData, instructions: RoundInstructions) ->
 
 def release_statistic(
     settings: SiloSettings, allow_non_private: bool, message: Message
-) -> tuple[np.ndarray, dict[str, float]]:
+) -> tuple[np.ndarray, dict[str, float], PendingCharge | None]:
     """Compute, noise (charging the ledger first) and lattice-encode one statistic.
 
     The producer for :meth:`SecureAggregationClient.setup`: returns the vector to
     encode and the reply's metrics (``num-examples``, ``release-epsilon``,
-    ``epsilon-spent``, ``noise-multiplier``, ``l2-sensitivity``).
+    ``noise-multiplier``, ``l2-sensitivity``) and the charge the masked input will
+    pay (committed at the mask stage; the mask reply carries ``epsilon-spent``).
     """
     setup = SetupRequest.from_bytes(payload(message))
     if setup.config.clip_range != setup.config.levels / 2:
         raise ProtocolError(
             "a statistic query needs the encoder's clip range at half its levels (one step = 1)"
         )
-    request, values, metrics = released_values(settings, allow_non_private, message)
-    return lattice_vector(values, request.resolution), metrics
+    request, values, metrics, pending = released_values(
+        settings, allow_non_private, message, secure=True
+    )
+    return lattice_vector(values, request.resolution), metrics, pending
 
 
 def _policy_request(settings: SiloSettings, request: StatisticRequest) -> StatisticRequest:
@@ -476,9 +480,12 @@ def _policy_request(settings: SiloSettings, request: StatisticRequest) -> Statis
 
 
 def released_values(
-    settings: SiloSettings, allow_non_private: bool, message: Message
-) -> tuple[StatisticRequest, np.ndarray, dict[str, float]]:
-    """The request, the released (noised, charged first) vector and the reply's metrics.
+    settings: SiloSettings, allow_non_private: bool, message: Message, *, secure: bool = False
+) -> tuple[StatisticRequest, np.ndarray, dict[str, float], PendingCharge | None]:
+    """The request, the released (noised) vector, the reply's metrics and a pending charge.
+
+    In clear (``secure`` False) the charge is committed before this returns; under
+    SecAgg it is returned pending, for the mask stage (:func:`prepare_release`).
 
     What :func:`release_statistic` encodes for SecAgg+, and what a plain-mode
     feature-moments reply sends in clear (each silo's release is DP on its own).
@@ -520,9 +527,11 @@ def released_values(
                 "the server asked for exact sums"
             )
         metrics = {**base, "noise-multiplier": 0.0, "release-epsilon": 0.0}
-        return request, statistic.values, metrics
-    noised, metrics = noised_release(settings, instructions.run_id, request, statistic)
-    return request, noised, {**base, **metrics}
+        return request, statistic.values, metrics, None
+    noised, metrics, pending = prepare_release(
+        settings, instructions.run_id, request, statistic, secure=secure
+    )
+    return request, noised, {**base, **metrics}, pending
 
 
 def noised_release(
@@ -531,42 +540,66 @@ def noised_release(
     request: StatisticRequest,
     statistic: SecureStatistic,
 ) -> tuple[np.ndarray, dict[str, float]]:
+    """Noise ``statistic`` and release it in clear: charged (and logged) before it leaves."""
+    noised, metrics, _ = prepare_release(settings, run_id, request, statistic, secure=False)
+    return noised, metrics
+
+
+def prepare_release(
+    settings: SiloSettings,
+    run_id: str,
+    request: StatisticRequest,
+    statistic: SecureStatistic,
+    *,
+    secure: bool,
+) -> tuple[np.ndarray, dict[str, float], PendingCharge | None]:
+    """The noised statistic, its metrics, and (``secure``) the charge its masked input pays.
+
+    The budget is checked before the noise is drawn. In clear (``secure`` False)
+    the reply is the release, so the charge is committed here; under SecAgg the
+    masked input is, so the charge is returned pending and committed at the mask
+    stage (:mod:`fedguard.client.release`). A release already kept is answered
+    again (post-processing: no second charge).
+    """
     purpose = request.kind.purpose
     delta = settings.budget.delta
     sigma = calibrate_release_noise(request.target_epsilon, delta, statistic.count)
     event = GaussianRelease(sigma, statistic.count)
     store = ReleaseStore(settings.state_dir)
+    pending = PendingCharge(run_id, request.query_round, purpose, event)
+    what = f"{purpose.value} query {request.query_round} of run {run_id!r}"
     with open_silo_ledger(settings) as ledger:
         entry = ledger.find(run_id, request.query_round, purpose)
-        if entry is not None:
-            stored = store.load(run_id, purpose, request.query_round)
-            if stored is not None:
-                # A replayed query: the same release again (post-processing), no new charge.
-                values, metrics = stored
-                if values.size != statistic.values.size:
-                    raise ProtocolError("a replayed query asks for a vector of another length")
-                return values, {**metrics, "replayed": 1.0}
-            if entry.event != event:
-                raise LedgerError(
-                    f"{purpose.value} query {request.query_round} of run {run_id!r} was charged "
-                    f"as {entry.event}, now asked as {event}: refusing a second release"
-                )
-            # Charged, then the silo stopped before anything was kept or sent: the
-            # charge pays for this (first) release.
-        else:
-            entry = ledger.charge(run_id, request.query_round, event, purpose)
-        try:
-            noise = CsprngGaussian().standard_normal(statistic.values.size)
-            noised = statistic.values + noise * (sigma * statistic.l2_sensitivity)
-            metrics = {
-                "noise-multiplier": sigma,
-                "release-epsilon": release_epsilon(sigma, delta, statistic.count),
-                "epsilon-spent": entry.epsilon_after,
-                "delta": delta,
-            }
-            store.save(run_id, purpose, request.query_round, noised, metrics)
-        except BaseException:
-            ledger.mark(entry.entry_id, ChargeStatus.FAILED)
-            raise
-        ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
-    return noised, metrics
+        stored = store.load(run_id, purpose, request.query_round)
+        if entry is not None and entry.event != event:
+            raise LedgerError(
+                f"{what} was charged as {entry.event}, now asked as {event}: refusing a "
+                "second release"
+            )
+        if entry is None:
+            ledger.check_affordable(event, what)
+    if stored is not None:
+        values, metrics = stored
+        if values.size != statistic.values.size:
+            raise ProtocolError("a replayed query asks for a vector of another length")
+        if entry is not None:  # released before: the same values again, no new charge
+            return values, {**metrics, "replayed": 1.0}, None
+        # Kept for a secure release that never happened: this is its first release.
+        metrics = {k: v for k, v in metrics.items() if k != "epsilon-spent"}
+    else:
+        noise = CsprngGaussian().standard_normal(statistic.values.size)
+        values = statistic.values + noise * (sigma * statistic.l2_sensitivity)
+        metrics = {
+            "noise-multiplier": sigma,
+            "release-epsilon": release_epsilon(sigma, delta, statistic.count),
+            "delta": delta,
+        }
+    if secure:
+        store.save(run_id, purpose, request.query_round, values, metrics)
+        return values, metrics, pending
+    # Charged, then the silo stopped before anything was kept or sent: that charge
+    # pays for this (first) release (charge_release finds it).
+    spent = charge_release(settings, pending)
+    metrics = {**metrics, "epsilon-spent": spent.epsilon_after}
+    store.save(run_id, purpose, request.query_round, values, metrics)
+    return values, metrics, None

@@ -36,7 +36,14 @@ One JSON object per line, keys in this order::
 
 Every append is written with one ``write`` under an exclusive ``flock``, then
 ``fsync``-ed, then the *head file* ``<log>.head`` (the last record's ``seq``,
-``sha256`` and ``signature``) is replaced atomically.
+``sha256`` and ``signature``) is replaced atomically (``<log>.head.tmp``,
+fsync, rename, fsync of the folder). A record counts only once the head names
+it: if any step fails (a full disk, a read-only folder) the log is cut back to
+its previous length and fsynced, the head is left as it was, the temporary file
+is removed, and :class:`LogStorageError` (naming the file and the cause, such as
+``ENOSPC``) is raised, so a reply whose record failed is never on the log as
+sent. Every storage failure of a log (open, read, append, repair) is a
+:class:`LogStorageError`, an :class:`AuditError`.
 
 What verification catches
 -------------------------
@@ -54,6 +61,16 @@ A torn last line (the process died inside a ``write``) makes the log fail
 verification; opening the log (``AuditLog.open``, :meth:`SiloLog.open`) repairs it
 by moving the torn bytes out (``<log>.torn-<n>``) and appending a ``log-repaired``
 record that names their SHA-256, so the repair itself is on the record.
+
+An *unconfirmed record* (whole and chained, but after the head file's ``seq``:
+the writer died, or could not cut the log back, between the record and its head)
+and a leftover ``<log>.head.tmp`` make verification fail too, as ``INCOMPLETE``
+(``fedguard audit verify`` exits non-zero): the record was never confirmed, so
+the reply or round it describes was not sent or saved. Opening the log repairs
+both the same way: the unconfirmed records are moved out
+(``<log>.unconfirmed-<seq>``), the temporary file is removed, and a
+``log-repaired`` record names what was moved (seq, kind and SHA-256 of each
+record) and removed.
 """
 
 from __future__ import annotations
@@ -79,7 +96,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fedguard.core.errors import FedguardError
+from fedguard.core.errors import FedguardError, StorageError
+from fedguard.core.files import cause_name, describe_cause, storage_error
 from fedguard.core.pki import SigningKey, VerifyingKey
 
 __all__ = [
@@ -87,6 +105,7 @@ __all__ = [
     "SILO_LOG_NAME",
     "AuditError",
     "AuditRecord",
+    "LogStorageError",
     "SiloKind",
     "SiloLog",
     "VerificationReport",
@@ -106,11 +125,24 @@ class AuditError(FedguardError):
     """A chained log cannot be opened, read or appended to (or is not intact)."""
 
 
+class LogStorageError(AuditError, StorageError):
+    """A chained log or its head file cannot be read or written (full disk, read-only, I/O).
+
+    Raised by an append whose record or head update failed: the log was cut back
+    to its previous length, so the record is not on it (unless the message says
+    the cut itself failed; then verification reports the record as unconfirmed
+    and the next open moves it aside).
+    """
+
+
 class SiloKind(StrEnum):
     """What a silo's log records."""
 
     SENT = "sent"
     LOG_REPAIRED = "log-repaired"
+    # The privacy ledger's state, committed to the chain (fedguard.client.ledger_guard):
+    # created, each charge (ε after it, the ledger's head hash), an explicit reset.
+    LEDGER = "ledger"
 
 
 # -- canonical JSON ----------------------------------------------------------------------
@@ -258,6 +290,9 @@ class VerificationReport:
     line: int | None = None
     reason: str | None = None
     signed: bool = True
+    # Not tampered, but not whole either: a record after the head file (never
+    # confirmed) or a leftover temporary head file; opening the log repairs it.
+    incomplete: bool = False
 
     def summary(self) -> str:
         if self.ok:
@@ -268,11 +303,57 @@ class VerificationReport:
             )
             how = "signed and chained" if self.signed else "chained (unsigned)"
             return f"OK: {self.records} records, {how}; {head}"
+        if self.incomplete:
+            return f"INCOMPLETE at seq {self.first_bad_seq} (line {self.line}): {self.reason}"
         return f"TAMPERED at seq {self.first_bad_seq} (line {self.line}): {self.reason}"
 
 
 def _head_path(path: Path) -> Path:
     return path.with_name(path.name + ".head")
+
+
+def _head_tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".head.tmp")
+
+
+def _tmp_seq(path: Path) -> int | None:
+    """The seq a leftover ``.head.tmp`` names (the record its update was for), if readable."""
+    try:
+        return int(json.loads(_head_tmp_path(path).read_text())["seq"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_log(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise AuditError(f"no audit log at {path}") from None
+    except OSError as exc:
+        raise storage_error(LogStorageError, "cannot read log", path, exc) from exc
+
+
+@contextlib.contextmanager
+def _shared_lock(path: Path) -> Iterator[bytes]:
+    """The log's bytes, read under a shared ``flock`` held until the block ends.
+
+    An append holds the exclusive lock from its record to its head update, so a
+    verification under this lock never sees a record between the two.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise AuditError(f"no audit log at {path}") from None
+    except OSError as exc:
+        raise storage_error(LogStorageError, "cannot read log", path, exc) from exc
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+            yield handle.read()
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise storage_error(LogStorageError, "cannot read log", path, exc) from exc
 
 
 def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
@@ -283,10 +364,7 @@ def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
 
 def read_records(path: Path) -> list[AuditRecord]:
     """All records of a log (raises :class:`AuditError` on any malformed line)."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise AuditError(f"no audit log at {path}") from None
+    data = _read_log(Path(path))
     lines, tail = _split_lines(data)
     if tail:
         raise AuditError(f"{path}: the last line is incomplete (a torn or truncated write)")
@@ -307,20 +385,49 @@ def _verify_log(
     allowed_kinds: frozenset[str],
     expected_head: tuple[int, str] | None,
     check_head_file: bool,
+    lock: bool = True,
+    repairing: bool = False,
 ) -> VerificationReport:
+    """Verify ``path``; under a shared lock unless the caller holds the exclusive one.
+
+    ``repairing`` (opening the log, which then repairs them) accepts records after
+    the head file and a leftover temporary head file.
+    """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AuditError(f"no audit log at {path}") from None
+    if not lock:
+        return _verify_bytes(
+            path, _read_log(path), public_key, require_signatures=require_signatures,
+            allowed_kinds=allowed_kinds, expected_head=expected_head,
+            check_head_file=check_head_file, repairing=repairing,
+        )  # fmt: skip
+    with _shared_lock(path) as data:
+        return _verify_bytes(
+            path, data, public_key, require_signatures=require_signatures,
+            allowed_kinds=allowed_kinds, expected_head=expected_head,
+            check_head_file=check_head_file, repairing=repairing,
+        )  # fmt: skip
+
+
+def _verify_bytes(
+    path: Path,
+    data: bytes,
+    public_key: VerifyingKey | None,
+    *,
+    require_signatures: bool,
+    allowed_kinds: frozenset[str],
+    expected_head: tuple[int, str] | None,
+    check_head_file: bool,
+    repairing: bool,
+) -> VerificationReport:
     lines, tail = _split_lines(data)
     prev_sha, last_seq = GENESIS, None
     any_signature = False
 
-    def bad(seq: int, line: int, reason: str) -> VerificationReport:
+    def bad(seq: int, line: int, reason: str, incomplete: bool = False) -> VerificationReport:
         return VerificationReport(
             path, False, line - 1, last_seq, prev_sha if last_seq is not None else None,
             first_bad_seq=seq, line=line, reason=reason, signed=any_signature,
+            incomplete=incomplete,
         )  # fmt: skip
 
     for index, raw in enumerate(lines):
@@ -367,10 +474,12 @@ def _verify_log(
         return bad(count, count + 1, "the last line is incomplete (a torn or truncated write)")
     anchors: list[tuple[str, tuple[int, str]]] = []
     head_file = _head_path(path)
+    head_seq: int | None = None
     if check_head_file and head_file.exists():
         try:
             head = json.loads(head_file.read_text())
-            anchors.append((f"the head file {head_file.name}", (int(head["seq"]), head["sha256"])))
+            head_seq = int(head["seq"])
+            anchors.append((f"the head file {head_file.name}", (head_seq, head["sha256"])))
             if (
                 public_key is not None
                 and head.get("signature")
@@ -379,6 +488,8 @@ def _verify_log(
                 return bad(count, count + 1, f"the head file {head_file.name} is not signed")
         except (ValueError, KeyError, TypeError) as broken:
             return bad(count, count + 1, f"the head file {head_file.name} is unreadable: {broken}")
+        except OSError as exc:
+            raise storage_error(LogStorageError, "cannot read head file", head_file, exc) from exc
     if expected_head is not None:
         anchors.append(("the expected head", expected_head))
     by_seq_sha = _sha_at(lines) if anchors else {}
@@ -392,6 +503,36 @@ def _verify_log(
             )
         if by_seq_sha.get(seq) != sha:
             return bad(seq, seq + 1, f"record {seq} does not match {source} (rewritten history)")
+    if check_head_file and not repairing:
+        problems = []
+        tmp = _head_tmp_path(path)
+        leftover = tmp.exists() or tmp.is_symlink()
+        if head_seq is None and leftover and (named := _tmp_seq(path)) is not None:
+            head_seq = named - 1  # the first head update never completed
+        if head_seq is not None and last_seq is not None and head_seq < last_seq:
+            first = head_seq + 1
+            span = f"seq {first}" if first == last_seq else f"seq {first}..{last_seq}"
+            problems.append(
+                f"unconfirmed record(s) {span}: written after the head file {head_file.name} "
+                f"(seq {head_seq}) and never confirmed (the head update failed or the writer "
+                "died), so what they describe was not sent or saved"
+            )
+        if leftover:
+            problems.append(f"a leftover temporary file {tmp.name} (an interrupted head update)")
+        if problems:
+            first_bad = (
+                head_seq + 1
+                if head_seq is not None and last_seq is not None and head_seq < last_seq
+                else count
+            )
+            return bad(
+                first_bad,
+                first_bad + 1,
+                "; ".join(problems) + "; opening the log (the silo's next message, or the "
+                "server's next start) moves such records aside and records the repair "
+                "(log-repaired)",
+                incomplete=True,
+            )
     return VerificationReport(
         path, True, count, last_seq, prev_sha if last_seq is not None else None,
         signed=any_signature,
@@ -435,6 +576,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``write`` until all of ``data`` is written (a short write is followed by another)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fresh_aside(path: Path, name: str) -> Path:
+    """``path``'s sibling ``name``, or ``name.1``, ``name.2``... if that exists already."""
+    aside = path.with_name(name)
+    n = 0
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = path.with_name(f"{name}.{n}")
+    return aside
+
+
+def _write_aside(aside: Path, data: bytes) -> None:
+    """Write moved-out bytes durably before the log is cut (nothing is lost)."""
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(aside.parent)
+
+
 class _ChainedLog:
     """The append side shared by :class:`AuditLog` and :class:`SiloLog`."""
 
@@ -448,31 +618,41 @@ class _ChainedLog:
     @classmethod
     def _open(cls, path: Path, signing_key: SigningKey | None) -> Self:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(
+                LogStorageError, "cannot create the folder of log", path, exc
+            ) from exc
         log = cls(path, signing_key)
         created = not path.exists()
         with log._locked() as handle:
-            if created:
-                _fsync_dir(path.parent)
-            torn = log._check_existing(handle)
-        if torn is not None:
-            log.append(
-                log._repair_kind,
-                {
-                    "reason": "the last line was incomplete (the writer died mid-write)",
-                    "torn_bytes": torn[0],
-                    "torn_sha256": torn[1],
-                    "moved_to": torn[2],
-                },
-            )
+            try:
+                if created:
+                    _fsync_dir(path.parent)
+                repairs = log._check_existing(handle)
+            except StorageError:
+                raise
+            except OSError as exc:
+                raise storage_error(
+                    LogStorageError, "cannot open or repair log", path, exc
+                ) from exc
+        for payload in repairs:
+            log.append(log._repair_kind, payload)
         return log
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Any]:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise storage_error(LogStorageError, "cannot open log", self.path, exc) from exc
         handle = os.fdopen(fd, "r+b")
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            except OSError as exc:
+                raise storage_error(LogStorageError, "cannot lock log", self.path, exc) from exc
             yield handle
         finally:
             handle.close()  # closing the descriptor releases the lock
@@ -480,19 +660,32 @@ class _ChainedLog:
     def _public_key(self) -> VerifyingKey | None:
         return None if self._signing_key is None else self._signing_key.public_key()
 
-    def _check_existing(self, handle: Any) -> tuple[int, str, str] | None:
-        """Refuse a log that fails verification; move a torn last line aside."""
+    def _check_existing(self, handle: Any) -> list[dict[str, Any]]:
+        """Refuse a log that fails verification; repair what a dead or failed writer left.
+
+        Returns the payloads of the ``log-repaired`` records to append: a torn last
+        line moved out (``<log>.torn-<n>``); records after the head file (never
+        confirmed) moved out (``<log>.unconfirmed-<seq>``) and a leftover
+        ``<log>.head.tmp`` removed.
+        """
+        repairs: list[dict[str, Any]] = []
         handle.seek(0)
         data = handle.read()
         lines, tail = _split_lines(data)
-        torn: tuple[int, str, str] | None = None
         if tail:
-            aside = self.path.with_name(f"{self.path.name}.torn-{len(lines)}")
-            aside.write_bytes(tail)
-            handle.truncate(len(data) - len(tail))
-            handle.flush()
+            aside = _fresh_aside(self.path, f"{self.path.name}.torn-{len(lines)}")
+            _write_aside(aside, tail)
+            os.ftruncate(handle.fileno(), len(data) - len(tail))
             os.fsync(handle.fileno())
-            torn = (len(tail), hashlib.sha256(tail).hexdigest(), aside.name)
+            repairs.append(
+                {
+                    "reason": "the last line was incomplete (the writer died mid-write)",
+                    "torn_bytes": len(tail),
+                    "torn_sha256": hashlib.sha256(tail).hexdigest(),
+                    "moved_to": aside.name,
+                }
+            )
+            data = data[: len(data) - len(tail)]
         report = _verify_log(
             self.path,
             self._public_key(),
@@ -500,12 +693,58 @@ class _ChainedLog:
             allowed_kinds=frozenset(self._kinds),
             expected_head=None,
             check_head_file=True,
+            lock=False,
+            repairing=True,
         )
         if not report.ok:
             raise AuditError(
                 f"refusing to append to {self.path}: it fails verification: {report.summary()}"
             )
-        return torn
+        unconfirmed = self._move_unconfirmed(handle, data)
+        tmp = _head_tmp_path(self.path)
+        removed_tmp = tmp.exists() or tmp.is_symlink()
+        if removed_tmp:
+            # Never trusted: the head file is what an update that completed left.
+            tmp.unlink()
+            _fsync_dir(self.path.parent)
+        if unconfirmed is not None or removed_tmp:
+            payload: dict[str, Any] = dict(unconfirmed or {})
+            if unconfirmed is None:
+                payload["reason"] = (
+                    "a leftover temporary head file (an interrupted head update) was "
+                    "removed; no record was beyond the head"
+                )
+            payload["removed_head_tmp"] = tmp.name if removed_tmp else None
+            repairs.append(payload)
+        return repairs
+
+    def _move_unconfirmed(self, handle: Any, data: bytes) -> dict[str, Any] | None:
+        """Move the whole records after the head file's seq out of the log (verified log)."""
+        head_file = _head_path(self.path)
+        if head_file.exists():
+            head_seq = int(json.loads(head_file.read_text())["seq"])
+        elif (named := _tmp_seq(self.path)) is not None:
+            head_seq = named - 1  # the first head update never completed
+        else:
+            return None  # no head at all (a log older than head files): nothing to check
+        lines, _ = _split_lines(data)
+        if head_seq + 1 >= len(lines):
+            return None
+        keep = sum(len(line) + 1 for line in lines[: head_seq + 1])
+        moved = [AuditRecord.from_json(json.loads(line)) for line in lines[head_seq + 1 :]]
+        aside = _fresh_aside(self.path, f"{self.path.name}.unconfirmed-{head_seq + 1}")
+        _write_aside(aside, data[keep:])
+        os.ftruncate(handle.fileno(), keep)
+        os.fsync(handle.fileno())
+        return {
+            "reason": (
+                "record(s) after the head file were never confirmed (the head update failed "
+                "or the writer died before it); they were moved out and do not count as sent "
+                "or saved"
+            ),
+            "unconfirmed": [{"seq": r.seq, "kind": r.kind, "sha256": r.sha256} for r in moved],
+            "moved_to": aside.name,
+        }
 
     @staticmethod
     def _last_record(handle: Any) -> AuditRecord | None:
@@ -525,7 +764,12 @@ class _ChainedLog:
             block *= 4
 
     def append(self, kind: str, payload: Mapping[str, Any]) -> AuditRecord:
-        """Append one record; it is on disk (fsync) when this returns."""
+        """Append one record; it is on disk (fsync) and confirmed by the head when this returns.
+
+        Raises :class:`LogStorageError` (naming the file and the cause) if the record
+        or its head cannot be written; the log is then cut back to what it was, so
+        the record is not on it.
+        """
         try:
             kind = self._kinds(kind).value
         except ValueError:
@@ -539,28 +783,91 @@ class _ChainedLog:
                 last = self._last_record(handle)
             except ValueError as broken:
                 raise AuditError(f"{self.path}: the last record is unreadable: {broken}") from None
+            except OSError as exc:
+                raise storage_error(LogStorageError, "cannot read log", self.path, exc) from exc
             seq = 0 if last is None else last.seq + 1
             prev = GENESIS if last is None else last.sha256
             unsigned = AuditRecord(seq, _now(), kind, body_payload, prev, "", None)
             digest = _digest(unsigned.body())
             signature = None if self._signing_key is None else _sign(self._signing_key, digest)
             record = dataclasses.replace(unsigned, sha256=digest, signature=signature)
-            handle.seek(0, os.SEEK_END)
-            handle.write(record.to_line())
-            handle.flush()
-            os.fsync(handle.fileno())
-            self._write_head(record)
+            fd = handle.fileno()
+            size = os.fstat(fd).st_size
+            head = _head_path(self.path)
+            try:
+                previous_head: bytes | None = head.read_bytes()
+            except FileNotFoundError:
+                previous_head = None
+            except OSError as exc:
+                raise storage_error(LogStorageError, "cannot read head file", head, exc) from exc
+            step = "write the record to"
+            try:
+                # Raw writes (no buffer that a failed flush could write later).
+                _write_all(fd, record.to_line())
+                os.fsync(fd)
+                step = "confirm the record in"
+                self._write_head(record)
+            except OSError as exc:
+                undone = self._undo_append(fd, size, head, previous_head)
+                outcome = (
+                    f"the {kind} record seq {seq} was not recorded (the log is as before)"
+                    if undone is None
+                    else f"the {kind} record seq {seq} could not be taken back ({undone}); "
+                    "verification reports it as unconfirmed and the next open moves it aside"
+                )
+                raise LogStorageError(
+                    f"{self.path}: could not {step} the log: {describe_cause(exc)}; {outcome}",
+                    path=self.path,
+                    cause=cause_name(exc),
+                    os_errno=exc.errno,
+                ) from exc
         return record
 
     def _write_head(self, record: AuditRecord) -> None:
-        head = self.path.with_name(self.path.name + ".head")
-        tmp = head.with_name(head.name + ".tmp")
+        head = _head_path(self.path)
+        tmp = _head_tmp_path(self.path)
         data = {"seq": record.seq, "sha256": record.sha256, "signature": record.signature}
-        with open(tmp, "wb") as out:
-            out.write(canonical_json(data) + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, canonical_json(data) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, head)
+        # The rename must survive a power cut: a head lost after the reply was sent
+        # would make the next open move a sent record aside as unconfirmed.
+        _fsync_dir(self.path.parent)
+
+    def _undo_append(
+        self, fd: int, size: int, head: Path, previous_head: bytes | None
+    ) -> str | None:
+        """Take a failed append back: the old head, no tmp file, the log cut to ``size``.
+
+        The head first: a head naming a record the log no longer holds would read
+        as a cut log. Returns None when all is undone, else what could not be.
+        """
+        failed: list[str] = []
+        tmp = _head_tmp_path(self.path)
+        try:
+            current = head.read_bytes() if head.exists() else None
+            if current != previous_head:  # the rename happened, its folder sync failed
+                if previous_head is None:
+                    head.unlink()
+                else:
+                    tmp.write_bytes(previous_head)
+                    os.replace(tmp, head)
+        except OSError as exc:
+            failed.append(f"restoring the head file failed: {describe_cause(exc)}")
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            failed.append(f"removing {tmp.name} failed: {describe_cause(exc)}")
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as exc:
+            failed.append(f"cutting the log back failed: {describe_cause(exc)}")
+        return "; ".join(failed) if failed else None
 
     def records(self) -> list[AuditRecord]:
         return read_records(self.path)
@@ -598,6 +905,10 @@ class SiloLog(_ChainedLog):
     def open(cls, state_dir: Path, signing_key: SigningKey | None = None) -> SiloLog:
         """Open ``<state_dir>/silo-log.jsonl``; signed with the node key if given."""
         return cls._open(Path(state_dir) / SILO_LOG_NAME, signing_key)
+
+    def ledger(self, event: str, **fields: Any) -> AuditRecord:
+        """``ledger``: the privacy ledger was created, charged or reset (its head after it)."""
+        return self.append(SiloKind.LEDGER, {"event": event, **fields})
 
     def sent(
         self,

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from fedguard.core.aggregation import OPTION_KEYS as AGGREGATION_OPTION_KEYS
 from fedguard.core.aggregation import AggregatorConfig, AggregatorName
 from fedguard.core.errors import ConfigError, UnknownDatasetError
+from fedguard.core.options import PARTICIPATION_OPTIONS, parse_table
 from fedguard.core.options import as_bool as _as_bool
 from fedguard.core.options import as_float as _as_float
 from fedguard.core.options import as_int as _as_int
@@ -266,6 +267,11 @@ class SecureAggregationConfig:
     fixed-point precision; ``dropout_rate`` is the planned share of silos that may
     drop, used with the security parameter to choose the neighbour degree k and the
     threshold t (Bell et al., CCS 2020).
+
+    ``allow_no_dropout``: run even when the consortium is too small for a round to
+    survive one dropout (3 or 4 silos with the defaults: one silo that drops aborts
+    every round); refused at run start otherwise
+    (:func:`fedguard.server.secure_round.check_dropout_tolerance`).
     """
 
     enabled: bool = False
@@ -275,9 +281,14 @@ class SecureAggregationConfig:
     groups: int = 1
     min_group_size: int = 3
     clip_norm: float = 0.0
+    allow_no_dropout: bool = False
 
     def __post_init__(self) -> None:
         _finite_positive("secagg clip_range", self.clip_range)
+        _require(
+            isinstance(self.allow_no_dropout, bool),
+            f"secagg allow_no_dropout must be true or false, got {self.allow_no_dropout!r}",
+        )
         _require(
             isinstance(self.groups, int) and not isinstance(self.groups, bool) and self.groups >= 1,
             f"secagg groups must be an integer >= 1, got {self.groups!r}",
@@ -303,6 +314,42 @@ class SecureAggregationConfig:
             0.0 <= self.dropout_rate < 0.5,
             f"secagg dropout_rate must lie in [0, 0.5), got {self.dropout_rate}",
         )
+
+
+@dataclass(frozen=True)
+class ParticipationPolicy:
+    """What a run must achieve to end ``completed`` (:mod:`fedguard.server.round_records`).
+
+    ``min_silos_per_round``: the fewest silos whose updates a round aggregates (its
+    contributors). A run in which rounds aggregated fewer ends ``degraded``, and
+    ``failed`` if no round reached it: a model trained on one silo's updates is not
+    a federated model. ``max_failed_rounds``: the most rounds that may fail (a SecAgg
+    abort, an aggregation that could not run: the model is left unchanged); one more
+    stops the run as ``failed`` (it can no longer do what it was asked), fewer but
+    some end it ``degraded``. The defaults (2 and 1) make a run in which 4 of 6
+    rounds aborted, or in which one silo of three trained, anything but completed.
+    Options: :data:`fedguard.core.options.PARTICIPATION_OPTIONS`.
+    """
+
+    min_silos_per_round: int = 2
+    max_failed_rounds: int = 1
+
+    def __post_init__(self) -> None:
+        for name, value, low in (
+            ("min-silos-per-round", self.min_silos_per_round, 1),
+            ("max-failed-rounds", self.max_failed_rounds, 0),
+        ):
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"{name} must be an integer >= {low}, got {value!r}",
+            )
+
+    def to_options(self) -> dict[str, Any]:
+        return {o.name: getattr(self, o.field) for o in PARTICIPATION_OPTIONS}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ParticipationPolicy:
+        return cls(**parse_table(PARTICIPATION_OPTIONS, options))
 
 
 @dataclass(frozen=True)
@@ -336,6 +383,7 @@ class RunConfig:
     aggregation: AggregatorConfig = field(default_factory=AggregatorConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
+    participation: ParticipationPolicy = field(default_factory=ParticipationPolicy)
     test_fraction: float = 0.2
     # L2 bound on each silo's update Δ = new − global (0: none). Silos clip to it; the
     # server rejects a plain update above it and checks secure sums against it.
@@ -371,6 +419,11 @@ class RunConfig:
         _require(
             isinstance(self.seed, int) and 0 <= self.seed < 2**63,
             f"seed must be an integer in [0, 2^63), got {self.seed!r}",
+        )
+        _require(
+            self.participation.min_silos_per_round <= self.num_clients,
+            f"min-silos-per-round {self.participation.min_silos_per_round} exceeds the "
+            f"{self.num_clients} silo(s) of the run: lower min-silos-per-round",
         )
         self._check_aggregation()
 
@@ -445,9 +498,11 @@ class RunConfig:
             "secagg-groups": self.secagg.groups,
             "secagg-min-group-size": self.secagg.min_group_size,
             "secagg-clip-norm": self.secagg.clip_norm,
+            "secagg-allow-no-dropout": self.secagg.allow_no_dropout,
             **self.aggregation.to_options(),
             **self.trust.to_options(),
             "hidden": ",".join(str(h) for h in self.model.hidden),
+            **self.participation.to_options(),
             "test-fraction": self.test_fraction,
             "update-clip-norm": self.update_clip_norm,
             "seed": self.seed,
@@ -519,12 +574,16 @@ class RunConfig:
                     groups=_as_int("secagg-groups", o["secagg-groups"]),
                     min_group_size=_as_int("secagg-min-group-size", o["secagg-min-group-size"]),
                     clip_norm=_as_float("secagg-clip-norm", o["secagg-clip-norm"]),
+                    allow_no_dropout=_as_bool(
+                        "secagg-allow-no-dropout", o["secagg-allow-no-dropout"]
+                    ),
                 ),
                 aggregation=AggregatorConfig.from_options(
                     {k: options[k] for k in AGGREGATION_OPTION_KEYS if k in options}
                 ),
                 trust=TrustConfig.from_options(o),
                 model=ModelSpec(hidden=_as_int_tuple("hidden", o["hidden"])),
+                participation=ParticipationPolicy.from_options(o),
                 test_fraction=_as_float("test-fraction", o["test-fraction"]),
                 update_clip_norm=_as_float("update-clip-norm", o["update-clip-norm"]),
                 seed=_as_int("seed", o["seed"]),

@@ -82,3 +82,44 @@ class ProtocolError(FedguardError):
 
 class CheckpointError(FedguardError):
     """A checkpoint cannot be written or read."""
+
+
+class StorageError(FedguardError, OSError):
+    """A file fedguard keeps its state in cannot be read or written.
+
+    Full disk, read-only file or folder, a damaged SQLite page, an I/O error: the
+    message names the file and the cause (the errno name, such as ``ENOSPC``, or
+    SQLite's error, such as ``SQLITE_CORRUPT: database disk image is malformed``);
+    ``path`` and ``cause`` hold them. It is also an :class:`OSError`, so code that
+    catches file errors keeps catching it. Each store raises its own sub-type,
+    which is also that store's error type (:class:`LedgerStorageError` is a
+    :class:`LedgerError`, and so on).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: object = None,
+        cause: str | None = None,
+        os_errno: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.cause = cause
+        self.errno = os_errno
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class LedgerStorageError(LedgerError, StorageError):
+    """The privacy ledger's file cannot be read or written (nothing was charged or changed)."""
+
+
+class OutboxStorageError(LedgerStorageError):
+    """An entry of the silo's outbox (what it sent, kept for replays) cannot be written."""
+
+
+class CheckpointStorageError(CheckpointError, StorageError):
+    """A round checkpoint cannot be written or read from disk."""

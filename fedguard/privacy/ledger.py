@@ -1,57 +1,65 @@
-"""The persistent per-silo privacy ledger (SQLite, write-ahead).
+"""The persistent per-silo privacy ledger (SQLite, committed before every release).
 
 A silo's sample-level (ε, δ) spend is the composition of the DP-SGD it actually
-ran, over every round it took part in, across every run of its life. Selection
-by the server gives no amplification credit here: the server knows who took part,
-so each round the silo trains is charged in full.
+released, over every round it took part in, across every run of its life.
+Selection by the server gives no amplification credit here: the server knows who
+took part, so each round the silo releases is charged in full.
 
 Besides DP-SGD rounds, a silo charges the statistics it releases to the trust
 layer (fairness counts, drift histograms, attributions): each is a
 :class:`~fedguard.privacy.events.GaussianRelease` charged under its
-:class:`ChargePurpose` with the same write-ahead rule, and the budget check
-composes every charge, training and releases alike. A charge is identified by
-``(run_id, round, purpose)``; charging it twice raises ``LedgerError`` (a
-replayed round or query is never released twice).
+:class:`ChargePurpose` with the same rule, and the budget check composes every
+charge, training and releases alike. A charge is identified by ``(run_id,
+round, purpose)``; charging it twice raises ``LedgerError`` (a replayed round or
+query is never released twice).
 
-Write-ahead protocol (what the client does each round)::
+Charge at release (what the silo does each round, :mod:`fedguard.client.release`)::
 
-    entry = ledger.charge(run_id, server_round, DpSgdRound(q, sigma, steps))  # durable
-    try:
-        ... train, send the update ...
-        ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
-    except BaseException:
-        ledger.mark(entry.entry_id, ChargeStatus.FAILED)  # still charged
-        raise
+    ledger.check_affordable(event, what)   # before training: refuse early, write nothing
+    ... train / compute, keep what will be sent ...
+    entry = ledger.charge(run_id, server_round, event)  # durable, right before it leaves
+    ... record the charge in the silo log, send ...
+    ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
 
 ``charge`` checks and inserts inside one ``BEGIN IMMEDIATE`` transaction (the
 write lock is taken before the budget is read, so two processes sharing the file
 cannot both pass the check) and commits with ``PRAGMA synchronous=EXTRA`` (FULL,
 plus the directory sync that makes a rollback-journal commit survive a power
-cut), so the charge is on disk before a single noisy gradient exists. If the process dies
-mid-round the charge stays: a crash can only over-count, never under-count. A
-failed round stays charged because its noisy update may have left the silo.
-Nothing is ever deleted; status changes never reduce the spend.
+cut), so the charge is on disk before the release leaves the silo. If the
+process dies after the charge the charge stays: a crash can only over-count,
+never under-count. A round that ends before its release (a SecAgg abort before
+the masked input, a training error) was never charged. Nothing is ever deleted;
+status changes never reduce the spend.
+
+The ledger's charges form a hash chain (:func:`chain_head`, starting from the
+ledger's random ``ledger_id``); the silo's signed log commits to its head after
+every charge, and :mod:`fedguard.client.ledger_guard` checks the two against
+each other on every open.
 
 File layout: ``<state_dir>/privacy-ledger.sqlite`` with ``PRAGMA application_id``
 set to :data:`APPLICATION_ID`, a ``schema_version`` table (version
 :data:`SCHEMA_VERSION`), a one-row ``silo`` table (silo id and budget, fixed at
-creation), ``charges`` and ``plans``. Schema 1 (training charges only, unique per
-``(run_id, round)``) is migrated in place to schema 2 (a ``purpose`` column, unique
-per ``(run_id, round, purpose)``) inside the opening transaction: every schema-1
-charge becomes a ``training`` charge with its entry id, event and status kept.
-Events are stored as versioned JSON (see
-:mod:`fedguard.privacy.events`). The rollback journal (not WAL) is used so the
-file also works on file systems without shared memory.
+creation; the ledger id; whether a silo log has committed to it), ``charges``
+and ``plans``. Older schemas are migrated in place inside the opening
+transaction: schema 1 (training charges only, unique per ``(run_id, round)``)
+to 2 (a ``purpose`` column, unique per ``(run_id, round, purpose)``; every
+schema-1 charge becomes a ``training`` charge with its entry id, event and
+status kept), and 2 to 3 (a random ledger id, not yet bound to a log). Events
+are stored as versioned JSON (see :mod:`fedguard.privacy.events`). The rollback
+journal (not WAL) is used so the file also works on file systems without
+shared memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,7 +69,13 @@ from types import TracebackType
 from typing import Any, Self, TypeAlias
 
 from fedguard.core.config import PrivacyBudget
-from fedguard.core.errors import BudgetExhaustedError, ConfigError, LedgerError
+from fedguard.core.errors import (
+    BudgetExhaustedError,
+    ConfigError,
+    LedgerError,
+    LedgerStorageError,
+)
+from fedguard.core.files import cause_name, describe_cause, storage_error
 from fedguard.privacy.accountant import AccountantKind, PrivacyAccountant
 from fedguard.privacy.events import DpSgdRound, GaussianRelease, event_from_json
 
@@ -72,13 +86,15 @@ __all__ = [
     "ChargeStatus",
     "LedgerEntry",
     "LedgerEvent",
+    "LedgerHead",
     "PrivacyLedger",
     "RoundPlan",
+    "chain_head",
 ]
 
 #: ``PRAGMA application_id`` of a fedguard ledger ("FGPL"); anything else is foreign.
 APPLICATION_ID = 0x4647504C
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_S = 60.0
 
 _CHARGES_V2 = """
@@ -101,7 +117,9 @@ CREATE TABLE silo (
     silo_id TEXT NOT NULL,
     budget_epsilon REAL NOT NULL,
     budget_delta REAL NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    ledger_id TEXT NOT NULL,
+    log_bound INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE plans (
     run_id TEXT PRIMARY KEY,
@@ -130,9 +148,9 @@ class ChargePurpose(StrEnum):
 
 
 class ChargeStatus(StrEnum):
-    CHARGED = "charged"  # written before training starts
-    COMPLETED = "completed"  # training finished and the update was produced
-    FAILED = "failed"  # training failed; still charged (the noise may have been released)
+    CHARGED = "charged"  # committed right before the release
+    COMPLETED = "completed"  # the release was handed over to be sent
+    FAILED = "failed"  # (older ledgers) the round failed after its charge; still charged
 
 
 # Allowed status changes. Every status counts against the budget.
@@ -153,6 +171,27 @@ class LedgerEntry:
     status: ChargeStatus
     created_at: str  # ISO 8601, UTC
     purpose: ChargePurpose = ChargePurpose.TRAINING
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """Which ledger this is and where its hash chain of charges stands.
+
+    ``heads[k]`` is the head after the first ``k`` charges (``heads[0]`` commits
+    to the ledger id and silo id alone); the silo log records ``(ledger_id,
+    entries, head)`` after every charge (:mod:`fedguard.client.ledger_guard`).
+    """
+
+    ledger_id: str
+    heads: tuple[str, ...]
+
+    @property
+    def entries(self) -> int:
+        return len(self.heads) - 1
+
+    @property
+    def head(self) -> str:
+        return self.heads[-1]
 
 
 @dataclass(frozen=True)
@@ -248,7 +287,11 @@ class PrivacyLedger:
 
         Raises ``LedgerError`` if the file is not a fedguard ledger (naming the
         path), has an unknown schema version, or was created for another silo or
-        another budget: a budget is fixed at creation and never changed silently.
+        another budget: a budget is fixed at creation and never changed silently;
+        :class:`~fedguard.core.errors.LedgerStorageError` (a ``LedgerError``) if the
+        file cannot be read or written (full disk, read-only, damaged page), naming
+        the file and the cause. Every later read or write raises the same on a
+        storage failure (:meth:`_transaction`), never a bare ``sqlite3`` error.
         """
         if not isinstance(silo_id, str) or not silo_id:
             raise ConfigError(f"silo_id must be a non-empty string, got {silo_id!r}")
@@ -258,14 +301,18 @@ class PrivacyLedger:
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise LedgerError(f"cannot create ledger directory {state_dir}: {exc}") from exc
+            raise storage_error(
+                LedgerStorageError, "cannot create ledger directory", state_dir, exc
+            ) from exc
         path = state_dir / cls.FILENAME
         try:
             conn = sqlite3.connect(
                 path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open privacy ledger {path}: {exc}") from exc
+            raise storage_error(
+                LedgerStorageError, "cannot open privacy ledger", path, exc
+            ) from exc
         try:
             # EXTRA = FULL (journal and database fsynced at every commit) plus an fsync
             # of the directory once the rollback journal is unlinked; with plain FULL a
@@ -279,9 +326,17 @@ class PrivacyLedger:
             except BaseException:
                 _rollback(conn)
                 raise
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             conn.close()
-            raise LedgerError(f"{path} is not a readable fedguard privacy ledger: {exc}") from exc
+            cause = cause_name(exc)
+            what = (
+                f"{path} is not a readable fedguard privacy ledger"
+                if cause in _DAMAGED
+                else f"cannot open privacy ledger {path}"
+            )
+            raise LedgerStorageError(
+                f"{what}: {describe_cause(exc)}; nothing was charged", path=path, cause=cause
+            ) from exc
         except BaseException:
             conn.close()
             raise
@@ -302,9 +357,9 @@ class PrivacyLedger:
             conn.execute(_CHARGES_V2)
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             conn.execute(
-                "INSERT INTO silo (silo_id, budget_epsilon, budget_delta, created_at) "
-                "VALUES (?, ?, ?, ?)",
-                (silo_id, float(budget.epsilon), float(budget.delta), _now()),
+                "INSERT INTO silo (silo_id, budget_epsilon, budget_delta, created_at, ledger_id) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (silo_id, float(budget.epsilon), float(budget.delta), _now(), _new_ledger_id()),
             )
             return
         if app_id != APPLICATION_ID or not tables >= _TABLES:
@@ -312,6 +367,9 @@ class PrivacyLedger:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
         if versions == [1]:
             _migrate_v1_to_v2(conn)
+            versions = [2]
+        if versions == [2]:
+            _migrate_v2_to_v3(conn)
             versions = [SCHEMA_VERSION]
         if versions != [SCHEMA_VERSION]:
             raise LedgerError(
@@ -356,14 +414,23 @@ class PrivacyLedger:
 
     @contextmanager
     def _transaction(self, immediate: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction; every ``sqlite3`` error in it is a ``LedgerStorageError``.
+
+        That covers ``BEGIN``, every statement of the caller's ``with`` body (a full
+        disk, a read-only file, a damaged page) and ``COMMIT``; the transaction is
+        rolled back first, so nothing of it was written.
+        """
         with self._lock:
             conn = self._connection()
             try:
                 conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             except sqlite3.Error as exc:
-                raise LedgerError(f"privacy ledger {self._path}: {exc}") from exc
+                raise _storage_failure(self._path, exc, "cannot start a transaction") from exc
             try:
                 yield conn
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise _storage_failure(self._path, exc, "read or write failed") from exc
             except BaseException:
                 _rollback(conn)
                 raise
@@ -371,7 +438,7 @@ class PrivacyLedger:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
-                raise LedgerError(f"privacy ledger {self._path}: commit failed: {exc}") from exc
+                raise _storage_failure(self._path, exc, "commit failed") from exc
 
     def _row_to_entry(self, row: tuple[Any, ...]) -> LedgerEntry:
         entry_id, run_id, round_, purpose, event_json, eps_after, status, created_at = row
@@ -480,16 +547,7 @@ class PrivacyLedger:
                     f"and a replayed query never released twice"
                 )
             entries = self._read_entries(conn)
-            after = self._epsilon([*(e.event for e in entries), event])
-            if not after <= self._budget.epsilon:
-                spent = self._spent(entries)
-                alone = self._epsilon([event])
-                raise BudgetExhaustedError(
-                    f"silo {self._silo_id!r}: {what} {round} of run {run_id!r} would cost "
-                    f"ε={alone:.4g} on its own and take the spend from ε={spent:.4g} to "
-                    f"ε={after:.4g}, past the budget ε={self._budget.epsilon:g} "
-                    f"(δ={self._budget.delta:g}); nothing was charged"
-                )
+            after = self._check_budget(entries, event, f"{what} {round} of run {run_id!r}")
             now = _now()
             cursor = conn.execute(
                 "INSERT INTO charges (run_id, round, purpose, event, epsilon_after, status, "
@@ -513,6 +571,30 @@ class PrivacyLedger:
         return LedgerEntry(
             entry_id, run_id, round, event, after, ChargeStatus.CHARGED, now, purpose
         )
+
+    def _check_budget(self, entries: list[LedgerEntry], event: LedgerEvent, what: str) -> float:
+        """ε after ``event`` on top of ``entries``; BudgetExhaustedError past the budget."""
+        after = self._epsilon([*(e.event for e in entries), event])
+        if not after <= self._budget.epsilon:
+            spent = self._spent(entries)
+            alone = self._epsilon([event])
+            raise BudgetExhaustedError(
+                f"silo {self._silo_id!r}: {what} would cost "
+                f"ε={alone:.4g} on its own and take the spend from ε={spent:.4g} to "
+                f"ε={after:.4g}, past the budget ε={self._budget.epsilon:g} "
+                f"(δ={self._budget.delta:g}); nothing was charged"
+            )
+        return after
+
+    def check_affordable(self, event: LedgerEvent, what: str) -> float:
+        """The ε ``event`` would take the silo to; raise BudgetExhaustedError past the budget.
+
+        Writes nothing: the silo checks before it computes a release, and charges
+        (:meth:`charge`, which checks again) only right before the release leaves.
+        """
+        if not isinstance(event, (DpSgdRound, GaussianRelease)):
+            raise ConfigError(f"not a ledger event: {event!r}")
+        return self._check_budget(self.entries(), event, what)
 
     def mark(self, entry_id: int, status: ChargeStatus) -> None:
         """Record how a charged round ended (charged → completed or failed).
@@ -578,6 +660,32 @@ class PrivacyLedger:
                     f"run {run_id!r} already has plan {stored}; refusing to change it to {plan}"
                 )
 
+    def head(self) -> LedgerHead:
+        """The ledger's id and the head of its charge chain (see :func:`chain_head`)."""
+        with self._transaction(immediate=False) as conn:
+            (ledger_id,) = conn.execute("SELECT ledger_id FROM silo").fetchone()
+            rows = conn.execute(
+                "SELECT entry_id, run_id, round, purpose, event, epsilon_after "
+                "FROM charges ORDER BY entry_id"
+            ).fetchall()
+        return LedgerHead(str(ledger_id), tuple(chain_head(str(ledger_id), self._silo_id, rows)))
+
+    def bound_to_log(self) -> bool:
+        """Whether a silo log has committed to this ledger (see fedguard.client.ledger_guard)."""
+        with self._transaction(immediate=False) as conn:
+            (bound,) = conn.execute("SELECT log_bound FROM silo").fetchone()
+        return bool(bound)
+
+    def mark_bound_to_log(self) -> None:
+        """Record that the silo log now commits to this ledger; never undone."""
+        with self._transaction(immediate=True) as conn:
+            conn.execute("UPDATE silo SET log_bound = 1")
+
+    def check_writable(self) -> None:
+        """Raise ``LedgerError`` unless the file takes a write lock (read-only, locked, full)."""
+        with self._transaction(immediate=True) as conn:
+            conn.execute("UPDATE silo SET silo_id = silo_id")
+
     # ----------------------------------------------------------------------- lifetime
 
     def close(self) -> None:
@@ -620,6 +728,62 @@ def _migrate_v1_to_v2(conn: sqlite3.Connection) -> None:
     )
     conn.execute("DROP TABLE charges_v1")
     conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _migrate_v2_to_v3(conn: sqlite3.Connection) -> None:
+    """Schema 2 -> 3 inside the caller's transaction: the ledger gets its random id."""
+    conn.execute("ALTER TABLE silo ADD COLUMN ledger_id TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE silo ADD COLUMN log_bound INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE silo SET ledger_id = ?", (_new_ledger_id(),))
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _new_ledger_id() -> str:
+    # Random, so two ledgers with the same silo id and the same charges still differ.
+    return secrets.token_hex(16)
+
+
+def chain_head(ledger_id: str, silo_id: str, rows: Sequence[tuple[Any, ...]]) -> list[str]:
+    """The ledger's head hash after 0, 1, ... len(rows) charges.
+
+    ``rows`` are ``(entry_id, run_id, round, purpose, event_json, epsilon_after)``
+    in entry order, as stored. A status change (charged -> completed) is not part
+    of a charge's identity and does not move the head; anything else about a
+    charge, its order, or the ledger it belongs to does.
+    """
+    head = hashlib.sha256(
+        b"fedguard-ledger-head-v1\0" + ledger_id.encode() + b"\0" + silo_id.encode()
+    ).hexdigest()
+    heads = [head]
+    for entry_id, run_id, round_, purpose, event_json, eps_after in rows:
+        item = json.dumps(
+            [
+                int(entry_id),
+                str(run_id),
+                int(round_),
+                str(purpose),
+                str(event_json),
+                float(eps_after),
+            ],
+            separators=(",", ":"),
+        )
+        head = hashlib.sha256(bytes.fromhex(head) + item.encode()).hexdigest()
+        heads.append(head)
+    return heads
+
+
+#: SQLite causes that mean the file itself is damaged (not full, not read-only).
+_DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "DatabaseError"})
+
+
+def _storage_failure(path: Path, exc: sqlite3.Error, what: str) -> LedgerStorageError:
+    """A ``LedgerStorageError`` naming the ledger file and the SQLite cause."""
+    return LedgerStorageError(
+        f"privacy ledger {path}: {what}: {describe_cause(exc)}; the transaction was rolled "
+        "back, nothing in it was written",
+        path=path,
+        cause=cause_name(exc),
+    )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

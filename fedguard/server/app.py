@@ -6,7 +6,8 @@ the deployed one and parses Flower's ``run_config`` once, at the boundary.
 
 Under a fedguard SuperLink (``fedguard server start`` sets ``FEDGUARD_SERVER_DIR``)
 the deployed one also writes every round to the server's signed audit log and
-its model registry (:class:`~fedguard.server.commands.DeploymentRecorder`), and
+its model registry (:class:`~fedguard.server.commands.DeploymentRecorder`), ends it
+with the run's outcome (``run-end``: completed, degraded, failed, stopped), and
 authenticates secure aggregation with the server folder's signed roster
 (``secagg-roster.json``, from ``fedguard ca sign-roster``).
 """
@@ -75,4 +76,6 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     with DeploymentRecorder.open(
         layout, run_id, config.to_options(), run_dir, flower_run_id=context.run_id
     ) as recorder:
-        FederatedRun(grid, config, run_id, run_dir, on_round=recorder.on_round, roster=roster).run()
+        run = FederatedRun(grid, config, run_id, run_dir, on_round=recorder.on_round, roster=roster)
+        run.run()
+        recorder.finish(run.outcome)  # run-end: completed, degraded, failed or stopped

@@ -136,10 +136,21 @@ class AuditLog(_ChainedLog):
     ) -> AuditRecord:
         """``round`` from the orchestrator's ``RoundRecord.to_dict()``, written once.
 
-        Sorts the silos' outcomes into participating (``ok``), refusing
-        (``refused``), rejected (with the reason) and dropouts (``no-reply``,
-        ``error``, with the reason). If this run's round is already in the log (a
-        resumed server replays the round it was checkpointing), returns that record.
+        ``silos`` lists every sampled silo with its status (``ok``, ``refused``,
+        ``error``, ``no-reply``, ``rejected``, ``dropout``, ``aborted``), the SecAgg
+        stage it stopped at, the reason, the ε it reported for the round (its
+        lifetime ε after this round's charge, None if it reported none), whether
+        the server received a release from it and what it paid (``charge``:
+        ``charged``, ``nothing``, ``unknown``). The same silos are sorted into
+        participating (``ok``), refusing (``refused``), rejected and dropouts
+        (``no-reply``, ``error``, ``dropout``, ``aborted``), each with its reason;
+        ``charged_nothing`` names the silos that released nothing this round.
+        ``failure`` says why the round left the model unchanged ("" if it did
+        not), ``contributors`` how many silos' updates the aggregate holds, and
+        ``evaluation`` the pooled metrics with their coverage (``covered`` silos,
+        ``missing`` ones with why, ``num_examples`` covered). If this run's round
+        is already in the log (a resumed server replays the round it was
+        checkpointing), returns that record.
         """
         round_number = int(record["round"])
         existing = self.find(AuditKind.ROUND, run_id, round_number)
@@ -152,29 +163,74 @@ class AuditLog(_ChainedLog):
 
         def reasons(*statuses: str) -> list[dict[str, str]]:
             return [
-                {"silo": str(o["silo_id"]), "status": str(o["status"]), "reason": str(o["reason"])}
+                {
+                    "silo": str(o["silo_id"]),
+                    "status": str(o["status"]),
+                    "reason": str(o["reason"]),
+                    **({"stage": str(o["stage"])} if o.get("stage") else {}),
+                }
                 for o in outcomes
                 if o["status"] in statuses
             ]
 
+        def entry(o: Mapping[str, Any]) -> dict[str, Any]:
+            metrics = o.get("metrics") or {}
+            return {
+                "silo": str(o["silo_id"]),
+                "status": str(o["status"]),
+                "stage": str(o.get("stage", "")),
+                "reason": str(o.get("reason", "")),
+                "epsilon": metrics.get("epsilon-spent"),
+                "released": o.get("released"),
+                "charge": str(o.get("charge", "unknown")),
+            }
+
         evaluation = record.get("evaluation") or {}
+        coverage = ("num_examples", "loss", "accuracy", "auc", "secure", "covered", "missing")
         return self.round(
             run_id,
             round_number,
             sampled=[str(o["silo_id"]) for o in outcomes],
+            silos=[entry(o) for o in outcomes],
             participating=silos("ok"),
             refusing=reasons("refused"),
             rejected=reasons("rejected"),
-            dropouts=reasons("no-reply", "error"),
+            dropouts=reasons("no-reply", "error", "dropout", "aborted"),
+            failure=str(record.get("failure", "")),
+            contributors=record.get("contributors"),
             aggregation=record.get("aggregation", {}),
             epsilon=record.get("silo_epsilon", {}),
+            charged_nothing=[str(o["silo_id"]) for o in outcomes if o.get("charge") == "nothing"],
             central_epsilon=record.get("central_epsilon"),
-            evaluation={k: evaluation.get(k) for k in ("num_examples", "loss", "accuracy", "auc")},
+            evaluation={
+                **{k: evaluation.get(k) for k in coverage},
+                **({"failed": evaluation["failed"]} if evaluation.get("failed") else {}),
+            },
             model_sha256=model_sha256,
             parent_sha256=parent_sha256,
             update_sha256=dict(update_sha256 or {}),
         )
 
     def run_end(self, run_id: str, status: str, **fields: Any) -> AuditRecord:
-        """``run-end``: how the run ended (``completed``, ``failed: ...``) and its last model."""
+        """``run-end``: how the run ended and its last model.
+
+        ``status`` is a :class:`~fedguard.server.round_records.RunStatus` value
+        (``completed``, ``degraded``, ``failed``, ``stopped``, ``killed``) with the
+        ``reasons`` in the fields.
+        """
         return self.append(AuditKind.RUN_END, {"run_id": run_id, "status": status, **fields})
+
+    def unfinished_runs(self) -> list[AuditRecord]:
+        """Every ``run-start`` that no later ``run-end`` of its run closes, oldest first.
+
+        A ``run-end`` closes every earlier open start of the same run (a resumed
+        run that ended closes the start of the process that died before it).
+        """
+        open_starts: list[AuditRecord] = []
+        for record in self.records():
+            if record.kind == AuditKind.RUN_START:
+                open_starts.append(record)
+            elif record.kind == AuditKind.RUN_END:
+                run_id = record.payload.get("run_id")
+                open_starts = [s for s in open_starts if s.payload.get("run_id") != run_id]
+        return open_starts

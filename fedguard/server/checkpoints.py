@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from fedguard.core.errors import CheckpointError
-from fedguard.core.files import atomic_write_bytes, atomic_write_json
+from fedguard.core.errors import CheckpointError, CheckpointStorageError
+from fedguard.core.files import atomic_write_bytes, atomic_write_json, storage_error
 
 _NAME = re.compile(r"^round-(\d{4,})\.json$")
 
@@ -42,14 +43,28 @@ class CheckpointStore:
         payload: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
         np.savez(buffer, **payload)
         stem = self.directory / f"round-{round_number:04d}"
-        atomic_write_bytes(stem.with_suffix(".npz"), buffer.getvalue())
-        atomic_write_json(stem.with_suffix(".json"), {"round": round_number, "state": state})
+        # CheckpointStorageError (naming the file and the cause) if the disk fails;
+        # the round then does not exist (its JSON, written last, is absent).
+        atomic_write_bytes(
+            stem.with_suffix(".npz"), buffer.getvalue(), error=CheckpointStorageError
+        )
+        atomic_write_json(
+            stem.with_suffix(".json"),
+            {"round": round_number, "state": state},
+            error=CheckpointStorageError,
+        )
         return stem.with_suffix(".json")
 
     def rounds(self) -> list[int]:
         if not self.directory.is_dir():
             return []
-        found = (_NAME.match(p.name) for p in self.directory.iterdir())
+        try:
+            names = [p.name for p in self.directory.iterdir()]
+        except OSError as bad:
+            raise storage_error(
+                CheckpointStorageError, "cannot list checkpoints in", self.directory, bad
+            ) from bad
+        found = (_NAME.match(name) for name in names)
         return sorted(int(m.group(1)) for m in found if m)
 
     def load(self, round_number: int) -> Checkpoint:
@@ -58,7 +73,11 @@ class CheckpointStore:
             meta = json.loads(stem.with_suffix(".json").read_text())
             with np.load(stem.with_suffix(".npz")) as data:
                 arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, KeyError) as bad:
+        except OSError as bad:
+            raise storage_error(
+                CheckpointStorageError, "cannot read checkpoint", stem, bad
+            ) from bad
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as bad:
             raise CheckpointError(f"checkpoint {stem} is unreadable: {bad}") from None
         return Checkpoint(int(meta["round"]), arrays, dict(meta["state"]))
 

@@ -38,6 +38,15 @@ its log of what it sent, its node config, PIDs and logs.
 
 Background processes are started in their own session with their output in a
 log file; ``start`` returns once they are ready, ``stop`` ends them by PID.
+One process per folder: ``start`` first takes an exclusive ``flock`` on
+``superlink.lock`` (server folder) or ``silo.lock`` (state folder) and hands the
+locked descriptor to the SuperLink, or to the SuperNode and its executor, which
+hold it for their life (:mod:`fedguard.core.process_lock`); a second ``start``
+on the folder fails at once naming the holder's PID, and ``stop`` stops the
+processes that hold the lock, whatever the PID files say. ``client start``
+checks the silo's ledger against its signed log, and that it can write it
+(:func:`fedguard.client.ledger_guard.verify_silo_state`), before it spawns or
+connects anything.
 """
 
 from __future__ import annotations
@@ -63,11 +72,13 @@ from typing import Any
 
 from fedguard.core.config import DatasetName, PrivacyBudget, RunConfig
 from fedguard.core.errors import ConfigError, FedguardError
+from fedguard.core.process_lock import FolderLockedError, ProcessLock, lock_holders
 
 __all__ = [
     "CONNECTION",
     "SERVER_DIR_ENV",
     "ActivationRefusedError",
+    "AlreadyRunningError",
     "DeploymentError",
     "DeploymentRecorder",
     "ExecutorMode",
@@ -93,6 +104,14 @@ _STOP_TIMEOUT_S = 15.0
 
 class DeploymentError(FedguardError):
     """A deployment command failed (a process did not start, a Flower command failed)."""
+
+
+class AlreadyRunningError(DeploymentError):
+    """Another process holds the folder's lock (a second ``start`` on one folder)."""
+
+
+class SiloStateError(DeploymentError):
+    """``client start`` refused: the silo's ledger or log failed its check; nothing started."""
 
 
 class ExecutorMode:
@@ -139,6 +158,11 @@ class ServerLayout:
     @property
     def pid_file(self) -> Path:
         return self.root / "superlink.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        """Locked by the SuperLink for its life (:mod:`fedguard.core.process_lock`)."""
+        return self.root / "superlink.lock"
 
     @property
     def log_file(self) -> Path:
@@ -210,6 +234,11 @@ class SiloLayout:
         return self.root / "supernode.pid"
 
     @property
+    def lock_file(self) -> Path:
+        """Locked by the SuperNode and its executor for their life (one silo per folder)."""
+        return self.root / "silo.lock"
+
+    @property
     def executor_pid(self) -> Path:
         return self.root / "executor.pid"
 
@@ -240,16 +269,23 @@ class DeploymentRecorder:
 
     Driven by ``FederatedRun``'s ``on_round`` callback; reads each round's model from
     the checkpoint the orchestrator saved just before calling it. Use it around the
-    run (``run-start`` on enter, ``run-end`` on exit, ``failed: ...`` on an
-    exception)::
+    run (``run-start`` on enter, ``run-end`` on exit: the run's outcome given to
+    :meth:`finish`, ``failed`` with the reason on an exception)::
 
         layout = ServerLayout.from_env()
         with DeploymentRecorder.open(layout, run_id, config.to_options(), run_dir) as rec:
-            FederatedRun(grid, config, run_id, run_dir, on_round=rec.on_round).run()
+            run = FederatedRun(grid, config, run_id, run_dir, on_round=rec.on_round)
+            run.run()
+            rec.finish(run.outcome)
 
     Every write is idempotent per (run, round): on enter it also records any
     checkpointed round the log or the registry lacks (a server that died between
     saving a round and recording it), so a resumed run has each round exactly once.
+
+    A run ends with a record whatever happens: ``run-start`` names the ServerApp's
+    process (pid, start time, host), and :meth:`open` appends ``run-end`` with
+    status ``killed`` for every earlier ``run-start`` without one whose process is
+    gone (a ServerApp killed, or a machine that went down).
     """
 
     def __init__(
@@ -270,6 +306,7 @@ class DeploymentRecorder:
         self.registry = registry
         self.extra = dict(extra or {})
         self.last_sha256: str | None = None
+        self.outcome: Any = None  # the run's RunOutcome, from finish()
 
     @classmethod
     def open(
@@ -280,7 +317,8 @@ class DeploymentRecorder:
         run_dir: Path,
         **extra: Any,
     ) -> DeploymentRecorder:
-        return cls(
+        """The recorder of a run starting now; first closes runs that ended unrecorded."""
+        recorder = cls(
             layout,
             run_id,
             config,
@@ -289,6 +327,44 @@ class DeploymentRecorder:
             layout.open_registry(),
             extra,
         )
+        recorder.close_unfinished_runs()
+        return recorder
+
+    def close_unfinished_runs(self) -> list[Any]:
+        """``run-end`` ``killed`` for each earlier ``run-start`` whose process is gone."""
+        from fedguard.server.round_records import RunStatus
+
+        written = []
+        for start in self.audit.unfinished_runs():
+            process = start.payload.get("process") or {}
+            if _process_alive(process):
+                continue  # still running (another run on this SuperLink)
+            run_id = str(start.payload.get("run_id"))
+            rounds = [
+                r.payload.get("round")
+                for r in self.audit.records()
+                if r.kind == "round" and r.payload.get("run_id") == run_id and r.seq > start.seq
+            ]
+            what = f"ServerApp pid {process['pid']}" if "pid" in process else "its ServerApp"
+            reason = (
+                f"ended without a final record: {what} is gone (killed, or its machine "
+                f"stopped); found when run {self.run_id} started"
+                + (f"; last round recorded: {rounds[-1]}" if rounds else "; no round recorded")
+            )
+            written.append(
+                self.audit.run_end(
+                    run_id,
+                    RunStatus.KILLED.value,
+                    reasons=[reason],
+                    run_start_seq=start.seq,
+                    model_sha256=_head_sha256(self.registry, run_id),
+                )
+            )
+        return written
+
+    def finish(self, outcome: Any) -> None:
+        """The run's :class:`~fedguard.server.round_records.RunOutcome`, for ``run-end``."""
+        self.outcome = outcome
 
     def __enter__(self) -> DeploymentRecorder:
         from fedguard.server.checkpoints import CheckpointStore
@@ -299,6 +375,7 @@ class DeploymentRecorder:
             self.run_id,
             self.config,
             resumed_after_round=done[-1] if done else None,
+            process=_process_identity(os.getpid()),
             **self.extra,
         )
         if done:
@@ -346,9 +423,54 @@ class DeploymentRecorder:
             )
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        status = "completed" if exc is None else f"failed: {type(exc).__name__}: {exc}"
-        self.audit.run_end(self.run_id, status, model_sha256=self.last_sha256)
+        if exc is not None:
+            status, fields = "failed", {"reasons": [f"{type(exc).__name__}: {exc}"]}
+        elif self.outcome is not None:
+            fields = self.outcome.to_json()
+            status = str(fields.pop("status"))
+        else:
+            status, fields = "completed", {"reasons": []}
+        self.audit.run_end(self.run_id, status, model_sha256=self.last_sha256, **fields)
         self.registry.close()
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def _process_identity(pid: int) -> dict[str, Any]:
+    return {"pid": pid, "started": _process_start(pid), "host": socket.gethostname()}
+
+
+def _process_alive(process: Mapping[str, Any]) -> bool:
+    """Whether the process a ``run-start`` names still runs (another host: assumed so)."""
+    pid = process.get("pid")
+    if not isinstance(pid, int):
+        return False  # a run-start from before processes were recorded
+    if process.get("host") not in (None, socket.gethostname()):
+        return True  # cannot tell from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    started = process.get("started")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _head_sha256(registry: Any, run_id: str) -> str | None:
+    try:
+        head = registry.head(run_id)
+    except Exception:  # the record is written even if the registry cannot say
+        return None
+    return getattr(head, "sha256", None)
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -461,8 +583,18 @@ def _environment(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dic
     return env
 
 
-def _spawn(command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: Path) -> int:
-    """Start ``command`` in its own session, output to ``log_file``; return its PID."""
+def _spawn(
+    command: Sequence[str],
+    log_file: Path,
+    env: Mapping[str, str],
+    cwd: Path,
+    lock: ProcessLock | None = None,
+) -> int:
+    """Start ``command`` in its own session, output to ``log_file``; return its PID.
+
+    With ``lock``, the child inherits the locked descriptor (same number): it holds
+    the folder's lock until it exits (:mod:`fedguard.core.process_lock`).
+    """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(command)}\n".encode())
@@ -475,6 +607,7 @@ def _spawn(command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: 
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
+            pass_fds=() if lock is None else (lock.fd,),
         )
     return process.pid
 
@@ -538,6 +671,54 @@ def stop_pid(pid: int, expect: str, timeout: float = _STOP_TIMEOUT_S) -> bool:
         _reap(pid)
         time.sleep(0.05)
     return True
+
+
+def _lock_folder(lock_file: Path, what: str) -> ProcessLock:
+    """Take the folder's lock before any check or spawn, or fail at once naming the holder."""
+    try:
+        return ProcessLock.acquire(lock_file, what)
+    except FolderLockedError as busy:
+        raise AlreadyRunningError(str(busy)) from None
+
+
+def _stop_holders(
+    lock_file: Path, roles: Sequence[tuple[Path, str, str | None]], what: str
+) -> list[str]:
+    """Stop the folder's processes, then remove its PID files under its lock.
+
+    ``roles``: ``(pid file, command-line marker, folder marker)`` in stopping order.
+    Stopped are the processes that hold ``lock_file`` open and whose command line has
+    the marker (the real holders, whatever the PID files say), and a PID file's
+    process whose command line has both markers (one started without the lock).
+    Raises :class:`AlreadyRunningError` if the lock is still held afterwards.
+    """
+    holders = lock_holders(lock_file)
+    stopped: list[str] = []
+    for pid_file, expect, folder in roles:
+        pids = [pid for pid in holders if expect in _cmdline(pid)]
+        recorded = _read_pid(pid_file)
+        if recorded is not None and recorded not in pids:
+            line = _cmdline(recorded)
+            if expect in line and (folder is None or folder in line):
+                pids.append(recorded)
+        stopped += [f"{expect} PID {pid}" for pid in pids if stop_pid(pid, expect)]
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    while True:
+        try:
+            lock = ProcessLock.acquire(lock_file, what)
+        except FolderLockedError as busy:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            left = ", ".join(f"PID {p} ({_cmdline(p).strip()})" for p in lock_holders(lock_file))
+            raise AlreadyRunningError(
+                f"{busy}; still held after stopping {', '.join(stopped) or 'nothing'}"
+                f"{f': {left}' if left else ''}"
+            ) from None
+        with lock:
+            for pid_file, _, _ in roles:
+                pid_file.unlink(missing_ok=True)
+        return stopped
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -718,31 +899,49 @@ def superlink_command(layout: ServerLayout, address: str) -> list[str]:
 
 def cmd_server_start(args: argparse.Namespace) -> int:
     layout = ServerLayout(Path(args.server_dir).resolve())
-    running = _read_pid(layout.pid_file)
-    if running is not None and _alive(running) and "flower-superlink" in _cmdline(running):
-        raise DeploymentError(f"a SuperLink already runs from {layout.root} (PID {running})")
-    command = superlink_command(layout, args.address)
-    write_connection(layout, args.address)
-    env = _environment(layout.flwr_home, {SERVER_DIR_ENV: str(layout.root)})
-    if args.foreground:
-        os.execve(command[0], command, env)
-    pid = _spawn(command, layout.log_file, env, layout.root)
-    _write_pid(layout.pid_file, pid)
-    host, port = _parse_address(args.address)
-    _wait_for_port(host, port, pid, layout.log_file, args.timeout)
+    if not layout.root.is_dir():
+        raise DeploymentError(
+            f"{layout.root} is not a server folder; run `fedguard ca issue-server --out "
+            f"{layout.root}` first"
+        )
+    # The lock first: a second start fails here, before it checks, spawns or writes.
+    with _lock_folder(layout.lock_file, "a SuperLink") as lock:
+        command = superlink_command(layout, args.address)
+        write_connection(layout, args.address)
+        env = _environment(layout.flwr_home, {SERVER_DIR_ENV: str(layout.root)})
+        if args.foreground:
+            _write_pid(layout.pid_file, os.getpid())  # exec keeps the PID and the lock
+            lock.inheritable()
+            os.execve(command[0], command, env)
+        pid = _spawn(command, layout.log_file, env, layout.root, lock)
+        lock.record(pid)
+        _write_pid(layout.pid_file, pid)
+        host, port = _parse_address(args.address)
+        try:
+            _wait_for_port(host, port, pid, layout.log_file, args.timeout)
+        except BaseException:
+            stop_pid(pid, "flower-superlink", timeout=5.0)
+            layout.pid_file.unlink(missing_ok=True)
+            raise
     print(f"SuperLink PID {pid} on {args.address} (TLS, node authentication)")
     print(f"  log: {layout.log_file}\n  state: {layout.database}")
     return 0
 
 
 def cmd_server_stop(args: argparse.Namespace) -> int:
-    layout = ServerLayout(Path(args.server_dir))
-    pid = _read_pid(layout.pid_file)
-    if pid is None or not stop_pid(pid, "flower-superlink"):
+    layout = ServerLayout(Path(args.server_dir).resolve())
+    if not layout.root.is_dir():
         print(f"no SuperLink running from {layout.root}")
         return 0
-    layout.pid_file.unlink(missing_ok=True)
-    print(f"stopped SuperLink PID {pid}")
+    stopped = _stop_holders(
+        layout.lock_file,
+        [(layout.pid_file, "flower-superlink", str(layout.database.resolve()))],
+        "a SuperLink",
+    )
+    if not stopped:
+        print(f"no SuperLink running from {layout.root}")
+        return 0
+    print(f"stopped {', '.join(stopped).replace('flower-superlink', 'SuperLink')}")
     return 0
 
 
@@ -812,18 +1011,27 @@ def _wait_for_supernode(pid: int, log_file: Path, offset: int, timeout: float) -
 
 
 def _start_supernode(
-    command: Sequence[str], layout: SiloLayout, env: Mapping[str, str], args: argparse.Namespace
+    command: Sequence[str],
+    layout: SiloLayout,
+    env: Mapping[str, str],
+    args: argparse.Namespace,
+    lock: ProcessLock,
 ) -> tuple[int, str]:
-    """Start the SuperNode; while activation is refused, retry for ``--activation-retry`` s."""
+    """Start the SuperNode; while activation is refused, retry for ``--activation-retry`` s.
+
+    Runs while this process holds the silo's ``lock``; each SuperNode inherits it.
+    """
     retry_until = time.monotonic() + args.activation_retry
     while True:
         offset = layout.supernode_log.stat().st_size if layout.supernode_log.exists() else 0
-        pid = _spawn(command, layout.supernode_log, env, layout.root)
+        pid = _spawn(command, layout.supernode_log, env, layout.root, lock)
+        lock.record(pid)
         _write_pid(layout.supernode_pid, pid)
         try:
             return pid, _wait_for_supernode(pid, layout.supernode_log, offset, args.timeout)
         except ActivationRefusedError:
             layout.supernode_pid.unlink(missing_ok=True)
+            lock.record(os.getpid())
             if time.monotonic() >= retry_until:
                 raise
             print("activation refused; retrying in 5 s (see --activation-retry)", flush=True)
@@ -831,33 +1039,54 @@ def _start_supernode(
         except BaseException:
             stop_pid(pid, "flower-supernode", timeout=5.0)
             layout.supernode_pid.unlink(missing_ok=True)
+            lock.record(os.getpid())
             raise
+
+
+def _check_silo_state(node_config: str, layout: SiloLayout) -> float:
+    """Run the silo's ledger checks on the settings ``node_config`` gives the SuperNode.
+
+    The same :func:`~fedguard.client.ledger_guard.verify_silo_state` a training
+    message runs (the ledger against the signed silo log, and writable), before
+    anything is spawned or connected. Returns the silo's lifetime ε.
+    """
+    import sqlite3
+
+    from fedguard.client.ledger_guard import verify_silo_state
+    from fedguard.client.silo import settings_from_node_config
+
+    settings = settings_from_node_config(tomllib.loads(node_config))
+    try:
+        return verify_silo_state(settings)
+    except (FedguardError, OSError, sqlite3.Error) as error:
+        raise SiloStateError(
+            f"silo {settings.silo_id}: its state in {layout.root} failed the start check, so "
+            f"no SuperNode was started: {type(error).__name__}: {error}"
+        ) from error
 
 
 def cmd_client_start(args: argparse.Namespace) -> int:
     layout = SiloLayout(Path(args.state_dir).resolve())
     layout.root.mkdir(parents=True, exist_ok=True)
-    running = _read_pid(layout.supernode_pid)
-    if running is not None and _alive(running) and "flower-supernode" in _cmdline(running):
-        raise DeploymentError(f"a SuperNode already runs for {layout.root} (PID {running})")
-    data = Path(args.data).resolve()
-    if not data.is_file():
-        raise DeploymentError(f"silo data file {data} does not exist")
-    for path, what in ((Path(args.ca_cert), "CA certificate"), (Path(args.key), "node key")):
-        if not path.is_file():
-            raise DeploymentError(f"{what} {path} does not exist")
-    _parse_address(args.superlink)
-    if args.activation_retry < 0:
-        raise ConfigError(f"--activation-retry must be >= 0, got {args.activation_retry}")
-    budget = PrivacyBudget(args.target_epsilon, args.delta)
-    silo_id = args.silo_id or layout.root.name
-    from fedguard.server.roster_commands import silo_identity_paths
+    # The lock first: a second start on this folder fails here, before any check or write.
+    with _lock_folder(layout.lock_file, "a SuperNode") as lock:
+        data = Path(args.data).resolve()
+        if not data.is_file():
+            raise DeploymentError(f"silo data file {data} does not exist")
+        for path, what in ((Path(args.ca_cert), "CA certificate"), (Path(args.key), "node key")):
+            if not path.is_file():
+                raise DeploymentError(f"{what} {path} does not exist")
+        _parse_address(args.superlink)
+        if args.activation_retry < 0:
+            raise ConfigError(f"--activation-retry must be >= 0, got {args.activation_retry}")
+        budget = PrivacyBudget(args.target_epsilon, args.delta)
+        silo_id = args.silo_id or layout.root.name
+        from fedguard.server.roster_commands import silo_identity_paths
 
-    identity = silo_identity_paths(
-        args.secagg_identity, Path(args.key), args.consortium_key, Path(args.ca_cert)
-    )
-    layout.node_config.write_text(
-        node_config_toml(
+        identity = silo_identity_paths(
+            args.secagg_identity, Path(args.key), args.consortium_key, Path(args.ca_cert)
+        )
+        node_config = node_config_toml(
             silo_id,
             DatasetName.parse(args.dataset),
             data,
@@ -867,41 +1096,45 @@ def cmd_client_start(args: argparse.Namespace) -> int:
             secagg_identity=identity[0] if identity else None,
             consortium_key=identity[1] if identity else None,
         )
-    )
-    command = supernode_command(
-        args.superlink,
-        Path(args.ca_cert),
-        Path(args.key),
-        layout.node_config,
-        args.runtime_port,
-        args.executor,
-    )
-    env = _environment(layout.flwr_home)
-    pid, node_id = _start_supernode(command, layout, env, args)
-    executor_pid = None
-    if args.executor == ExecutorMode.WARM:
-        executor = [
-            sys.executable,
-            "-m",
-            "fedguard.client.executor",
-            "--runtime-api-address",
-            f"127.0.0.1:{args.runtime_port}",
-            "--parent-pid",
-            str(pid),
-        ]
-        try:
-            executor_pid = _spawn(executor, layout.executor_log, env, layout.root)
-        except BaseException:
-            stop_pid(pid, "flower-supernode", timeout=5.0)
-            layout.supernode_pid.unlink(missing_ok=True)
-            raise
-        _write_pid(layout.executor_pid, executor_pid)
-    print(f"silo {silo_id}: SuperNode PID {pid}, node ID {node_id}, connected to {args.superlink}")
-    if executor_pid is not None:
-        print(f"  warm ClientApp executor PID {executor_pid}")
-    print(f"  log: {layout.supernode_log}")
-    if args.foreground:
-        return _wait_foreground(pid, executor_pid)
+        spent = _check_silo_state(node_config, layout)
+        layout.node_config.write_text(node_config)
+        command = supernode_command(
+            args.superlink,
+            Path(args.ca_cert),
+            Path(args.key),
+            layout.node_config,
+            args.runtime_port,
+            args.executor,
+        )
+        env = _environment(layout.flwr_home)
+        pid, node_id = _start_supernode(command, layout, env, args, lock)
+        executor_pid = None
+        if args.executor == ExecutorMode.WARM:
+            executor = [
+                sys.executable,
+                "-m",
+                "fedguard.client.executor",
+                "--runtime-api-address",
+                f"127.0.0.1:{args.runtime_port}",
+                "--parent-pid",
+                str(pid),
+            ]
+            try:
+                executor_pid = _spawn(executor, layout.executor_log, env, layout.root, lock)
+            except BaseException:
+                stop_pid(pid, "flower-supernode", timeout=5.0)
+                layout.supernode_pid.unlink(missing_ok=True)
+                raise
+            _write_pid(layout.executor_pid, executor_pid)
+        print(
+            f"silo {silo_id}: SuperNode PID {pid}, node ID {node_id}, connected to {args.superlink}"
+        )
+        if executor_pid is not None:
+            print(f"  warm ClientApp executor PID {executor_pid}")
+        print(f"  ledger: ε {spent:.6g} of {budget.epsilon:g} spent (checked against the silo log)")
+        print(f"  log: {layout.supernode_log}")
+        if args.foreground:
+            return _wait_foreground(pid, executor_pid)
     return 0
 
 
@@ -923,16 +1156,18 @@ def _wait_foreground(pid: int, executor_pid: int | None) -> int:
 
 
 def cmd_client_stop(args: argparse.Namespace) -> int:
-    layout = SiloLayout(Path(args.state_dir))
-    stopped = []
-    for pid_file, expect in (
-        (layout.supernode_pid, "flower-supernode"),
-        (layout.executor_pid, "fedguard.client.executor"),
-    ):
-        pid = _read_pid(pid_file)
-        if pid is not None and stop_pid(pid, expect):
-            stopped.append(f"{expect} PID {pid}")
-        pid_file.unlink(missing_ok=True)
+    layout = SiloLayout(Path(args.state_dir).resolve())
+    if not layout.root.is_dir():
+        print(f"nothing running for {layout.root}")
+        return 0
+    stopped = _stop_holders(
+        layout.lock_file,
+        [
+            (layout.supernode_pid, "flower-supernode", str(layout.node_config.resolve())),
+            (layout.executor_pid, "fedguard.client.executor", None),
+        ],
+        "a SuperNode",
+    )
     print("stopped " + ", ".join(stopped) if stopped else f"nothing running for {layout.root}")
     return 0
 
@@ -966,9 +1201,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (layout.flwr_home / "config.toml").exists():
         raise DeploymentError(f"no SuperLink connection in {layout.flwr_home}; start the server")
     options = run_options(Path(args.config), layout)
+    from fedguard.server.secure_round import check_dropout_tolerance
+
+    check_dropout_tolerance(RunConfig.from_options(options))  # before anything starts
     run_name = str(options["run-name"])
     app = layout.apps / run_name
     write_app(app, options)
+    logged_before = _last_audit_seq(layout)
     answer = _flower_json(["run", str(app), CONNECTION], layout.flwr_home)
     flower_run = str(answer.get("run-id"))
     run_dir = Path(str(options["out"])) / run_name
@@ -980,8 +1219,76 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     status, details = wait_for_run(layout, flower_run, args.timeout)
+    end = run_end_record(layout, run_name, logged_before)
     print(f"run {run_name}: {status}" + (f" ({details})" if details else ""))
-    return 0 if status == "finished:completed" else 1
+    if end is None:
+        print(f"run {run_name}: no run-end in {layout.audit_log}: it ended without a final record")
+    else:
+        reasons = [str(r) for r in end.get("reasons") or []]
+        print(f"run {run_name}: {end.get('status')}" + "".join(f"\n  {r}" for r in reasons))
+    return run_exit_status(status, end)
+
+
+#: ``fedguard run --wait`` exit statuses: the run finished, but not as planned
+#: (``degraded``, or ``stopped`` on the central DP budget); any other failure is 1.
+EXIT_NOT_AS_PLANNED = 3
+
+
+def run_exit_status(flower_status: str, run_end: Mapping[str, Any] | None) -> int:
+    """``fedguard run --wait``'s exit status from Flower's status and the run's ``run-end``.
+
+    0 only when Flower says ``finished:completed`` and the audit log's ``run-end``
+    says ``completed``; :data:`EXIT_NOT_AS_PLANNED` (3) for ``degraded`` and
+    ``stopped``; 1 for ``failed``, ``killed``, a Flower failure, or no ``run-end``.
+    """
+    if flower_status != "finished:completed" or run_end is None:
+        return 1
+    status = str(run_end.get("status", ""))
+    if status == "completed":
+        return 0
+    if status in ("degraded", "stopped"):
+        return EXIT_NOT_AS_PLANNED
+    return 1
+
+
+def _last_audit_seq(layout: ServerLayout) -> int:
+    from fedguard.server.audit import AuditError, read_records
+
+    if not layout.audit_log.exists():
+        return -1
+    try:
+        records = read_records(layout.audit_log)
+    except AuditError:
+        return -1
+    return records[-1].seq if records else -1
+
+
+def run_end_record(
+    layout: ServerLayout, run_id: str, after_seq: int = -1, wait: float = 10.0
+) -> dict[str, Any] | None:
+    """The payload of the ``run-end`` closing the last ``run-start`` of ``run_id`` written
+    after ``after_seq``; None if there is none (the run ended without a final record).
+
+    Waits up to ``wait`` s for it (the ServerApp writes it just before it exits).
+    """
+    from fedguard.server.audit import AuditError, read_records
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            records = read_records(layout.audit_log) if layout.audit_log.exists() else []
+        except AuditError:
+            records = []
+        mine = [r for r in records if r.seq > after_seq and r.payload.get("run_id") == run_id]
+        starts = [r.seq for r in mine if r.kind == "run-start"]
+        # After this run's own start: a `killed` record for an earlier process of the
+        # same run (written when it resumed) is not this run's end.
+        ends = [r.payload for r in mine if r.kind == "run-end" and starts and r.seq > starts[-1]]
+        if ends:
+            return dict(ends[-1])
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -1243,6 +1550,9 @@ def add_deploy_commands(sub: Any) -> None:
     p = client_sub.add_parser("stop", help="stop the SuperNode started for --state-dir")
     p.add_argument("--state-dir", required=True, metavar="DIR")
     _with_handler(p, cmd_client_stop)
+    from fedguard.client.ledger_commands import add_reset_ledger_command
+
+    add_reset_ledger_command(client_sub)
 
     p = sub.add_parser(
         "run", help="start a federated run on the SuperLink (flwr run)", formatter_class=fmt,
@@ -1252,7 +1562,12 @@ def add_deploy_commands(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("config", metavar="CONFIG.toml")
     _server_dir_arg(p)
-    p.add_argument("--wait", action="store_true", help="wait for the run to finish")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the run to finish; exit 0 if it completed, 3 if it was degraded or "
+        "stopped on the central DP budget, 1 if it failed",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
     _with_handler(p, cmd_run)
 

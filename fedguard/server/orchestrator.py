@@ -18,6 +18,13 @@ One :class:`FederatedRun` drives a whole run:
    are summed under SecAgg+ and the records hold no per-silo metric.
 4. **Checkpoint.** The round's model, scaler and the run history so far are
    written atomically before the next round starts.
+5. **Outcome.** After every round the run is judged against its participation
+   policy (:class:`~fedguard.core.config.ParticipationPolicy`): too many failed
+   rounds stop it as ``failed``; at the end it is ``completed``, ``degraded``
+   (rounds failed or aggregated too few silos) or ``stopped`` (central DP budget).
+   The outcome is written to ``outcome.json`` beside ``history.json`` and kept in
+   :attr:`FederatedRun.outcome` (the deployed server puts it in the audit log's
+   ``run-end``).
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from fedguard.core.errors import (
 from fedguard.core.files import atomic_write_json
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.protocol import ReplyStatus, RoundInstructions
+from fedguard.core.protocol import RoundInstructions
 from fedguard.core.seeding import derive_seed, numpy_rng, seed_torch
 from fedguard.core.serialization import (
     ModelWeights,
@@ -62,7 +69,18 @@ from fedguard.privacy.secagg.roster import SignedRoster
 from fedguard.server.central_dp import CentralPrivacy
 from fedguard.server.checkpoints import CheckpointStore
 from fedguard.server.norm_guard import check_update_norm
-from fedguard.server.round_records import NodeOutcome, RoundRecord
+from fedguard.server.round_records import (
+    NodeOutcome,
+    OutcomeStatus,
+    RoundRecord,
+    RunOutcome,
+    RunStatus,
+    assess_run,
+    charge_state,
+    reply_outcome,
+    round_failure,
+    send_messages,
+)
 from fedguard.server.secure_metrics import (
     EvaluationSummary,
     RunAbortedError,
@@ -73,6 +91,7 @@ from fedguard.server.secure_metrics import (
 )
 from fedguard.server.secure_round import (
     SecAggIdentities,
+    check_dropout_tolerance,
     secagg_identities,
 )
 from fedguard.server.secure_updates import (
@@ -91,7 +110,18 @@ from fedguard.strategies.registry import build_aggregator, check_inputs_suffice
 log = logging.getLogger(__name__)
 
 
-__all__ = ["EvaluationSummary", "FederatedRun", "NodeOutcome", "RoundRecord", "RunAbortedError"]
+__all__ = [
+    "OUTCOME_FILENAME",
+    "EvaluationSummary",
+    "FederatedRun",
+    "NodeOutcome",
+    "RoundRecord",
+    "RunAbortedError",
+    "RunOutcome",
+]
+
+#: The run's outcome (:class:`RunOutcome`), beside history.json in the run folder.
+OUTCOME_FILENAME = "outcome.json"
 
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -128,9 +158,12 @@ class FederatedRun:
         # Central DP: CSPRNG sampling, no amplification, a budget (fedguard.server.central_dp).
         self.central = CentralPrivacy(config.central_dp) if config.central_dp.enabled else None
         self.central_accountant = self.central.accountant if self.central is not None else None
+        # One silo dropping must not abort every round, unless the run says so.
+        check_dropout_tolerance(config)
         self.history: list[RoundRecord] = []
         self._prior_history: list[dict[str, Any]] = []
         self.silo_names: dict[int, str] = {}
+        self.outcome: RunOutcome | None = None
 
     @staticmethod
     def _checked_aggregator(config: RunConfig, given: Aggregator | None) -> Aggregator:
@@ -154,7 +187,43 @@ class FederatedRun:
     # -- the run -----------------------------------------------------------------------
 
     def run(self) -> list[RoundRecord]:
-        """Run every round; after a crash, resume from the last completed round."""
+        """Run every round; after a crash, resume from the last completed round.
+
+        Sets :attr:`outcome` (and writes ``outcome.json``); a run that breaks its
+        participation policy stops early as ``failed`` without raising. An error
+        that ends the run raises, after recording it as ``failed``.
+        """
+        try:
+            return self._run()
+        except Exception as raised:
+            if self.outcome is None:
+                self._set_outcome(
+                    RunOutcome(
+                        RunStatus.FAILED,
+                        (f"{type(raised).__name__}: {raised}",),
+                        self.config.num_rounds,
+                        len([r for r in self.history_dicts() if int(r.get("round", 0)) > 0]),
+                    )
+                )
+            raise
+
+    def _set_outcome(self, outcome: RunOutcome) -> None:
+        self.outcome = outcome
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / OUTCOME_FILENAME, outcome.to_json())
+        if outcome.status is not RunStatus.COMPLETED:
+            log.error("run %s %s", self.run_id, outcome.summary)
+
+    def _assess(self, *, finished: bool, stop_reason: str = "") -> RunOutcome:
+        return assess_run(
+            self.history_dicts(),
+            self.config.participation,
+            self.config.num_rounds,
+            finished=finished,
+            stop_reason=stop_reason,
+        )
+
+    def _run(self) -> list[RoundRecord]:
         if self.roster is None and (self.config.secagg.enabled or self.config.trust.enabled):
             raise ConfigError(
                 "secure aggregation (and every trust-layer statistic) is authenticated: "
@@ -172,15 +241,26 @@ class FederatedRun:
             completed, weights, scaler = resumed
             log.warning("resuming run %s after round %d", self.run_id, completed)
             first = completed + 1
+        stop_reason = ""
+        outcome = self._assess(finished=False)
         for round_number in range(first, self.config.num_rounds + 1):
+            if outcome.status is RunStatus.FAILED:
+                break  # it broke the policy: it can no longer succeed
             stop = self.central.check_round(round_number) if self.central is not None else None
             if stop is not None:
                 log.error("%s", stop.reason)
+                stop_reason = stop.reason
                 break
             weights = self._round(round_number, nodes, weights, scaler)
+            outcome = self._assess(finished=False)
+        if outcome.status is not RunStatus.FAILED:
+            outcome = self._assess(finished=True, stop_reason=stop_reason)
         atomic_write_json(self.run_dir / "history.json", self.history_dicts())
         if self.central is not None:
             self.central.write(self.run_dir)
+        if outcome.status is RunStatus.FAILED:
+            self._set_outcome(outcome)  # no trust phase over a failed run's model
+            return self.history
         if self.config.trust.enabled:  # fairness audit, drift reference, attributions
             run_trust_phase(
                 lambda kind, contents: self.send_each(kind, self.config.num_rounds + 1, contents),
@@ -191,6 +271,7 @@ class FederatedRun:
                 self.silo_name,
                 identities=self.identities_for(self.config.num_rounds + 1, nodes),
             )
+        self._set_outcome(outcome)
         return self.history
 
     def _resume(self) -> tuple[int, ModelWeights, FeatureScaler] | None:
@@ -272,8 +353,10 @@ class FederatedRun:
             outcomes, aggregated, accepted_count = self._plain_updates(
                 round_number, sampled, weights, scaler, global_vector, len(nodes)
             )
+        private = self.config.local_dp.enabled
+        outcomes = [dataclasses.replace(o, charge=charge_state(o, private)) for o in outcomes]
         for outcome in outcomes:
-            if outcome.status != "ok":
+            if outcome.status is not OutcomeStatus.OK:
                 log.warning(
                     "round %d: silo %s %s: %s",
                     round_number,
@@ -288,18 +371,24 @@ class FederatedRun:
             outcomes = [
                 dataclasses.replace(o, metrics=public_outcome_metrics(o.metrics)) for o in outcomes
             ]
-        silo_epsilon = {
-            o.silo_id: o.metrics["epsilon-spent"] for o in outcomes if "epsilon-spent" in o.metrics
-        }
+        # Each silo's own report of its lifetime ε after this round's charges (training,
+        # and an evaluation it noised), from whichever reply carried it.
+        silo_epsilon = {o.silo_id: o.epsilon for o in outcomes if o.epsilon is not None}
+        for silo, spent in evaluation.epsilon_spent.items():
+            silo_epsilon[silo] = max(spent, silo_epsilon.get(silo, spent))
+        details = {**aggregated.details, "accepted": accepted_count}
+        failure = round_failure(details)
         record = RoundRecord(
             round=round_number,
             seconds=time.monotonic() - started,
             sampled=len(sampled),
             outcomes=outcomes,
-            aggregation={**aggregated.details, "accepted": accepted_count},
+            aggregation=details,
             evaluation=evaluation,
             silo_epsilon=silo_epsilon,
             central_epsilon=central_epsilon,
+            failure=failure,
+            contributors=0 if failure else accepted_count,
         )
         self._finish_round(record, new_weights, scaler)
         return new_weights
@@ -319,9 +408,7 @@ class FederatedRun:
         outcomes: list[NodeOutcome] = []
         updates: list[ClientUpdate] = []
         for node in sampled:
-            outcome, update = self._check_train_reply(
-                node, replies.get(node), weights, global_vector
-            )
+            outcome, update = self._check_train_reply(node, replies, weights, global_vector)
             outcomes.append(outcome)
             if update is not None:
                 updates.append(update)
@@ -335,6 +422,7 @@ class FederatedRun:
                 global_vector.copy(),
                 {"rule": self.pipeline.aggregator.name, "failed": str(failed)},
             )
+            return outcomes, aggregated, 0
         return outcomes, aggregated, len(updates)
 
     def secure_groups(self, round_number: int, sampled: list[int]) -> list[list[int]]:
@@ -442,7 +530,12 @@ class FederatedRun:
     def send_each(
         self, message_type: str, round_number: int, contents: Mapping[int, RecordDict]
     ) -> dict[int, Message]:
-        """Send each node its own content; collect replies until the timeout."""
+        """Send each node its own content; collect replies until the timeout.
+
+        The result is a :class:`~fedguard.server.round_records.Replies`: a reply the
+        SuperLink sent for a node it lost is under that node, and the send's timing
+        lets a reason say ``no reply within 900 s`` or ``disconnected after 7 s``.
+        """
         messages = [
             Message(
                 content, dst_node_id=node, message_type=message_type, group_id=str(round_number)
@@ -451,14 +544,8 @@ class FederatedRun:
         ]
         if not messages:
             return {}
-        expected = {m.metadata.dst_node_id for m in messages}
-        replies: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
-            source = reply.metadata.src_node_id
-            if source not in expected or source in replies:
-                log.warning("ignoring an unexpected or duplicate reply from node %s", source)
-                continue
-            replies[source] = reply
+        replies = send_messages(self.grid, messages, self.reply_timeout)
+        for source, reply in replies.items():
             status_record = (
                 reply.content.config_records.get(protocol.STATUS) if reply.has_content() else None
             )
@@ -485,19 +572,20 @@ class FederatedRun:
     def _check_train_reply(
         self,
         node: int,
-        reply: Message | None,
+        replies: Mapping[int, Message],
         weights: ModelWeights,
         global_vector: np.ndarray,
     ) -> tuple[NodeOutcome, ClientUpdate | None]:
         name = self.silo_name(node)
-        if reply is None:
-            return NodeOutcome(node, name, "no-reply", "no reply before the timeout"), None
-        status, reason = protocol.reply_status(reply)
+        status, reason = reply_outcome(replies, node)
+        reply = replies.get(node)
+        if reply is None or status is OutcomeStatus.NO_REPLY:
+            # Silent or gone: it may have charged and died before its update left.
+            return NodeOutcome(node, name, status, reason), None
         metrics = _metrics(reply)
-        if status is ReplyStatus.REFUSED:
-            return NodeOutcome(node, name, "refused", reason, metrics), None
-        if status is ReplyStatus.ERROR:
-            return NodeOutcome(node, name, "error", reason, metrics), None
+        if status is not OutcomeStatus.OK:
+            # Refused or failed: nothing left the silo (it charges at release).
+            return NodeOutcome(node, name, status, reason, metrics, released=False), None
         try:
             if protocol.ARRAYS not in reply.content.array_records:
                 raise ProtocolError("reply has no model arrays")
@@ -518,9 +606,12 @@ class FederatedRun:
                 )
         except (UpdateRejectedError, ProtocolError, ValueError, TypeError) as bad:
             reason = getattr(bad, "reason", str(bad))
-            return NodeOutcome(node, name, "rejected", reason, metrics), None
+            rejected = NodeOutcome(
+                node, name, OutcomeStatus.REJECTED, reason, metrics, released=True
+            )
+            return rejected, None
         return (
-            NodeOutcome(node, name, "ok", "", metrics),
+            NodeOutcome(node, name, OutcomeStatus.OK, "", metrics, released=True),
             ClientUpdate(node, name, delta, int(num_examples)),
         )
 

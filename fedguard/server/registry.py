@@ -36,9 +36,8 @@ import builtins
 import contextlib
 import io
 import json
-import os
 import sqlite3
-import tempfile
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -50,7 +49,8 @@ from typing import Any, Self
 import numpy as np
 
 from fedguard.core.chained_log import canonical_json, jsonable
-from fedguard.core.errors import FedguardError
+from fedguard.core.errors import FedguardError, StorageError
+from fedguard.core.files import atomic_write_bytes, cause_name, describe_cause, storage_error
 from fedguard.core.serialization import canonical_weights_bytes, weights_sha256
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "ModelRecord",
     "ModelRegistry",
     "RegistryError",
+    "RegistryStorageError",
     "canonical_weights_bytes",
     "weights_sha256",
 ]
@@ -102,6 +103,10 @@ CREATE TABLE head_events (
 
 class RegistryError(FedguardError):
     """The registry cannot register, find or load a model, or its files are inconsistent."""
+
+
+class RegistryStorageError(RegistryError, StorageError):
+    """The registry's database or a weights file cannot be read or written (full, damaged)."""
 
 
 # -- records -------------------------------------------------------------------------------
@@ -164,59 +169,93 @@ class ModelRegistry:
     @classmethod
     def open(cls, root: Path) -> ModelRegistry:
         root = Path(root)
-        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        try:
+            (root / "blobs").mkdir(parents=True, exist_ok=True)
+        except OSError as bad:
+            raise storage_error(
+                RegistryStorageError, "cannot create model registry folder", root, bad
+            ) from bad
         path = root / "registry.sqlite"
         try:
             conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         except sqlite3.Error as bad:
-            raise RegistryError(f"cannot open model registry {path}: {bad}") from None
+            raise storage_error(
+                RegistryStorageError, "cannot open model registry", path, bad
+            ) from bad
         registry = cls(root, conn)
         try:
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA synchronous = FULL")
-            registry._create_or_check(path)
-        except sqlite3.DatabaseError as bad:
-            conn.close()
-            raise RegistryError(f"{path} is not a readable SQLite file: {bad}") from None
+            try:
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA synchronous = FULL")
+                registry._create_or_check(path)
+            except sqlite3.Error as bad:
+                raise _unreadable(path, bad) from bad
+            except RegistryStorageError as bad:
+                raise _unreadable(path, bad.__cause__ or bad) from bad
         except BaseException:
             conn.close()
             raise
         return registry
 
     def _create_or_check(self, path: Path) -> None:
-        try:
-            with self._transaction() as conn:
-                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-                tables = {
-                    r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-                }
-                if not tables and app_id == 0:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                    return
-                if app_id != APPLICATION_ID:
-                    raise RegistryError(f"{path} is not a fedguard model registry")
-                version = conn.execute("SELECT version FROM schema_version").fetchone()
-                if version is None or version[0] != SCHEMA_VERSION:
-                    raise RegistryError(
-                        f"{path} has schema version {version}, expected {SCHEMA_VERSION}"
-                    )
-        except sqlite3.DatabaseError as bad:
-            raise RegistryError(f"{path} is not a readable SQLite file: {bad}") from None
+        with self._transaction() as conn:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if not tables and app_id == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                return
+            if app_id != APPLICATION_ID:
+                raise RegistryError(f"{path} is not a fedguard model registry")
+            version = conn.execute("SELECT version FROM schema_version").fetchone()
+            if version is None or version[0] != SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{path} has schema version {version}, expected {SCHEMA_VERSION}"
+                )
+
+    @property
+    def path(self) -> Path:
+        return self.root / "registry.sqlite"
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; any SQLite error in it is a :class:`RegistryStorageError`."""
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as bad:
+            raise storage_error(RegistryStorageError, "model registry", self.path, bad) from bad
         try:
             yield conn
+        except sqlite3.Error as bad:
+            _rollback(conn)
+            raise storage_error(RegistryStorageError, "model registry", self.path, bad) from bad
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as bad:
+            _rollback(conn)
+            raise storage_error(
+                RegistryStorageError, "model registry (commit failed)", self.path, bad
+            ) from bad
+
+    def _rows(self, query: str, args: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
+        """The rows of a read; a SQLite error (damaged page, I/O) is a RegistryStorageError."""
+        try:
+            return self._conn.execute(query, args).fetchall()
+        except sqlite3.Error as bad:
+            raise storage_error(RegistryStorageError, "model registry", self.path, bad) from bad
+
+    def _row(self, query: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        rows = self._rows(query, args)
+        return rows[0] if rows else None
 
     def close(self) -> None:
         self._conn.close()
@@ -246,21 +285,7 @@ class ModelRegistry:
         arrays: dict[str, Any] = {f"t{i}": np.asarray(weights[n]) for i, n in enumerate(names)}
         arrays["__names__"] = np.array(names, dtype=np.str_)
         np.savez(buffer, **arrays)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(buffer.getvalue())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write_bytes(path, buffer.getvalue(), error=RegistryStorageError)
 
     def load_weights(self, hash_prefix: str) -> OrderedDict[str, np.ndarray]:
         """The weights of a registered model, re-hashed against their address."""
@@ -274,7 +299,11 @@ class ModelRegistry:
             raise RegistryError(
                 f"model {sha256[:12]}: its weights file {path} is missing"
             ) from None
-        except (OSError, ValueError, KeyError) as bad:
+        except OSError as bad:
+            raise storage_error(
+                RegistryStorageError, f"model {sha256[:12]}: cannot read", path, bad
+            ) from bad
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as bad:
             raise RegistryError(f"model {sha256[:12]}: {path} is unreadable: {bad}") from None
         if weights_sha256(weights) != sha256:
             raise RegistryError(
@@ -387,9 +416,9 @@ class ModelRegistry:
         prefix = hash_prefix.strip().lower()
         if len(prefix) < 4 or len(prefix) > 64 or not _is_hex(prefix):
             raise RegistryError(f"a model hash prefix has 4 to 64 hex digits, got {hash_prefix!r}")
-        rows = self._conn.execute(
+        rows = self._rows(
             "SELECT DISTINCT sha256 FROM models WHERE sha256 LIKE ? || '%'", (prefix,)
-        ).fetchall()
+        )
         if not rows:
             raise RegistryError(f"no registered model has a hash starting with {prefix}")
         if len(rows) > 1:
@@ -419,10 +448,10 @@ class ModelRegistry:
         )
 
     def _one(self, run_id: str, round: int) -> ModelRecord:
-        row = self._conn.execute(
+        row = self._row(
             f"SELECT {self._COLUMNS} {self._FROM} WHERE m.run_id = ? AND m.round = ?",
             (run_id, round),
-        ).fetchone()
+        )
         if row is None:
             raise RegistryError(f"run {run_id!r} has no model for round {round}")
         return self._record(row)
@@ -435,7 +464,7 @@ class ModelRegistry:
         if run_id is not None:
             query += " AND m.run_id = ?"
             args += (run_id,)
-        row = self._conn.execute(query + " ORDER BY m.id LIMIT 1", args).fetchone()
+        row = self._row(query + " ORDER BY m.id LIMIT 1", args)
         if row is None:
             raise RegistryError(f"run {run_id!r} has no model {sha256[:12]}")
         return self._record(row)
@@ -447,18 +476,18 @@ class ModelRegistry:
         if run_id is not None:
             query += " WHERE m.run_id = ?"
             args = (run_id,)
-        return [self._record(r) for r in self._conn.execute(query + " ORDER BY m.id", args)]
+        return [self._record(r) for r in self._rows(query + " ORDER BY m.id", args)]
 
     def runs(self) -> builtins.list[str]:
-        return [r[0] for r in self._conn.execute("SELECT DISTINCT run_id FROM models ORDER BY id")]
+        return [r[0] for r in self._rows("SELECT DISTINCT run_id FROM models ORDER BY id")]
 
     def head(self, run_id: str) -> ModelRecord | None:
         """The model a run currently stands at (after any rollback)."""
-        row = self._conn.execute(
+        row = self._row(
             f"SELECT {self._COLUMNS} FROM heads h JOIN models m ON m.id = h.model_id"
             " WHERE h.run_id = ?",
             (run_id,),
-        ).fetchone()
+        )
         return None if row is None else self._record(row)
 
     def lineage(self, hash_prefix: str, run_id: str | None = None) -> builtins.list[ModelRecord]:
@@ -474,11 +503,11 @@ class ModelRegistry:
         return chain
 
     def head_history(self, run_id: str) -> builtins.list[HeadEvent]:
-        rows = self._conn.execute(
+        rows = self._rows(
             "SELECT run_id, sha256, previous_sha256, action, reason, at FROM head_events"
             " WHERE run_id = ? ORDER BY id",
             (run_id,),
-        ).fetchall()
+        )
         return [HeadEvent(*row) for row in rows]
 
     # -- rollback ----------------------------------------------------------------------------
@@ -507,3 +536,18 @@ class ModelRegistry:
                 reason or f"rolled back to round {target.round}",
             )
         return self._one(target.run_id, target.round)
+
+
+def _unreadable(path: Path, bad: BaseException) -> RegistryStorageError:
+    cause = cause_name(bad)
+    damaged = cause in ("SQLITE_NOTADB", "SQLITE_CORRUPT", "DatabaseError")
+    what = (
+        f"{path} is not a readable SQLite file" if damaged else f"cannot open model registry {path}"
+    )
+    return RegistryStorageError(f"{what}: {describe_cause(bad)}", path=path, cause=cause)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # No transaction may be open (it failed to start, or SQLite already rolled back).
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")

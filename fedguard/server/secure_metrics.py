@@ -27,7 +27,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,8 @@ from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.protocol import ReplyStatus
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.secagg import SecAggError
-from fedguard.server.secure_round import SecAggIdentities, Send
+from fedguard.server.round_records import OutcomeStatus, reply_outcome
+from fedguard.server.secure_round import SecAggIdentities, SecureRoundAborted, Send
 from fedguard.server.statistics import collect_secure_statistic
 
 __all__ = [
@@ -90,7 +91,13 @@ class RunAbortedError(FedguardError):
 
 @dataclass(frozen=True)
 class EvaluationSummary:
-    """One round's pooled evaluation; ``per_silo`` is empty when it was a secure sum."""
+    """One round's pooled evaluation; ``per_silo`` is empty when it was a secure sum.
+
+    Coverage: ``covered`` names the silos whose evaluation sums the pooled values
+    include (``num_examples`` records in all), ``missing`` every other silo asked,
+    with why. ``epsilon_spent``: a silo's lifetime ε after an evaluation it noised
+    (its own policy), as it reported it.
+    """
 
     num_examples: int
     loss: float
@@ -101,6 +108,9 @@ class EvaluationSummary:
     contributors: int = 0
     noise_std: float = 0.0  # std of the DP noise in each pooled sum (0: exact)
     failed: str = ""
+    covered: tuple[str, ...] = ()
+    missing: dict[str, str] = field(default_factory=dict)
+    epsilon_spent: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -351,13 +361,15 @@ def evaluate_round(
 ) -> EvaluationSummary:
     """The round's pooled evaluation: a secure sum with SecAgg on, per-silo replies otherwise."""
     if config.secagg.enabled:
-        return _secure_evaluation(send, nodes, config, instruction, round_number, identities)
+        return _secure_evaluation(
+            send, nodes, config, instruction, round_number, silo_name, identities
+        )
     return _plain_evaluation(send, nodes, instruction, silo_name)
 
 
-def _failed(reason: str) -> EvaluationSummary:
+def _failed(reason: str, missing: dict[str, str]) -> EvaluationSummary:
     nan = float("nan")
-    return EvaluationSummary(0, nan, nan, None, {}, secure=True, failed=reason)
+    return EvaluationSummary(0, nan, nan, None, {}, secure=True, failed=reason, missing=missing)
 
 
 def _secure_evaluation(
@@ -366,6 +378,7 @@ def _secure_evaluation(
     config: RunConfig,
     instruction: RecordDict,
     round_number: int,
+    silo_name: SiloName,
     identities: SecAggIdentities | None = None,
 ) -> EvaluationSummary:
     num_classes = schema_for(config.dataset).num_classes
@@ -387,7 +400,12 @@ def _secure_evaluation(
         )
     except SecAggError as abort:
         log.error("round %d: secure evaluation failed: %s", round_number, abort)
-        return _failed(str(abort))
+        report = abort.report if isinstance(abort, SecureRoundAborted) else None
+        failures = report.dropped_at if report is not None else {}
+        missing = {
+            silo_name(n): failures.get(n, f"the secure evaluation aborted: {abort}") for n in nodes
+        }
+        return _failed(str(abort), missing)
     v = result.values
     examples, correct, loss_sum = float(v[0]), float(v[1]), float(v[2]) * EVALUATION_LOSS_BOUND
     auc = None
@@ -406,6 +424,13 @@ def _secure_evaluation(
         secure=True,
         contributors=len(result.contributors),
         noise_std=result.noise_std,
+        covered=tuple(silo_name(n) for n in result.contributors),
+        missing={
+            silo_name(n): result.dropped.get(n, "not in the secure sum")
+            for n in nodes
+            if n not in set(result.contributors)
+        },
+        epsilon_spent={silo_name(n): e for n, e in result.epsilon_spent.items()},
     )
 
 
@@ -419,13 +444,17 @@ def _plain_evaluation(
     positive: np.ndarray | None = None
     negative: np.ndarray | None = None
     per_silo: dict[str, dict[str, float]] = {}
+    missing: dict[str, str] = {}
     for node in nodes:
-        reply = replies.get(node)
-        if reply is None or protocol.reply_status(reply)[0] is not ReplyStatus.OK:
+        status, reason = reply_outcome(replies, node)
+        if status is not OutcomeStatus.OK:
+            missing[silo_name(node)] = f"{status.value}: {reason}"
             continue
-        m = _metrics(reply)
+        m = _metrics(replies[node])
+        reply = replies[node]
         n = int(m.get("num-examples", 0))
         if n <= 0 or not math.isfinite(m.get("loss-sum", float("nan"))):
+            missing[silo_name(node)] = "rejected: no usable evaluation sums (examples, loss)"
             continue
         silo: dict[str, float] = {
             "num-examples": n,
@@ -436,6 +465,7 @@ def _plain_evaluation(
             pos, neg = _histograms(reply.content.array_records[protocol.HISTOGRAMS])
             if pos is None or neg is None:
                 log.warning("silo %s sent malformed score histograms", silo_name(node))
+                missing[silo_name(node)] = "rejected: malformed score histograms"
                 continue
             silo["auc"] = binned_auc(pos, neg)
             positive = pos if positive is None else positive + pos
@@ -454,6 +484,8 @@ def _plain_evaluation(
         auc=auc,
         per_silo=per_silo,
         contributors=len(per_silo),
+        covered=tuple(per_silo),
+        missing=missing,
     )
 
 

@@ -6,9 +6,16 @@ answers with a refusal, an error or a payload that does not validate, is a
 dropout from that stage on. The result is the exact sum of the surviving silos'
 encoded updates, decoded to Σ w_i Δ_i and Σ w_i: the server never holds one
 silo's update (the ``ServerRound`` state keeps only a running sum of masked
-vectors). Too few survivors anywhere raises
-:class:`~fedguard.privacy.secagg.SecAggAbort`; the caller records the round as
-failed and goes on.
+vectors). Too few survivors anywhere raises :class:`SecureRoundAborted` (a
+:class:`~fedguard.privacy.secagg.SecAggAbort`) carrying what each node did
+(:class:`SecureNodeReport`: the stage it stopped at and why, the metrics of every
+stage's reply, whether it released its masked input); the caller records the round
+as failed, every silo with its status, and goes on.
+
+Silos charge their ledger at release, when they send their masked input: that
+reply carries ``epsilon-spent`` (earlier silos sent it with the setup reply). The
+metrics of every stage's reply are merged per node, so the ε is read from
+whichever reply carries it, also in a round that aborts after the release.
 
 Authentication: every round requires identity keys (``require_identity``). The
 settings hold the consortium's signed roster and the node → silo mapping
@@ -28,10 +35,11 @@ of the aggregate. fedguard's protocol is in :mod:`fedguard.privacy.secagg`.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -39,13 +47,15 @@ from flwr.app import Message, RecordDict
 from fedguard.client.secure import PAYLOAD, secagg_record
 from fedguard.client.secure_identity import IDENTITY_QUERY, ROSTER, ROUND_NONCE, SILO_IDS
 from fedguard.core import protocol
-from fedguard.core.protocol import ReplyStatus
+from fedguard.core.config import RunConfig
+from fedguard.core.errors import ConfigError
 from fedguard.privacy.secagg import (
     AggregateResult,
     ConsistencySignature,
     FixedPointEncoder,
     KeyAdvertisement,
     MaskedInput,
+    SecAggAbort,
     SecAggConfig,
     SecAggError,
     ServerRound,
@@ -54,6 +64,8 @@ from fedguard.privacy.secagg import (
 )
 from fedguard.privacy.secagg.errors import BelowThresholdError
 from fedguard.privacy.secagg.roster import RosterError, SignedRoster, bind_round_id
+from fedguard.server.round_records import NodeOutcome, OutcomeStatus, charge_state, reply_outcome
+from fedguard.strategies.registry import check_inputs_suffice
 
 Send = Callable[[str, Mapping[int, RecordDict]], dict[int, Message]]
 #: SecAggConfig needs n >= 3: with two, each would learn the other's input.
@@ -164,6 +176,41 @@ class SecureAggregationSettings:
         return server, options
 
 
+@dataclass(frozen=True)
+class NodeFailure:
+    """Where and why one node left a secure round: the stage, its status, the reason."""
+
+    stage: str
+    status: OutcomeStatus  # refused | error | no-reply | rejected
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.stage}: {self.status.value}: {self.reason}"
+
+
+#: The SecAgg+ stages in order (names as in the round log).
+STAGES = ("advertise-keys", "share-keys", "masked-input", "consistency", "unmask")
+#: The stage whose reply is the release (the masked input): silos charge right before it.
+RELEASE_STAGE = "masked-input"
+
+
+@dataclass
+class SecureNodeReport:
+    """What every node of one secure group did, kept whether the group summed or aborted."""
+
+    members: tuple[int, ...]
+    failures: dict[int, NodeFailure] = field(default_factory=dict)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # all stages, merged
+    released: set[int] = field(default_factory=set)  # sent their masked input
+
+    @property
+    def dropped_at(self) -> dict[int, str]:
+        return {node: str(failure) for node, failure in self.failures.items()}
+
+    def fail(self, node: int, failure: NodeFailure) -> None:
+        self.failures.setdefault(node, failure)
+
+
 @dataclass
 class SecureRoundResult:
     """What the server learned: a sum, its total weight, and who took part."""
@@ -174,6 +221,27 @@ class SecureRoundResult:
     contributors: tuple[int, ...]
     dropped_at: dict[int, str] = field(default_factory=dict)  # node -> stage and reason
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    report: SecureNodeReport | None = None
+
+
+class SecureRoundAborted(SecAggAbort):
+    """A secure group that did not produce a sum, with what each of its nodes did.
+
+    ``cause`` is the protocol's error (a :class:`SecAggAbort`, or a protocol error
+    the server hit while unmasking); ``report`` the per-node record.
+    """
+
+    def __init__(self, cause: SecAggError, report: SecureNodeReport) -> None:
+        if isinstance(cause, SecAggAbort):
+            stage, reason = cause.stage, cause.reason
+        else:
+            stage, reason = "unmask", f"{type(cause).__name__}: {cause}"
+        super().__init__(stage, reason)
+        self.cause = cause
+        self.report = report
+
+    def __str__(self) -> str:
+        return str(self.cause) if isinstance(self.cause, SecAggAbort) else super().__str__()
 
 
 def _payload(reply: Message) -> bytes:
@@ -184,7 +252,7 @@ def _payload(reply: Message) -> bytes:
 
 
 def _metrics(reply: Message) -> dict[str, float]:
-    if protocol.METRICS not in reply.content.metric_records:
+    if not reply.has_content() or protocol.METRICS not in reply.content.metric_records:
         return {}
     return {
         k: float(v)
@@ -201,7 +269,11 @@ def run_secure_round(
     settings: SecureAggregationSettings,
     setup_message_type: str = protocol.SECAGG_SETUP,
 ) -> SecureRoundResult:
-    """One SecAgg+ round: train + advertise, share, mask, check, unmask, decode."""
+    """One SecAgg+ round: train + advertise, share, mask, check, unmask, decode.
+
+    Raises:
+        SecureRoundAborted: no sum (too few survivors, or the setup could not start).
+    """
     (outcome,) = run_secure_groups(
         send, [nodes], instruction, vector_length, settings, setup_message_type
     )
@@ -218,9 +290,8 @@ class _Group:
     config: SecAggConfig
     server: ServerRound
     requests: Mapping[int, Any]
+    report: SecureNodeReport
     options: dict[str, Any] = field(default_factory=dict)  # the setup's roster options
-    dropped: dict[int, str] = field(default_factory=dict)
-    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     failure: SecAggError | None = None
 
 
@@ -231,7 +302,7 @@ def run_secure_groups(
     vector_length: int,
     settings: SecureAggregationSettings,
     setup_message_type: str = protocol.SECAGG_SETUP,
-) -> list[SecureRoundResult | SecAggError]:
+) -> list[SecureRoundResult | SecureRoundAborted]:
     """Independent SecAgg+ rounds, one per group, run stage by stage side by side.
 
     Each stage sends every group's requests in one ``send`` (so the groups train
@@ -239,37 +310,44 @@ def run_secure_groups(
     replies to that group's own :class:`ServerRound` (its own keys, graph,
     threshold and round id: a group learns nothing of another). A group that
     aborts (too few survivors, a share that does not reconstruct) is reported as
-    its error and drops out of the later stages; the other groups go on. The
-    result lists, per group, its decoded sum or its error.
+    a :class:`SecureRoundAborted` (its error and what each node did) and drops
+    out of the later stages; the other groups go on. The result lists, per group,
+    its decoded sum or its abort.
     """
     seen: set[int] = set()
     for group in groups:
         if seen & set(group):
             raise ValueError("a node is in two secure groups")
         seen.update(group)
-    states: list[_Group | SecAggError] = []
+    states: list[_Group | SecureRoundAborted] = []
     for group in groups:
         members, excluded = (
             settings.identities.members(group)
             if settings.require_identity and settings.identities is not None
             else (list(group), {})
         )
+        report = SecureNodeReport(tuple(group))
+        for node, why in excluded.items():
+            report.fail(
+                node, NodeFailure(STAGES[0], OutcomeStatus.REJECTED, f"not authenticated: {why}")
+            )
         if len(members) < _MIN_MEMBERS:
             reasons = "; ".join(f"node {n}: {r}" for n, r in excluded.items())
             states.append(
-                BelowThresholdError(
-                    "setup",
-                    f"{len(members)} of {len(group)} nodes can take part ({reasons}); "
-                    f"a secure aggregate needs {_MIN_MEMBERS}",
+                SecureRoundAborted(
+                    BelowThresholdError(
+                        "setup",
+                        f"{len(members)} of {len(group)} nodes can take part ({reasons}); "
+                        f"a secure aggregate needs {_MIN_MEMBERS}",
+                    ),
+                    report,
                 )
             )
             continue
         server, options = settings.begin(members, vector_length + 1)
-        state = _Group(members, server.config, server, server.setup_requests(), options)
-        state.dropped.update(
-            {n: f"advertise-keys: not authenticated: {r}" for n, r in excluded.items()}
+        states.append(
+            _Group(members, server.config, server, server.setup_requests(), report, options)
         )
-        states.append(state)
     live = [s for s in states if isinstance(s, _Group)]
 
     def stage(
@@ -302,28 +380,33 @@ def run_secure_groups(
         for state in live:
             if state.failure is not None:
                 continue
+            report = state.report
             parsed: dict[int, Any] = {}
             for node in state.requests:
+                status, reason = reply_outcome(replies, node)
                 reply = replies.get(node)
-                if reply is None:
-                    state.dropped.setdefault(node, f"{name}: no reply")
+                if reply is not None and reply.has_content():
+                    # ε may come with any stage's reply (the release's, since charge at release)
+                    report.metrics.setdefault(node, {}).update(_metrics(reply))
+                if status is not OutcomeStatus.OK:
+                    report.fail(node, NodeFailure(name, status, reason))
                     continue
-                status, reason = protocol.reply_status(reply)
-                if status is not ReplyStatus.OK:
-                    state.dropped.setdefault(node, f"{name}: {status.value}: {reason}")
-                    continue
+                if name == RELEASE_STAGE:
+                    report.released.add(node)
                 try:
-                    parsed[node] = parse(_payload(reply))
+                    parsed[node] = parse(_payload(cast(Message, reply)))
                 except (SecAggError, KeyError, TypeError, ValueError) as bad:
-                    state.dropped.setdefault(node, f"{name}: malformed reply: {bad}")
+                    report.fail(
+                        node, NodeFailure(name, OutcomeStatus.REJECTED, f"malformed reply: {bad}")
+                    )
                     continue
-                if base is not None:
-                    state.metrics[node] = _metrics(reply)
             try:
                 state.requests = advance(state.server, parsed)
             except SecAggError as failed:
                 state.failure = failed
                 state.requests = {}
+            for node, why in state.server.rejected.items():
+                report.fail(node, NodeFailure(name, OutcomeStatus.REJECTED, why))
 
     stage(
         "advertise-keys",
@@ -340,7 +423,7 @@ def run_secure_groups(
     )
     # The server keeps only the running sum of masked vectors (ServerRound.masked_sum).
     stage(
-        "masked-input",
+        RELEASE_STAGE,
         protocol.SECAGG_MASK,
         MaskedInput.from_bytes,
         ServerRound.receive_masked_inputs,
@@ -358,16 +441,14 @@ def run_secure_groups(
         return {}
 
     stage("unmask", protocol.SECAGG_UNMASK, UnmaskResponse.from_bytes, unmask)
-    out: list[SecureRoundResult | SecAggError] = []
+    out: list[SecureRoundResult | SecureRoundAborted] = []
     for entry in states:
-        if isinstance(entry, SecAggError):
+        if isinstance(entry, SecureRoundAborted):
             out.append(entry)
             continue
         state = entry
-        for node, reason in state.server.rejected.items():
-            state.dropped.setdefault(node, f"rejected: {reason}")
         if state.failure is not None:
-            out.append(state.failure)
+            out.append(SecureRoundAborted(state.failure, state.report))
             continue
         result = results[id(state.server)]
         decoded = FixedPointEncoder(state.config).decode(result.total)
@@ -377,8 +458,137 @@ def run_secure_groups(
                 weighted_sum=decoded.weighted_sum,
                 total_weight=decoded.total_weight,
                 contributors=result.contributors,
-                dropped_at=state.dropped,
-                metrics=state.metrics,
+                dropped_at=state.report.dropped_at,
+                metrics=state.report.metrics,
+                report=state.report,
             )
         )
     return out
+
+
+def node_outcomes(
+    report: SecureNodeReport,
+    contributors: Sequence[int],
+    silo_name: Callable[[int], str],
+    aborted: str = "",
+) -> list[NodeOutcome]:
+    """Every node of a secure group as a :class:`NodeOutcome`, in ``report.members`` order.
+
+    In the sum: ``ok``. Left at the setup stage: its own answer (``refused``,
+    ``error``, ``no-reply``) or ``rejected`` (not authenticated, malformed); left
+    later: ``dropout`` with the stage and why. ``aborted``: the group's abort, for
+    the nodes that were still live when it happened.
+    """
+    summed = set(contributors)
+    out: list[NodeOutcome] = []
+    for node in report.members:
+        failure = report.failures.get(node)
+        metrics = dict(report.metrics.get(node, {}))
+        released = node in report.released
+        if node in summed:
+            note = f"in the sum; then {failure}" if failure is not None else ""
+            status, reason, stage = OutcomeStatus.OK, note, ""
+        elif failure is not None and failure.stage == STAGES[0]:
+            status, reason, stage = failure.status, failure.reason, failure.stage
+        elif failure is not None:
+            # Left after it joined: the stage it left at and what happened there.
+            status, reason, stage = OutcomeStatus.DROPOUT, str(failure), failure.stage
+            if failure.status is OutcomeStatus.REJECTED:
+                status = OutcomeStatus.REJECTED
+        elif aborted:
+            status, reason, stage = OutcomeStatus.ABORTED, aborted, ""
+        else:
+            status, reason, stage = OutcomeStatus.DROPOUT, "not in the sum", ""
+        # Released unless it never got to (or past) the masked-input stage; a silent
+        # node at that stage may have charged before it went away: unknown.
+        known: bool | None = released or None
+        if not released and not (
+            failure is not None
+            and failure.stage == RELEASE_STAGE
+            and failure.status is OutcomeStatus.NO_REPLY
+        ):
+            known = False
+        outcome = NodeOutcome(
+            node, silo_name(node), status, reason, metrics, stage=stage, released=known
+        )
+        out.append(dataclasses.replace(outcome, charge=charge_state(outcome)))
+    return out
+
+
+# --------------------------------------------------------------------------- small consortia
+
+
+def dropout_tolerance(config: SecAggConfig) -> int:
+    """How many dropouts, in any pattern, a round with ``config`` survives: k − t.
+
+    Every survivor must keep t live neighbours of its k (to unmask, the server
+    needs t shares of each secret); d dropouts take at most d of a node's
+    neighbours, so any d ≤ k − t is survived and d = k − t + 1 among one node's
+    neighbours is not.
+    """
+    return config.degree - config.threshold
+
+
+def tolerance_table(
+    sizes: Sequence[int], dropout_rate: float = 0.1
+) -> list[tuple[int, int, int, int]]:
+    """``(n, k, t, dropouts tolerated)`` of the config the server builds for n silos."""
+    settings = SecureAggregationSettings(dropout_rate=dropout_rate)
+    rows = []
+    for n in sizes:
+        config = settings.config_for(n)
+        rows.append((n, config.degree, config.threshold, dropout_tolerance(config)))
+    return rows
+
+
+def _smallest_tolerant(start: int, dropout_rate: float) -> int:
+    settings = SecureAggregationSettings(dropout_rate=dropout_rate)
+    n = max(start, _MIN_MEMBERS)
+    while dropout_tolerance(settings.config_for(n)) < 1:
+        n += 1
+    return n
+
+
+def check_dropout_tolerance(config: RunConfig) -> None:
+    """Refuse a ``--secagg`` run in which one silo dropping aborts rounds, unless allowed.
+
+    Checked for the secure sums over all silos (the feature scaler before round 1,
+    whose abort stops the run, and every round's evaluation) and for the training
+    sums: one sum over the cohort, or, with groups, a group of the smallest size
+    (a run with groups survives a group's abort when the rule still has enough
+    groups left). ``secagg-allow-no-dropout`` runs it anyway.
+
+    Raises:
+        ConfigError: with what to change.
+    """
+    secagg = config.secagg
+    if not secagg.enabled or secagg.allow_no_dropout:
+        return
+    settings = SecureAggregationSettings(dropout_rate=secagg.dropout_rate)
+    n = config.num_clients
+    if n < _MIN_MEMBERS:
+        return  # refused elsewhere: a secure sum needs 3 silos
+    whole = settings.config_for(n)
+    allow = "or set secagg-allow-no-dropout = true to run it anyway"
+    if dropout_tolerance(whole) < 1:
+        raise ConfigError(
+            f"with secure aggregation, {n} silos tolerate no dropout: SecAgg+ over {n} "
+            f"uses k={whole.degree} neighbours and threshold t={whole.threshold}, so one silo "
+            f"that drops aborts the round, its evaluation and (before round 1) the run; "
+            f"use at least {_smallest_tolerant(n, secagg.dropout_rate)} silos (see the "
+            f"README's table), {allow}"
+        )
+    if secagg.groups > 1:
+        size = n // secagg.groups
+        group = settings.config_for(size)
+        if dropout_tolerance(group) < 1:
+            try:
+                check_inputs_suffice(config.aggregation, secagg.groups - 1, "secure groups")
+            except ConfigError:
+                raise ConfigError(
+                    f"secure groups of {size} silos tolerate no dropout (k={group.degree}, "
+                    f"t={group.threshold}) and {config.aggregation.label} cannot run on the "
+                    f"{secagg.groups - 1} groups left when one aborts: use fewer, larger "
+                    f"groups (at least {_smallest_tolerant(size, secagg.dropout_rate)} silos "
+                    f"each), {allow}"
+                ) from None

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from fedguard.privacy.secagg import FixedPointEncoder, SecAggAbort, SecAggError
+from fedguard.privacy.secagg import FixedPointEncoder, SecAggError
 from fedguard.server.norm_guard import secure_clip_norm, secure_sum_violation
-from fedguard.server.round_records import NodeOutcome
+from fedguard.server.round_records import ChargeState, NodeOutcome, OutcomeStatus
 from fedguard.server.secure_round import (
     SecureAggregationSettings,
+    SecureRoundAborted,
+    node_outcomes,
     run_secure_groups,
-    run_secure_round,
 )
 from fedguard.strategies.aggregators import AggregationError
 from fedguard.strategies.pipeline import AggregationOutcome, GroupSum
@@ -62,7 +63,7 @@ def grouped_secure_updates(
             f"group size {secagg.min_group_size}"
         )
         log.error("round %d: %s", round_number, reason)
-        aborted = [NodeOutcome(n, run.silo_name(n), "aborted", reason) for n in sampled]
+        aborted = [_not_started(n, run.silo_name(n), reason) for n in sampled]
         return (
             aborted,
             AggregationOutcome(
@@ -93,24 +94,15 @@ def grouped_secure_updates(
     sums: list[GroupSum] = []
     group_log: list[dict[str, Any]] = []
     tolerance = 0.0
-    for index, (group, result) in enumerate(zip(groups, results, strict=True)):
+    for index, result in enumerate(results):
         if isinstance(result, SecAggError):
             reason = f"group {index} aborted: {result}"
             log.error("round %d: %s", round_number, reason)
-            outcomes += [NodeOutcome(n, run.silo_name(n), "aborted", reason) for n in group]
+            outcomes += node_outcomes(result.report, (), run.silo_name, aborted=reason)
             group_log.append({"group": index, "members": names[index], "aborted": str(result)})
             continue
-        contributors = set(result.contributors)
-        outcomes += [
-            NodeOutcome(
-                n,
-                run.silo_name(n),
-                "ok" if n in contributors else "dropout",
-                result.dropped_at.get(n, ""),
-                result.metrics.get(n, {}),
-            )
-            for n in group
-        ]
+        assert result.report is not None
+        outcomes += node_outcomes(result.report, result.contributors, run.silo_name)
         members = tuple(run.silo_name(n) for n in result.contributors)
         sums.append(GroupSum(members, result.weighted_sum, float(result.total_weight)))
         group_log.append(
@@ -140,7 +132,25 @@ def grouped_secure_updates(
             flagged["reason"],
         )
     aggregated.details.update({"groups": group_log, "group-seed": run.config.seed})
-    accepted = sum(1 for o in outcomes if o.status == "ok")
+    if "failed" in aggregated.details:
+        return outcomes, aggregated, 0
+    # A flagged group is left out of the rule: its members are not in the aggregate.
+    left_out = {
+        member: str(flagged["reason"])
+        for flagged in aggregated.details.get("flagged-groups", [])
+        for member in flagged.get("members", [])
+    }
+    outcomes = [
+        dataclasses.replace(
+            o,
+            status=OutcomeStatus.REJECTED,
+            reason=f"its secure group was left out: {left_out[o.silo_id]}",
+        )
+        if o.status is OutcomeStatus.OK and o.silo_id in left_out
+        else o
+        for o in outcomes
+    ]
+    accepted = sum(1 for o in outcomes if o.status is OutcomeStatus.OK)
     return outcomes, aggregated, accepted
 
 
@@ -173,38 +183,24 @@ def secure_updates(
     def send(message_type: str, contents: Mapping[int, RecordDict]) -> dict[int, Message]:
         return run.send_each(message_type, round_number, contents)
 
-    try:
-        if len(sampled) < SECAGG_MIN_CLIENTS:
-            raise SecAggAbort(
-                "setup",
-                f"{len(sampled)} silo(s) sampled; secure aggregation needs at least "
-                f"{SECAGG_MIN_CLIENTS}",
-            )
-        result = run_secure_round(
-            send,
-            sampled,
-            instruction,
-            global_vector.size,
-            settings,
+    if len(sampled) < SECAGG_MIN_CLIENTS:
+        reason = (
+            f"secure aggregation aborted at stage 'setup': {len(sampled)} silo(s) sampled; "
+            f"secure aggregation needs at least {SECAGG_MIN_CLIENTS}"
         )
-    except SecAggAbort as abort:
-        log.error("round %d: secure aggregation aborted: %s", round_number, abort)
-        outcomes = [
-            NodeOutcome(node, run.silo_name(node), "aborted", str(abort)) for node in sampled
-        ]
-        details = {"rule": "secagg", "aborted": str(abort)}
+        log.error("round %d: %s", round_number, reason)
+        outcomes = [_not_started(node, run.silo_name(node), reason) for node in sampled]
+        details = {"rule": "secagg", "aborted": reason}
         return outcomes, AggregationOutcome(global_vector.copy(), details), 0
+    (result,) = run_secure_groups(send, [sampled], instruction, global_vector.size, settings)
+    if isinstance(result, SecureRoundAborted):
+        log.error("round %d: secure aggregation aborted: %s", round_number, result)
+        outcomes = node_outcomes(result.report, (), run.silo_name, aborted=str(result))
+        details = {"rule": "secagg", "aborted": str(result)}
+        return outcomes, AggregationOutcome(global_vector.copy(), details), 0
+    assert result.report is not None
     contributors = set(result.contributors)
-    outcomes = [
-        NodeOutcome(
-            node,
-            run.silo_name(node),
-            "ok" if node in contributors else "dropout",
-            result.dropped_at.get(node, ""),
-            result.metrics.get(node, {}),
-        )
-        for node in sampled
-    ]
+    outcomes = node_outcomes(result.report, result.contributors, run.silo_name)
     rounding = FixedPointEncoder(result.config).step * math.sqrt(global_vector.size)
     violation = secure_sum_violation(
         result.weighted_sum, result.total_weight, settings.clip_norm, rounding
@@ -212,7 +208,9 @@ def secure_updates(
     if violation is not None:  # the norm guard: a silo in the sum did not clip
         log.error("round %d: %s", round_number, violation)
         rejected = [
-            dataclasses.replace(o, status="rejected", reason=violation) if o.status == "ok" else o
+            dataclasses.replace(o, status=OutcomeStatus.REJECTED, reason=violation)
+            if o.status is OutcomeStatus.OK
+            else o
             for o in outcomes
         ]
         details = {"rule": "secagg", "rejected": violation}
@@ -227,3 +225,10 @@ def secure_updates(
         }
     )
     return outcomes, aggregated, len(contributors)
+
+
+def _not_started(node: int, silo: str, reason: str) -> NodeOutcome:
+    """A sampled silo whose secure round never started: asked nothing, released nothing."""
+    return NodeOutcome(
+        node, silo, OutcomeStatus.ABORTED, reason, released=False, charge=ChargeState.NOTHING
+    )

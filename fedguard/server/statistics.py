@@ -38,6 +38,7 @@ from fedguard.core.errors import ConfigError
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.secagg import SecAggAbort, SecAggConfig
 from fedguard.privacy.secagg.config import RING_BITS
+from fedguard.server.round_records import send_messages
 from fedguard.server.secure_round import (
     SecAggIdentities,
     SecureAggregationSettings,
@@ -100,13 +101,7 @@ def grid_send(grid: Grid, group_id: str, timeout: float | None = None) -> Send:
             Message(content, dst_node_id=node, message_type=message_type, group_id=group_id)
             for node, content in contents.items()
         ]
-        replies: dict[int, Message] = {}
-        if messages:
-            for reply in grid.send_and_receive(messages, timeout=timeout):
-                source = reply.metadata.src_node_id
-                if source in contents and source not in replies:
-                    replies[source] = reply
-        return replies
+        return send_messages(grid, messages, timeout) if messages else {}
 
     return send
 
@@ -155,7 +150,9 @@ def collect_secure_statistic(
     silos refuse a secure aggregation without them.
 
     Raises:
-        SecAggAbort: fewer than :data:`MIN_SILOS` silos, or too few survived.
+        SecAggAbort: fewer than :data:`MIN_SILOS` silos, or too few survived (then a
+            :class:`~fedguard.server.secure_round.SecureRoundAborted` with what each
+            silo did).
     """
     if len(nodes) < MIN_SILOS:
         raise SecAggAbort(

@@ -98,6 +98,8 @@ def build_report(
         trust = read_trust_results(result.run_dir)
         variants[result.name] = {
             "seconds": result.seconds,
+            # completed / degraded / failed / stopped, with the reasons (outcome.json).
+            "outcome": result.outcome,
             "final": {
                 "round": final.get("round"),
                 "auc": _metric(final, "auc"),
@@ -166,6 +168,11 @@ def summary_table(config: RunConfig, report: dict[str, Any]) -> str:
         dp, base = variants["dp"]["final"][key], variants["no-dp"]["final"][key]
         if base and not math.isnan(base) and not math.isnan(dp):
             lines.append(f"DP keeps {100 * dp / base:.1f}% of the non-private {key.upper()}.")
+    for name, variant in variants.items():
+        outcome = variant.get("outcome") or {}
+        if outcome and outcome.get("status") != "completed":
+            reasons = "; ".join(outcome.get("reasons") or [])
+            lines.append(f"[{name}] run {outcome['status']}" + (f": {reasons}" if reasons else ""))
     lines += _central_lines(report)
     if not report["privacy"].get("private_against_server", True):
         lines.append(f"WARNING: {NOT_PRIVATE_AGAINST_SERVER}.")

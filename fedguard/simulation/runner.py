@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import time
@@ -35,7 +36,8 @@ from fedguard.core.errors import InfeasibleBudgetError
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.ledger import PrivacyLedger
 from fedguard.server.app import make_server_app
-from fedguard.server.orchestrator import RoundRecord
+from fedguard.server.orchestrator import OUTCOME_FILENAME, RoundRecord
+from fedguard.server.secure_round import check_dropout_tolerance
 from fedguard.simulation.attacks import AttackConfig, adversaries
 from fedguard.simulation.identities import provision_identities, silo_identity
 from fedguard.simulation.inprocess import run_inprocess
@@ -69,6 +71,8 @@ class VariantResult:
     history: list[dict[str, Any]]
     ledgers: dict[str, list[dict[str, Any]]]
     seconds: float
+    # How the run ended (outcome.json: status completed/degraded/failed/stopped, reasons).
+    outcome: dict[str, Any] | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -200,7 +204,17 @@ def run_variant(
         history=[r.to_dict() for r in history],
         ledgers=read_ledgers(config, run_dir) if config.local_dp.enabled else {},
         seconds=seconds,
+        outcome=read_outcome(run_dir),
     )
+
+
+def read_outcome(run_dir: Path) -> dict[str, Any] | None:
+    """The run's outcome the server wrote (``outcome.json``), None if it wrote none."""
+    path = run_dir / OUTCOME_FILENAME
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else None
 
 
 def _run_on_ray(server_app: Any, client_app: Any, num_clients: int) -> None:
@@ -264,6 +278,7 @@ def simulate(
         from fedguard.core.errors import ConfigError
 
         raise ConfigError(f"run folder {run_dir} exists and is not empty; pick another --run-name")
+    check_dropout_tolerance(config)  # before any engine starts
     _, plans = plan_silos(config)
     variants: list[tuple[str, RunConfig]] = []
     if config.local_dp.enabled:

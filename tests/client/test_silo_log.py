@@ -33,7 +33,12 @@ def _app(settings: SiloSettings, signing_key: Path | None = None) -> Any:
 
 
 def _sent(settings: SiloSettings) -> list[dict[str, Any]]:
-    return [r.payload for r in read_records(settings.state_dir / SILO_LOG_NAME)]
+    return [r.payload for r in read_records(settings.state_dir / SILO_LOG_NAME) if r.kind == "sent"]
+
+
+def _ledger_events(settings: SiloSettings) -> list[str]:
+    records = read_records(settings.state_dir / SILO_LOG_NAME)
+    return [r.payload["event"] for r in records if r.kind == "ledger"]
 
 
 def test_train_evaluate_refusal_and_replay_are_logged_signed_and_chained(tmp_path: Path) -> None:
@@ -67,7 +72,9 @@ def test_train_evaluate_refusal_and_replay_are_logged_signed_and_chained(tmp_pat
     assert all(s["run_id"] == "run-a" and s["flower_run_id"] == 1 for s in sent)
 
     report = verify_silo_log(settings.state_dir / SILO_LOG_NAME, load_public_key(keys.public_key))
-    assert report.ok and report.signed and report.records == 4, report.summary()
+    # The ledger's creation and its one charge are committed to the same chain.
+    assert _ledger_events(settings) == ["created", "charged"]
+    assert report.ok and report.signed and report.records == 6, report.summary()
 
 
 def test_an_unsigned_log_without_a_signing_key(tmp_path: Path) -> None:
@@ -75,7 +82,7 @@ def test_an_unsigned_log_without_a_signing_key(tmp_path: Path) -> None:
     call = _app(settings)
     call(instruction(1, initial_weights(), local_scaler(settings)))
     report = verify_silo_log(settings.state_dir / SILO_LOG_NAME)
-    assert report.ok and not report.signed and report.records == 1
+    assert report.ok and not report.signed and report.records == 3  # created, charged, sent
 
 
 def test_other_messages_are_not_logged(tmp_path: Path) -> None:

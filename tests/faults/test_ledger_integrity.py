@@ -1,8 +1,9 @@
-"""Issue 13, item 1: a lost or rolled-back ledger must not hand a silo a fresh budget.
+"""Issue 13, item 1: a lost, rolled-back or replaced ledger must not hand a silo a fresh budget.
 
-The silo's own signed log records the ledger's ε after every reply; a ledger
-that holds less (deleted, or an older copy restored) is refused before anything
-is trained or charged.
+The silo's own signed log commits to the ledger (its id, and its head hash and ε
+after every charge); a ledger that disagrees (deleted, an older copy restored,
+another ledger put in its place, a ledger whose log is gone) is refused before
+anything is trained or charged; starting afresh is an explicit, logged reset.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from flwr.app import Message
 
 from fedguard.client.app import make_client_app
 from fedguard.core import protocol
+from fedguard.core.chained_log import SILO_LOG_NAME, read_records
 from fedguard.core.protocol import ReplyStatus
 from fedguard.privacy.ledger import PrivacyLedger
 from tests.factories import initial_weights, instruction, local_scaler, node_context, silo_settings
@@ -57,3 +59,99 @@ def test_an_older_ledger_copy_is_refused(tmp_path: Path) -> None:
     settings = silo_settings(tmp_path, 0)
     with PrivacyLedger.open(state, "silo-0", settings.budget) as opened:
         assert [e.round for e in opened.entries()] == [1]  # nothing charged for round 3
+
+
+def _log(tmp_path: Path) -> list[dict[str, object]]:
+    records = read_records(tmp_path / "silo-0" / SILO_LOG_NAME)
+    return [{"kind": r.kind, **r.payload} for r in records]
+
+
+def test_a_replaced_ledger_with_a_larger_spend_is_refused(tmp_path: Path) -> None:
+    """Another ledger file for the same silo id (another machine's, a fresh one that
+    was charged elsewhere): its spend is not below the log's, but it is not the
+    ledger the log vouches for."""
+    assert protocol.reply_status(_train(tmp_path, 1))[0] is ReplyStatus.OK
+    elsewhere = tmp_path / "elsewhere"
+    for round_number in (1, 2):
+        assert protocol.reply_status(_train(elsewhere, round_number))[0] is ReplyStatus.OK
+    shutil.copy2(elsewhere / "silo-0" / LEDGER, tmp_path / "silo-0" / LEDGER)
+    reason = _refused_for_integrity(_train(tmp_path, 2))
+    assert "replaced" in reason
+
+
+def test_a_ledger_beside_a_missing_log_is_refused(tmp_path: Path) -> None:
+    assert protocol.reply_status(_train(tmp_path, 1))[0] is ReplyStatus.OK
+    state = tmp_path / "silo-0"
+    for name in (SILO_LOG_NAME, f"{SILO_LOG_NAME}.head"):
+        (state / name).unlink()
+    reason = _refused_for_integrity(_train(tmp_path, 2))
+    assert "silo log" in reason and "missing" in reason
+    # The refusal started a new log; that log does not vouch for the ledger either.
+    _refused_for_integrity(_train(tmp_path, 2))
+
+
+def test_every_charge_is_committed_to_the_log_with_the_ledger_head(tmp_path: Path) -> None:
+    for round_number in (1, 2):
+        assert protocol.reply_status(_train(tmp_path, round_number))[0] is ReplyStatus.OK
+    settings = silo_settings(tmp_path, 0)
+    with PrivacyLedger.open(settings.state_dir, "silo-0", settings.budget) as ledger:
+        head, entries = ledger.head(), ledger.entries()
+    bound = [r for r in _log(tmp_path) if r["kind"] == "ledger"]
+    assert [r["event"] for r in bound] == ["created", "charged", "charged"]
+    assert {r["ledger_id"] for r in bound} == {head.ledger_id}
+    assert [r["head"] for r in bound] == list(head.heads)
+    assert [r["epsilon"] for r in bound[1:]] == [e.epsilon_after for e in entries]
+
+
+def test_a_charge_the_log_missed_is_caught_up_not_refused(tmp_path: Path) -> None:
+    """The ledger committed a charge, then the process died before the log record:
+    the ledger is ahead (it can only over-count); the next open logs the charge."""
+    assert protocol.reply_status(_train(tmp_path, 1))[0] is ReplyStatus.OK
+    settings = silo_settings(tmp_path, 0)
+    with PrivacyLedger.open(settings.state_dir, "silo-0", settings.budget) as ledger:
+        missed = ledger.charge("run-a", 2, ledger.entries()[0].event)
+    assert protocol.reply_status(_train(tmp_path, 3))[0] is ReplyStatus.OK
+    charged = [r for r in _log(tmp_path) if r["kind"] == "ledger" and r["event"] == "charged"]
+    assert [(r["round"], r.get("catch_up", False)) for r in charged] == [
+        (1, False),
+        (2, True),
+        (3, False),
+    ]
+    assert charged[1]["epsilon"] == missed.epsilon_after
+
+
+def test_starting_afresh_is_an_explicit_logged_reset(tmp_path: Path) -> None:
+    from fedguard.client.ledger_guard import reset_ledger
+
+    assert protocol.reply_status(_train(tmp_path, 1))[0] is ReplyStatus.OK
+    settings = silo_settings(tmp_path, 0)
+    with PrivacyLedger.open(settings.state_dir, "silo-0", settings.budget) as ledger:
+        spent, old_id = ledger.spent_epsilon(), ledger.head().ledger_id
+    archived = reset_ledger(settings, "new data-sharing agreement, approved by the DPO")
+    assert archived is not None and archived.exists()
+    (reset,) = [r for r in _log(tmp_path) if r["kind"] == "ledger" and r["event"] == "reset"]
+    assert reset["previous_ledger_id"] == old_id and reset["previous_epsilon"] == spent
+    assert reset["reason"].startswith("new data-sharing agreement")
+    # The fresh ledger is the one the log now vouches for: training goes on.
+    assert protocol.reply_status(_train(tmp_path, 2))[0] is ReplyStatus.OK
+
+
+def test_reset_ledger_command_needs_confirmation_and_logs_the_reset(tmp_path: Path) -> None:
+    from fedguard.cli import main
+    from fedguard.server.commands import node_config_toml
+
+    assert protocol.reply_status(_train(tmp_path, 1))[0] is ReplyStatus.OK
+    settings = silo_settings(tmp_path, 0)
+    state = settings.state_dir
+    (state / "node-config.toml").write_text(
+        node_config_toml(
+            "silo-0", settings.data.dataset, tmp_path / "x.csv", state, settings.budget
+        )
+    )
+    args = ["client", "reset-ledger", "--state-dir", str(state), "--reason", "new agreement"]
+    assert main(args) != 0  # no --yes: nothing happens
+    assert [r["event"] for r in _log(tmp_path) if r["kind"] == "ledger"] == ["created", "charged"]
+    assert main([*args, "--yes"]) == 0
+    events = [r["event"] for r in _log(tmp_path) if r["kind"] == "ledger"]
+    assert events == ["created", "charged", "reset"]
+    assert list((state / "archive").glob("privacy-ledger-*.sqlite"))

@@ -111,4 +111,4 @@ def test_a_schema_1_ledger_is_migrated_with_its_charges(tmp_path: Path) -> None:
         ledger.charge("old-run", 3, GaussianRelease(4.0), ChargePurpose.DRIFT)
         assert ledger.entries()[-1].entry_id == 8
     version = sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchall()
-    assert version == [(2,)]
+    assert version == [(3,)]

@@ -241,7 +241,8 @@ def test_deployment_recorder_records_a_failed_run(tmp_path: Path) -> None:
     ):
         raise RuntimeError("boom")
     end = read_records(layout.audit_log)[-1]
-    assert end.kind == "run-end" and end.payload["status"] == "failed: RuntimeError: boom"
+    assert end.kind == "run-end" and end.payload["status"] == "failed"
+    assert end.payload["reasons"] == ["RuntimeError: boom"]
 
 
 def test_prompt_grid_pulls_replies_every_poll_and_keeps_flower_timeout_semantics() -> None:

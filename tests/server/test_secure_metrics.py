@@ -49,7 +49,10 @@ SILOS = 3
 
 
 def _secure(config: RunConfig) -> RunConfig:
-    return dataclasses.replace(config, secagg=SecureAggregationConfig(enabled=True))
+    # Three silos tolerate no dropout (README); these tests run them on purpose.
+    return dataclasses.replace(
+        config, secagg=SecureAggregationConfig(enabled=True, allow_no_dropout=True)
+    )
 
 
 def _grid(tmp_path: Path, policy: SiloPolicy | None = None) -> InProcessGrid:
