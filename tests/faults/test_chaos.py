@@ -12,8 +12,8 @@ CI runs seed 4 (kills the ServerApp mid-run; all invariants hold). Seed 62 (kill
 the SuperLink, the restarted run's ServerApp, then a silo) FAILS today on the
 ``one-serverapp`` invariant: after the SuperLink restart two ServerApps ran the
 run at once (issue 13's closing note; not fixed). Run it with
-``FEDGUARD_CHAOS_SEEDS=62,4``; ``python benchmarks/chaos.py --schedules 50`` runs fifty. A failure prints
-the whole schedule, what happened when, and each invariant's result.
+``FEDGUARD_CHAOS_SEEDS=62,4``; ``python benchmarks/chaos.py --schedules 50`` runs
+fifty. A failure prints the whole schedule, what happened when, and each invariant's result.
 """
 
 from __future__ import annotations
