@@ -38,6 +38,7 @@ holds each silo's ε per round.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -273,7 +274,10 @@ def reset_ledger(settings: SiloSettings, reason: str) -> Path | None:
     previous: dict[str, Any] = {}
     archived: Path | None = None
     if old_path.exists():
-        with open_silo_ledger(settings) as old:
+        # The old ledger is checked under its own budget: a reset is also how a silo
+        # moves to a new budget (the config already names the new one).
+        old_settings = dataclasses.replace(settings, budget=PrivacyLedger.stored_budget(state_dir))
+        with open_silo_ledger(old_settings) as old:
             head = old.head()
             previous = {
                 "previous_ledger_id": head.ledger_id,

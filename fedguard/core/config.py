@@ -10,6 +10,7 @@ typed objects.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
@@ -150,6 +151,10 @@ class PartitionSpec:
         if self.kind is PartitionKind.COLUMN:
             return f"column:{self.column}"
         return "iid"
+
+
+#: What a run name may be (see RunConfig).
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -396,6 +401,13 @@ class RunConfig:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
+        # A run name is a folder name (out/<run-name>) and a Flower override value.
+        _require(
+            self.run_name is None
+            or (isinstance(self.run_name, str) and _RUN_NAME.fullmatch(self.run_name) is not None),
+            f"run-name must be 1-128 letters, digits, '.', '_' or '-' (not starting with "
+            f"'.' or '-'), got {self.run_name!r}",
+        )
         _require(
             isinstance(self.num_clients, int) and self.num_clients >= 1,
             f"clients must be an integer >= 1, got {self.num_clients!r}",

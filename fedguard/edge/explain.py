@@ -51,7 +51,12 @@ from fedguard.core.trust_results import (
 if TYPE_CHECKING:
     from fedguard.edge.export import SavedRun
 
-__all__ = ["STUDENT_RUN_SUFFIX", "student_attributions", "student_release_run_id"]
+__all__ = [
+    "STUDENT_RUN_SUFFIX",
+    "silo_settings",
+    "student_attributions",
+    "student_release_run_id",
+]
 
 STUDENT_RUN_SUFFIX = "/student-"
 # The resolution the trust phase uses for attribution sums (the request needs one;
@@ -59,7 +64,8 @@ STUDENT_RUN_SUFFIX = "/student-"
 _RESOLUTION = 2.0**-12
 
 
-def _silo_settings(saved: SavedRun, index: int) -> SiloSettings:
+def silo_settings(saved: SavedRun, index: int) -> SiloSettings:
+    """The settings of simulated silo ``index`` of a saved run (its own state folder)."""
     run = saved.config
     silo_id = f"silo-{index}"
     return SiloSettings(
@@ -117,7 +123,7 @@ def student_attributions(
     sigmas: list[float] = []
     deltas: list[float] = []
     for index in range(saved.config.num_clients):
-        silo = _silo_settings(saved, index)
+        silo = silo_settings(saved, index)
         statistic = attribution_statistic(silo.data.load(), student, scaler, options)
         if trust.noise is TrustNoise.NONE:
             total += statistic.values

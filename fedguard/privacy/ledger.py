@@ -342,6 +342,30 @@ class PrivacyLedger:
             raise
         return cls(path, conn, silo_id, budget)
 
+    @classmethod
+    def stored_budget(cls, state_dir: Path) -> PrivacyBudget:
+        """The budget the ledger in ``state_dir`` was created with, read without writing.
+
+        What a deliberate reset needs: the old ledger is checked under its own budget
+        before it is archived, whatever budget the silo's config now names.
+        """
+        path = Path(state_dir) / cls.FILENAME
+        try:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                rows = conn.execute("SELECT budget_epsilon, budget_delta FROM silo").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise LedgerStorageError(
+                f"cannot read the budget of privacy ledger {path}: {describe_cause(exc)}",
+                path=path,
+                cause=cause_name(exc),
+            ) from exc
+        if len(rows) != 1:
+            raise LedgerError(f"{path} is corrupt: {len(rows)} silo records")
+        return PrivacyBudget(epsilon=float(rows[0][0]), delta=float(rows[0][1]))
+
     @staticmethod
     def _create_or_check(
         conn: sqlite3.Connection, path: Path, silo_id: str, budget: PrivacyBudget
@@ -390,7 +414,8 @@ class PrivacyLedger:
                 f"{path} was created with budget ε={stored_eps!r}, δ={stored_delta!r}, but "
                 f"ε={budget.epsilon!r}, δ={budget.delta!r} was given; a silo's budget is "
                 f"fixed for its life and is never changed silently (to start over with a new "
-                f"budget, archive this ledger deliberately)"
+                f"budget, run `fedguard client reset-ledger`, which archives this ledger "
+                f"and records the reset in the silo log)"
             )
 
     # ----------------------------------------------------------------------- plumbing

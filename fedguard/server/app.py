@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedguard.core.config import RunConfig
 from fedguard.core.flower_runtime import PromptGrid, fast_object_pulls
 from fedguard.privacy.secagg.roster import SignedRoster
-from fedguard.server.commands import DeploymentRecorder, ServerLayout
+from fedguard.server.commands import DeploymentRecorder, ServerLayout, hold_run_lock
 from fedguard.server.orchestrator import FederatedRun, RoundCallback
 from fedguard.strategies.aggregators import Aggregator
 
@@ -68,14 +68,18 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     run_dir = config.out / run_id
     fast_object_pulls()  # replies are pulled as soon as they are announced
     grid = PromptGrid(grid)  # and asked for every 0.1 s, not every 3 s
-    layout = ServerLayout.from_env()
-    if layout is None:  # a SuperLink that fedguard did not start: no audit log, no registry
-        FederatedRun(grid, config, run_id, run_dir).run()
-        return
-    roster = layout.load_roster()  # the signed SecAgg roster, if the consortium made one
-    with DeploymentRecorder.open(
-        layout, run_id, config.to_options(), run_dir, flower_run_id=context.run_id
-    ) as recorder:
-        run = FederatedRun(grid, config, run_id, run_dir, on_round=recorder.on_round, roster=roster)
-        run.run()
-        recorder.finish(run.outcome)  # run-end: completed, degraded, failed or stopped
+    # One ServerApp per run, whatever Flower launches (commands.RUN_LOCK says why).
+    with hold_run_lock(run_dir, run_id, context.run_id):
+        layout = ServerLayout.from_env()
+        if layout is None:  # a SuperLink fedguard did not start: no audit log, no registry
+            FederatedRun(grid, config, run_id, run_dir).run()
+            return
+        roster = layout.load_roster()  # the signed SecAgg roster, if the consortium made one
+        with DeploymentRecorder.open(
+            layout, run_id, config.to_options(), run_dir, flower_run_id=context.run_id
+        ) as recorder:
+            run = FederatedRun(
+                grid, config, run_id, run_dir, on_round=recorder.on_round, roster=roster
+            )
+            run.run()
+            recorder.finish(run.outcome)  # run-end: completed, degraded, failed or stopped

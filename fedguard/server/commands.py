@@ -72,21 +72,32 @@ from typing import Any
 
 from fedguard.core.config import DatasetName, PrivacyBudget, RunConfig
 from fedguard.core.errors import ConfigError, FedguardError
-from fedguard.core.process_lock import FolderLockedError, ProcessLock, lock_holders
+from fedguard.core.process_lock import (
+    FolderLockedError,
+    ProcessLock,
+    lock_holder,
+    lock_holders,
+    lock_is_held,
+)
 
 __all__ = [
     "CONNECTION",
+    "RUN_LOCK",
     "SERVER_DIR_ENV",
     "ActivationRefusedError",
     "AlreadyRunningError",
     "DeploymentError",
     "DeploymentRecorder",
     "ExecutorMode",
+    "RunActiveError",
     "ServerLayout",
     "SiloLayout",
+    "SuperLinkUnreachableError",
     "add_deploy_commands",
+    "hold_run_lock",
     "main",
     "node_config_toml",
+    "stop_unfinished_attempts",
     "write_app",
 ]
 
@@ -108,6 +119,36 @@ class DeploymentError(FedguardError):
 
 class AlreadyRunningError(DeploymentError):
     """Another process holds the folder's lock (a second ``start`` on one folder)."""
+
+
+class SuperLinkUnreachableError(DeploymentError):
+    """The SuperLink's Control API cannot be reached (not running, wrong address, down)."""
+
+
+class RunActiveError(AlreadyRunningError):
+    """A ServerApp already runs this run (it holds the run folder's lock)."""
+
+
+#: In each run folder: locked by the ServerApp running the run, for its life. Flower
+#: launches again a ServerApp whose task token expired (one killed while starting, or
+#: one whose SuperLink was killed: ``flwr/supercore/corestate/sql_corestate.py``,
+#: ``_cleanup_expired_task_tokens``) beside the attempt ``fedguard run`` started
+#: afresh; two would write one run's checkpoints and audit records at once.
+RUN_LOCK = "serverapp.lock"
+
+
+def hold_run_lock(run_dir: Path, run_id: str, flower_run: object) -> ProcessLock:
+    """The run folder's lock for this ServerApp's life, or :class:`RunActiveError`.
+
+    Taken before anything is read or written (before ``run-start``): a second
+    ServerApp for one run stops here, and the one already running goes on alone.
+    """
+    try:
+        return ProcessLock.acquire(run_dir / RUN_LOCK, f"a ServerApp of run {run_id}")
+    except FolderLockedError as busy:
+        raise RunActiveError(
+            f"{busy}; this ServerApp (Flower run {flower_run}) stops without starting"
+        ) from None
 
 
 class SiloStateError(DeploymentError):
@@ -1207,10 +1248,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_name = str(options["run-name"])
     app = layout.apps / run_name
     write_app(app, options)
-    logged_before = _last_audit_seq(layout)
-    answer = _flower_json(["run", str(app), CONNECTION], layout.flwr_home)
-    flower_run = str(answer.get("run-id"))
     run_dir = Path(str(options["out"])) / run_name
+    if lock_is_held(run_dir / RUN_LOCK):
+        holder = lock_holder(run_dir / RUN_LOCK)
+        raise RunActiveError(
+            f"run {run_name} is running (its ServerApp, PID {holder}, holds "
+            f"{run_dir / RUN_LOCK}); wait for it, or stop it with `flwr stop`, before "
+            "starting it again"
+        )
+    for stale in stop_unfinished_attempts(layout, run_name):
+        print(
+            f"run {run_name}: stopped Flower run {stale}, an earlier attempt that had not "
+            "finished (Flower would launch its ServerApp again beside this one)"
+        )
+    logged_before = _last_audit_seq(layout)
+    # The run name also as an override: Flower lists overrides with each run
+    # (stop_unfinished_attempts finds earlier attempts by it); the value is the same.
+    answer = _flower_json(
+        ["run", str(app), CONNECTION, "--run-config", f"run-name={_toml_value(run_name)}"],
+        layout.flwr_home,
+    )
+    flower_run = str(answer.get("run-id"))
     print(f"run {run_name}: Flower run {flower_run} started")
     print(f"  run folder: {run_dir}")
     done = sorted((run_dir / "checkpoints").glob("round-*.json"))
@@ -1296,24 +1354,67 @@ def control_client(layout: ServerLayout) -> Iterator[Any]:
     """Flower's own Control API client for the ``fedguard`` connection, in this process.
 
     (``flwr ls`` would do the same from a new process: about a second of CPU per call.)
+    A SuperLink that cannot be reached, now or during the ``with`` body, raises
+    :class:`SuperLinkUnreachableError` (not httpx's own error).
     """
+    import httpx
     from flwr.cli.flower_config import read_superlink_connection
     from flwr.cli.utils import init_http_client_from_connection
 
     previous = os.environ.get("FLWR_HOME")
     os.environ["FLWR_HOME"] = str(layout.flwr_home)
+    connection = None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+            connection = read_superlink_connection(CONNECTION)
+            client = init_http_client_from_connection(connection)
         try:
             yield client
         finally:
             client.close()
+    except httpx.TransportError as unreachable:
+        address = getattr(connection, "address", None) or "its configured address"
+        raise SuperLinkUnreachableError(
+            f"cannot reach the SuperLink at {address} ({unreachable}); is it running? "
+            f"(`fedguard server start --server-dir {layout.root}` starts it)"
+        ) from None
     finally:
         if previous is None:
             os.environ.pop("FLWR_HOME", None)
         else:
             os.environ["FLWR_HOME"] = previous
+
+
+def stop_unfinished_attempts(layout: ServerLayout, run_name: str) -> list[int]:
+    """Stop the SuperLink's unfinished Flower runs of ``run_name``; their run ids.
+
+    Called by ``fedguard run`` once no ServerApp holds the run's lock: an unfinished
+    Flower run of the same name is then an attempt whose ServerApp is gone (killed,
+    or its SuperLink was), which Flower would launch again once its task token
+    expires. Stopped, it stays finished; :data:`RUN_LOCK` covers the instant between.
+    """
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
+
+    stopped = []
+    with control_client(layout) as client:
+        response = client.ListRuns(ListRunsRequest(limit=_LISTED_RUNS))
+        for proto in response.run_dict.values():
+            run = run_from_proto(proto)
+            if run.status.status == "finished":
+                continue
+            if str(run.override_config.get("run-name", "")) != run_name:
+                continue
+            client.StopRun(StopRunRequest(run_id=run.run_id))
+            stopped.append(int(run.run_id))
+    return sorted(stopped)
+
+
+#: How long ``fedguard run --wait`` keeps asking a SuperLink that stopped answering.
+_UNREACHABLE_GRACE_S = 60.0
+
+#: How many of the SuperLink's latest runs ``fedguard run`` looks through.
+_LISTED_RUNS = 500
 
 
 def run_status(client: Any, flower_run: str) -> tuple[str, str]:
@@ -1332,11 +1433,28 @@ def run_status(client: Any, flower_run: str) -> tuple[str, str]:
 def wait_for_run(
     layout: ServerLayout, flower_run: str, timeout: float, poll: float = 2.0
 ) -> tuple[str, str]:
-    """Wait until a Flower run is finished; ``(status, details)``."""
+    """Wait until a Flower run is finished; ``(status, details)``.
+
+    A SuperLink that stops answering is asked again for up to
+    :data:`_UNREACHABLE_GRACE_S` (a restart keeps its runs); longer, or unreachable
+    at the start, raises :class:`SuperLinkUnreachableError`.
+    """
+    import httpx
+
     deadline = time.monotonic() + timeout
     with control_client(layout) as client:
+        status, details = run_status(client, flower_run)  # unreachable now: fail at once
+        lost_at: float | None = None
         while True:
-            status, details = run_status(client, flower_run)
+            try:
+                status, details = run_status(client, flower_run)
+                lost_at = None
+            except httpx.TransportError:
+                lost_at = lost_at or time.monotonic()
+                if time.monotonic() - lost_at > _UNREACHABLE_GRACE_S:
+                    raise
+                time.sleep(poll)
+                continue
             if status.startswith("finished"):
                 return status, details
             if time.monotonic() >= deadline:

@@ -474,9 +474,7 @@ def _plain_evaluation(
         loss_sum += m["loss-sum"]
         correct += int(m["correct"])
         per_silo[silo_name(node)] = silo
-    auc = (
-        binned_auc(positive, negative) if positive is not None and negative is not None else None
-    )
+    auc = binned_auc(positive, negative) if positive is not None and negative is not None else None
     return EvaluationSummary(
         num_examples=total,
         loss=loss_sum / total if total else float("nan"),
@@ -508,4 +506,3 @@ def _metrics(reply: Message) -> dict[str, float]:
         for k, v in reply.content.metric_records[protocol.METRICS].items()
         if isinstance(v, (int, float))
     }
-

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from fedguard.client.ledger_guard import open_silo_ledger, record_charge, reset_ledger
 from fedguard.core.datasets import schema_for
 from fedguard.core.trust_results import TrustResults
 from fedguard.edge.distill import StudentSpec
 from fedguard.edge.explain import (
     STUDENT_RUN_SUFFIX,
+    silo_settings,
     student_attributions,
     student_release_run_id,
 )
@@ -34,14 +36,21 @@ def _asking_for_explanations(dp_run: Path, into: Path) -> Path:
 
 
 def _with_lifetime_budget(run_dir: Path) -> None:
-    """Every silo's ledger rebuilt with the LIFETIME budget, all charges (and purposes) kept."""
-    for silo_dir in sorted((run_dir / "dp" / "silos").iterdir()):
-        with PrivacyLedger.open(silo_dir, silo_dir.name, BUDGET) as ledger:
+    """Every silo moved to the LIFETIME budget the one sanctioned way, its charges kept.
+
+    ``reset-ledger`` archives the old ledger and logs the reset; the old charges are
+    then charged again (and logged) in the new ledger, so the spend carries over.
+    """
+    saved = load_saved_run(run_dir)
+    for index in range(saved.config.num_clients):
+        settings = dataclasses.replace(silo_settings(saved, index), budget=LIFETIME)
+        with PrivacyLedger.open(settings.state_dir, settings.silo_id, BUDGET) as ledger:
             entries = ledger.entries()
-        (silo_dir / PrivacyLedger.FILENAME).unlink()
-        with PrivacyLedger.open(silo_dir, silo_dir.name, LIFETIME) as ledger:
+        reset_ledger(settings, "lifetime budget raised by the silo's governance board")
+        with open_silo_ledger(settings) as ledger:
             for entry in entries:
                 charged = ledger.charge(entry.run_id, entry.round, entry.event, entry.purpose)
+                record_charge(settings, ledger, charged)
                 ledger.mark(charged.entry_id, ChargeStatus.COMPLETED)
     report = json.loads((run_dir / "report.json").read_text())
     report["config"]["budget"] = {"epsilon": LIFETIME.epsilon, "delta": LIFETIME.delta}
@@ -80,7 +89,9 @@ def test_export_adds_student_attributions_and_charges_each_ledger_once(
     # With budget left (a larger lifetime budget), every silo releases it once.
     _with_lifetime_budget(run_dir)
     exported = export_run(run_dir, dataclasses.replace(FAST, out_dir=tmp_path / "b"), print)
-    assert not any("not computed" in x for x in exported.card["limitations"])
+    assert not any("not computed" in x for x in exported.card["limitations"]), [
+        x for x in exported.card["limitations"] if "not computed" in x
+    ]
     results = TrustResults.from_json(exported.card["trust"]["results"])
     student = results.attribution("student")
     assert student is not None

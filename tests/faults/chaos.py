@@ -32,10 +32,10 @@ limit. Then the invariants (:func:`check_invariants`):
 * ``outcome-reported``: the run completed (audit ``run-end`` ``completed``,
   ``--wait`` exit 0, every round done), or its last ``run-end`` says why not
   (a status other than completed, with a reason; ``--wait`` non-zero);
-* ``one-serverapp``: one ServerApp at a time (sampled every 0.5 s while the run
-  goes on: Flower launches again a ServerApp killed while it was starting, beside
-  the one the restarted ``fedguard run`` started), and none still running once the
-  run's ``--wait`` returned;
+* ``one-serverapp``: one ServerApp at a time runs the run (holds its folder's
+  ``serverapp.lock``; sampled every 0.5 s: Flower launches again a ServerApp
+  killed while it was starting, beside the one the restarted ``fedguard run``
+  started), and none still running once the run's ``--wait`` returned;
 * ``attempts-ended``: every attempt of the run (each ``run-start``) has a
   ``run-end``, a killed one included (recorded when the next attempt starts), and
   the run's last record is a ``run-end``.
@@ -61,7 +61,9 @@ from typing import Any
 
 from fedguard.core.chained_log import SILO_LOG_NAME, read_records
 from fedguard.core.config import PrivacyBudget
+from fedguard.core.process_lock import lock_holders
 from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.server.commands import RUN_LOCK
 from tests.integration.deployment_harness import (
     SILOS,
     Consortium,
@@ -308,7 +310,10 @@ class _Driver:
         if time.monotonic() - self.observed < 0.5:
             return
         self.observed = time.monotonic()
-        apps = sorted(self.serverapps())
+        # Running the run = holding its lock: a ServerApp Flower launches again is a
+        # process for a few seconds (imports) before it finds the lock taken and exits.
+        lock = self.c.server.runs / self.run / RUN_LOCK
+        apps = sorted(p for p in lock_holders(lock) if "flwr-serverapp" in _cmdline(p))
         if len(apps) > max(1, len(self.result.concurrent_serverapps)):
             self.result.concurrent_serverapps = apps
             self.event(f"{len(apps)} ServerApps running at once: PIDs {apps}")

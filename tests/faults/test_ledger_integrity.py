@@ -136,6 +136,26 @@ def test_starting_afresh_is_an_explicit_logged_reset(tmp_path: Path) -> None:
     assert protocol.reply_status(_train(tmp_path, 2))[0] is ReplyStatus.OK
 
 
+def test_a_reset_moves_the_silo_to_the_budget_its_config_now_names(tmp_path: Path) -> None:
+    # The old ledger is checked under the budget it was created with, then archived:
+    # a new budget in the config is not a reason the reset itself fails.
+    import dataclasses
+
+    from fedguard.client.ledger_guard import open_silo_ledger, reset_ledger
+    from fedguard.core.config import PrivacyBudget
+
+    assert protocol.reply_status(_train(tmp_path, 1))[0] is ReplyStatus.OK
+    settings = silo_settings(tmp_path, 0)
+    raised = dataclasses.replace(
+        settings, budget=PrivacyBudget(settings.budget.epsilon * 2, settings.budget.delta)
+    )
+    reset_ledger(raised, "budget doubled by the governance board")
+    with open_silo_ledger(raised) as ledger:
+        assert ledger.budget == raised.budget and ledger.spent_epsilon() == 0.0
+    (reset,) = [r for r in _log(tmp_path) if r["kind"] == "ledger" and r["event"] == "reset"]
+    assert reset["previous_epsilon"] > 0
+
+
 def test_reset_ledger_command_needs_confirmation_and_logs_the_reset(tmp_path: Path) -> None:
     from fedguard.cli import main
     from fedguard.server.commands import node_config_toml

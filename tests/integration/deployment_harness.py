@@ -281,6 +281,7 @@ def consortium_session(
     process is stopped and none may be left running.
     """
     names = [*silos, *spare_keys]
+    root.mkdir(parents=True, exist_ok=True)
     link_port, *silo_ports = _free_ports(1 + len(names))
     c = Consortium(root, f"127.0.0.1:{link_port}", budget, markers=[str(root)])
     c.silo_ports = dict(zip(names, silo_ports, strict=True))

@@ -51,4 +51,6 @@ def test_ray_engine_runs_secure_aggregation_stages(tmp_path: Path) -> None:
     last = result.history[-1]
     assert [o["status"] for o in last["outcomes"]] == ["ok", "ok", "ok"]
     assert last["aggregation"]["rule"] == "secagg+weighted-mean"
-    assert last["evaluation"]["loss"] < result.history[0]["evaluation"]["loss"]
+    # AUC, not loss: one noised round from a random start ranks well (AUC 0.97-0.98 in
+    # 16 in-process runs) but can overshoot calibration (loss 0.642 -> 0.689 once).
+    assert last["evaluation"]["auc"] > max(0.9, result.history[0]["evaluation"]["auc"])

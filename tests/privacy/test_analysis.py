@@ -333,3 +333,36 @@ def test_calibration_rejects_bad_arguments(kwargs: dict[str, float]) -> None:
     args.update(kwargs)
     with pytest.raises(ConfigError):
         calibrate_noise_multiplier(**args)  # type: ignore[arg-type]
+
+
+def test_epsilon_pld_memo_keys_on_the_whole_event() -> None:
+    # The memo keys on repr(event): it must name every field, so that the repr
+    # rebuilds an equal event, and any change of a field gives another ε.
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from fedguard.privacy.analysis import dp_sgd
+
+    def sgd(q: float, sigma: float, steps: int) -> dp_accounting.DpEvent:
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+
+    events = [
+        sgd(0.05, 1.1, 40),
+        sgd(0.05, 1.1, 41),
+        sgd(0.05, 1.1000000001, 40),
+        sgd(0.0500001, 1.1, 40),
+        dp_accounting.ComposedDpEvent([sgd(0.05, 1.1, 40), dp_accounting.LaplaceDpEvent(2.0)]),
+        dp_accounting.ComposedDpEvent([sgd(0.05, 1.1, 40), dp_accounting.LaplaceDpEvent(2.5)]),
+    ]
+    namespace = vars(dp_accounting)
+    for event in events:
+        assert eval(repr(event), dict(namespace)) == event  # the library's own repr
+    epsilons = [dp_sgd.epsilon_pld(e, 1e-5) for e in events]
+    assert len(set(epsilons)) == len(events)
+    for event, epsilon in zip(events, epsilons, strict=True):
+        fresh = pld_privacy_accountant.PLDAccountant(
+            value_discretization_interval=dp_sgd.REPORTING_DISCRETIZATION
+        )
+        assert dp_sgd.epsilon_pld(event, 1e-5) == epsilon == fresh.compose(event).get_epsilon(1e-5)

@@ -264,8 +264,24 @@ def epsilon_pld(
     """
     d = _check_delta(delta)
     interval = _check_positive("value_discretization_interval", value_discretization_interval)
-    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
-    return float(_compose_or_raise(accountant, _check_event(event)).get_epsilon(d))
+    # A PLD composition costs up to seconds, and a silo asks for the same one several
+    # times per round (affordability check, charge, reports). dp_accounting's events are
+    # attrs classes whose repr names the class and every field (floats exactly, nested
+    # events and lists in order), so equal reprs are equal compositions.
+    key = (repr(_check_event(event)), d, interval)
+    cached = _PLD_EPSILONS.get(key)
+    if cached is None:
+        accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
+        cached = float(_compose_or_raise(accountant, event).get_epsilon(d))
+        if len(_PLD_EPSILONS) >= _PLD_CACHE_SIZE:
+            _PLD_EPSILONS.pop(next(iter(_PLD_EPSILONS)))  # oldest first
+        _PLD_EPSILONS[key] = cached
+    return cached
+
+
+#: epsilon_pld's results, by (repr of the event, δ, discretization interval).
+_PLD_EPSILONS: dict[tuple[str, float, float], float] = {}
+_PLD_CACHE_SIZE = 4096
 
 
 def epsilon_rdp(event: dp_accounting.DpEvent, delta: float) -> float:
