@@ -1246,8 +1246,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     check_dropout_tolerance(RunConfig.from_options(options))  # before anything starts
     run_name = str(options["run-name"])
-    app = layout.apps / run_name
-    write_app(app, options)
     run_dir = Path(str(options["out"])) / run_name
     if lock_is_held(run_dir / RUN_LOCK):
         holder = lock_holder(run_dir / RUN_LOCK)
@@ -1261,6 +1259,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"run {run_name}: stopped Flower run {stale}, an earlier attempt that had not "
             "finished (Flower would launch its ServerApp again beside this one)"
         )
+    app = layout.apps / run_name
+    write_app(app, options)  # only once the run may start (a refusal changes nothing)
     logged_before = _last_audit_seq(layout)
     # The run name also as an override: Flower lists overrides with each run
     # (stop_unfinished_attempts finds earlier attempts by it); the value is the same.

@@ -18,10 +18,11 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from flwr.app import Context, RecordDict
+from flwr.serverapp import Grid
 
 from fedguard.core.process_lock import ProcessLock, lock_holder, lock_is_held
 from fedguard.server.commands import (
@@ -65,7 +66,7 @@ def test_a_second_serverapp_of_a_run_stops_before_run_start(
         run_config={"run-name": "nightly", "out": str(tmp_path / "runs"), "clients": 3},
     )
     with first, pytest.raises(RunActiveError) as refused:
-        app._deployed_main(_NoGrid(), context)  # type: ignore[arg-type]
+        app._deployed_main(cast(Grid, _NoGrid()), context)
     assert f"PID {os.getpid()} holds the lock" in str(refused.value)
     assert "Flower run 7" in str(refused.value)
     audit = ServerLayout(server).audit_log
