@@ -38,7 +38,7 @@ from flwr.clientapp.typing import Mod
 from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.outbox import Outbox, SentUpdate, weights_sha256
 from fedguard.client.policy import PolicyRefusalError, RefusalReason
-from fedguard.client.release import PendingCharge, charge_release
+from fedguard.client.release import PendingCharge, charge_release, spend_metrics
 from fedguard.client.secagg_instances import InstanceKey
 from fedguard.client.secure import SecureAggregationClient, clip_update, update_delta
 from fedguard.client.secure_identity import IDENTITY_QUERY, identity_reply
@@ -268,7 +268,7 @@ class SiloAgent:
             # The reply is the release: charge now. Under SecAgg the masked input is
             # the release, charged at the mask stage (fedguard.client.secure).
             entry = charge_release(self.settings, pending)
-            metrics["epsilon-spent"] = entry.epsilon_after
+            metrics.update(spend_metrics(self.settings, entry))
         # Kept before the reply leaves, so a replay can be answered identically.
         outbox.save(
             instructions.run_id,

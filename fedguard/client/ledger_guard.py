@@ -53,6 +53,8 @@ from fedguard.privacy.ledger import LedgerEntry, LedgerHead, PrivacyLedger
 
 __all__ = [
     "LedgerIntegrityError",
+    "LedgerResets",
+    "ledger_resets",
     "logged_epsilon",
     "open_silo_ledger",
     "record_charge",
@@ -100,6 +102,36 @@ def _max_epsilon(records: Sequence[AuditRecord]) -> float:
         and not (r.kind == SiloKind.LEDGER.value and r.payload.get("event") == "reset")
     ]
     return max(spent, default=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerResets:
+    """The silo's explicit fresh starts, as its signed log records them.
+
+    ``count``: ``reset`` records in the log; ``archived_epsilon``: the lifetime ε
+    of the ledgers those resets archived. Both go with every reply that reports
+    ``epsilon-spent`` (``ledger-resets``, ``epsilon-archived``), so the consortium
+    sees a reset in the audit log: a silo's ε since its last reset is not its
+    lifetime spend.
+    """
+
+    count: int
+    archived_epsilon: float
+
+
+def ledger_resets(state_dir: Path) -> LedgerResets:
+    """The resets the silo log in ``state_dir`` records (none without a log)."""
+    resets = [
+        r.payload
+        for r in _log_records(state_dir)
+        if r.kind == SiloKind.LEDGER.value and r.payload.get("event") == "reset"
+    ]
+    archived = sum(
+        float(r["previous_epsilon"])
+        for r in resets
+        if isinstance(r.get("previous_epsilon"), (int, float))
+    )
+    return LedgerResets(len(resets), archived)
 
 
 def logged_epsilon(state_dir: Path) -> float:

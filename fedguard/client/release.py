@@ -26,15 +26,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fedguard.client.ledger_guard import open_silo_ledger, record_charge
+from fedguard.client.ledger_guard import ledger_resets, open_silo_ledger, record_charge
 from fedguard.client.silo import SiloSettings
 from fedguard.core.errors import LedgerError
 from fedguard.privacy.events import DpSgdRound, GaussianRelease, event_from_json
 from fedguard.privacy.ledger import ChargePurpose, ChargeStatus, LedgerEntry, LedgerEvent
 
-__all__ = ["PendingCharge", "charge_release"]
+__all__ = ["SPEND_METRICS", "PendingCharge", "charge_release", "spend_metrics"]
+
+#: The reply metrics :func:`spend_metrics` writes (present only once a charge paid).
+SPEND_METRICS = ("epsilon-spent", "ledger-resets", "epsilon-archived")
 
 
 @dataclass(frozen=True)
@@ -93,3 +97,19 @@ def charge_release(settings: SiloSettings, pending: PendingCharge) -> LedgerEntr
         if entry.status is ChargeStatus.CHARGED:
             ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
     return entry
+
+
+def spend_metrics(settings: SiloSettings, entry: LedgerEntry) -> dict[str, float]:
+    """What a reply says about the silo's spend once ``entry`` paid for it.
+
+    ``epsilon-spent``: the ledger's total after the charge; ``ledger-resets`` and
+    ``epsilon-archived``: the explicit resets in the silo log and the ε of the
+    ledgers they archived (0 and 0.0 for a silo never reset), so the consortium's
+    audit log shows a fresh start (docs/threat-model.md §3.1).
+    """
+    resets = ledger_resets(Path(settings.state_dir))
+    return {
+        "epsilon-spent": entry.epsilon_after,
+        "ledger-resets": float(resets.count),
+        "epsilon-archived": resets.archived_epsilon,
+    }

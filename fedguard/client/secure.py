@@ -32,7 +32,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedguard.client.policy import PolicyRefusalError, RefusalReason
-from fedguard.client.release import PendingCharge, charge_release
+from fedguard.client.release import PendingCharge, charge_release, spend_metrics
 from fedguard.client.secagg_instances import InstanceKey, InstanceStatus, SecAggInstances
 from fedguard.client.secure_identity import authenticate_setup
 from fedguard.client.silo import SiloSettings
@@ -286,7 +286,7 @@ class SecureAggregationClient:
                 # The last step before the masked input leaves; the budget is checked
                 # again (it may have been spent since setup): refused, nothing leaves.
                 entry = charge_release(self.settings, pending)
-                metrics = {"epsilon-spent": entry.epsilon_after}
+                metrics = spend_metrics(self.settings, entry)
             self._save(state)
             return self._reply(message, reply.to_bytes(), metrics)
 

@@ -55,7 +55,7 @@ from flwr.app import Message
 from torch import nn
 
 from fedguard.client.ledger_guard import open_silo_ledger
-from fedguard.client.release import PendingCharge, charge_release
+from fedguard.client.release import SPEND_METRICS, PendingCharge, charge_release, spend_metrics
 from fedguard.client.secure import payload
 from fedguard.client.silo import SiloSettings
 from fedguard.core import protocol
@@ -585,7 +585,7 @@ def prepare_release(
         if entry is not None:  # released before: the same values again, no new charge
             return values, {**metrics, "replayed": 1.0}, None
         # Kept for a secure release that never happened: this is its first release.
-        metrics = {k: v for k, v in metrics.items() if k != "epsilon-spent"}
+        metrics = {k: v for k, v in metrics.items() if k not in SPEND_METRICS}
     else:
         noise = CsprngGaussian().standard_normal(statistic.values.size)
         values = statistic.values + noise * (sigma * statistic.l2_sensitivity)
@@ -600,6 +600,6 @@ def prepare_release(
     # Charged, then the silo stopped before anything was kept or sent: that charge
     # pays for this (first) release (charge_release finds it).
     spent = charge_release(settings, pending)
-    metrics = {**metrics, "epsilon-spent": spent.epsilon_after}
+    metrics = {**metrics, **spend_metrics(settings, spent)}
     store.save(run_id, purpose, request.query_round, values, metrics)
     return values, metrics, None

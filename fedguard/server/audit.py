@@ -69,6 +69,11 @@ class AuditKind(StrEnum):
     LOG_REPAIRED = "log-repaired"
 
 
+def _count(value: object) -> int | None:
+    """A count a silo reported as a float metric (None when it sent none)."""
+    return int(value) if isinstance(value, (int, float)) else None
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages a run's result depends on (for ``run-start``)."""
     out: dict[str, str] = {}
@@ -181,6 +186,9 @@ class AuditLog(_ChainedLog):
                 "stage": str(o.get("stage", "")),
                 "reason": str(o.get("reason", "")),
                 "epsilon": metrics.get("epsilon-spent"),
+                # A silo's explicit fresh starts: its ε above is since the last one.
+                "ledger_resets": _count(metrics.get("ledger-resets")),
+                "epsilon_archived": metrics.get("epsilon-archived"),
                 "released": o.get("released"),
                 "charge": str(o.get("charge", "unknown")),
             }

@@ -149,6 +149,8 @@ PUBLIC_OUTCOME_METRICS = (
     "epsilon-budget",
     "delta",
     "epsilon-spent",
+    "ledger-resets",
+    "epsilon-archived",
     "secagg-weight",
     "replayed",
     "dp",

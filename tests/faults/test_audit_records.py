@@ -312,3 +312,22 @@ def test_a_killed_run_gets_its_final_record_when_the_next_run_starts(tmp_path: P
     statuses = [r.payload["status"] for r in read_records(layout.audit_log) if r.kind == "run-end"]
     assert statuses.count("killed") == 1
     assert verify_audit_log(layout.audit_log, load_public_key(layout.audit_public_key)).ok
+
+
+def test_a_silos_ledger_reset_is_in_the_audit_log(tmp_path: Path) -> None:
+    # A reset is a silo's explicit fresh start; the consortium must see it (the ε a
+    # reset silo reports is since the reset, not its lifetime spend).
+    from fedguard.client.ledger_guard import reset_ledger
+
+    layout = _layout(tmp_path)
+    config = small_config(tmp_path, num_rounds=1)
+    _run(tmp_path, config, layout=layout, run_id="before-reset")
+    before = {s["silo"]: s for s in _round_payload(layout, "before-reset", 1)["silos"]}
+    assert {s["ledger_resets"] for s in before.values()} == {0}
+    reset_ledger(silo_settings(tmp_path, 1, num_silos=3), "new data-sharing agreement")
+    _run(tmp_path, config, layout=layout, run_id="after-reset")
+    after = {s["silo"]: s for s in _round_payload(layout, "after-reset", 1)["silos"]}
+    assert after["silo-1"]["ledger_resets"] == 1
+    assert after["silo-1"]["epsilon_archived"] == before["silo-1"]["epsilon"]
+    assert after["silo-0"]["ledger_resets"] == 0 and after["silo-0"]["epsilon_archived"] == 0
+    assert verify_audit_log(layout.audit_log, load_public_key(layout.audit_public_key)).ok

@@ -136,6 +136,21 @@ def test_starting_afresh_is_an_explicit_logged_reset(tmp_path: Path) -> None:
     assert protocol.reply_status(_train(tmp_path, 2))[0] is ReplyStatus.OK
 
 
+def test_every_reply_after_a_reset_tells_the_consortium_about_it(tmp_path: Path) -> None:
+    # The server sees the reset: a reset silo's ε since the reset is not its
+    # lifetime spend, so each charged reply also carries the resets and their ε.
+    from fedguard.client.ledger_guard import reset_ledger
+
+    before = _train(tmp_path, 1).content.metric_records[protocol.METRICS]
+    assert before["ledger-resets"] == 0 and before["epsilon-archived"] == 0.0
+    spent = float(before["epsilon-spent"])
+    reset_ledger(silo_settings(tmp_path, 0), "new agreement")
+    after = _train(tmp_path, 2).content.metric_records[protocol.METRICS]
+    assert after["ledger-resets"] == 1
+    assert after["epsilon-archived"] == spent
+    assert float(after["epsilon-spent"]) <= spent  # the new ledger's own total
+
+
 def test_a_reset_moves_the_silo_to_the_budget_its_config_now_names(tmp_path: Path) -> None:
     # The old ledger is checked under the budget it was created with, then archived:
     # a new budget in the config is not a reason the reset itself fails.
