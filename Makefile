@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedguard-installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "fedguard needs Python 3.11; set PYTHON=python3.11")'
@@ -28,7 +28,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check fedguard tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	# The fast tier first (a failure shows in seconds), then the slow tier: engine,
+	# deployment, fault, fresh-venv and whole-run tests. `make test-fast` runs only the first.
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/pytest -q -n 2 --dist loadfile -m slow
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedguard tests benchmarks

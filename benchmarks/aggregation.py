@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from fedguard.strategies.registry import (
+from fedguard.aggregation.registry import (
     AggregatorConfig,
     AggregatorName,
     CenterReference,

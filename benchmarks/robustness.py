@@ -141,6 +141,7 @@ def run_case(case: Case, out: Path) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
+    from fedguard.core.aggregation_config import AggregatorName
     from fedguard.core.config import RunConfig
     from fedguard.simulation.attack_config import AttackConfig, AttackName
     from fedguard.simulation.attacks import attack_success_rate
@@ -170,7 +171,7 @@ def run_case(case: Case, out: Path) -> dict[str, Any]:
     else:
         rules = SECURE_RULES if case.secure else PLAIN_RULES
         options.update(rules[case.rule])
-        if options["aggregator"] != "weighted-mean":
+        if options["aggregator"] != AggregatorName.WEIGHTED_MEAN:
             options["aggregator-f"] = (
                 min(byzantine, (case.groups - 1) // 2) if case.secure else byzantine
             )

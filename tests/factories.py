@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
+from fedguard.audit import pki
 from fedguard.client.policy import SiloPolicy
 from fedguard.client.silo import SiloSettings, SimulatedSiloSource
-from fedguard.core import pki, protocol
 from fedguard.core.config import (
     DatasetName,
     Engine,
@@ -25,7 +25,6 @@ from fedguard.core.config import (
 from fedguard.core.datasets import schema_for
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
-from fedguard.core.protocol import RoundInstructions
 from fedguard.core.seeding import seed_torch
 from fedguard.core.serialization import ModelWeights, model_weights, weights_to_record
 from fedguard.privacy.secagg.roster import (
@@ -35,6 +34,8 @@ from fedguard.privacy.secagg.roster import (
     sign_roster,
 )
 from fedguard.server.secure_round import SecAggIdentities
+from fedguard.wire import protocol
+from fedguard.wire.protocol import RoundInstructions
 
 DATASET = DatasetName.BREAST_CANCER
 PARTITION = PartitionSpec.parse("iid", min_silo_size=20)

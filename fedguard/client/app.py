@@ -41,16 +41,10 @@ from fedguard.client.policy import PolicyRefusalError, RefusalReason
 from fedguard.client.release import PendingCharge, charge_release, spend_metrics
 from fedguard.client.secagg_instances import InstanceKey
 from fedguard.client.secure import SecureAggregationClient, clip_update, update_delta
-from fedguard.client.secure_identity import IDENTITY_QUERY, identity_reply
+from fedguard.client.secure_identity import identity_reply
 from fedguard.client.silo import SiloSettings, settings_from_node_config
 from fedguard.client.silo_log import SIGNING_KEY, record_reply
-from fedguard.client.statistics import (
-    StatisticKind,
-    StatisticRequest,
-    planned_release_events,
-    release_statistic,
-    released_values,
-)
+from fedguard.client.statistics import planned_release_events, release_statistic, released_values
 from fedguard.client.training import (
     LocalData,
     TrainResult,
@@ -58,7 +52,6 @@ from fedguard.client.training import (
     train_dp_sgd,
     train_non_private,
 )
-from fedguard.core import protocol
 from fedguard.core.datasets import SiloData
 from fedguard.core.errors import (
     BudgetExhaustedError,
@@ -70,7 +63,6 @@ from fedguard.core.errors import (
 )
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.protocol import ReplyStatus, RoundInstructions
 from fedguard.core.seeding import derive_seed
 from fedguard.core.serialization import (
     ModelWeights,
@@ -81,6 +73,10 @@ from fedguard.core.serialization import (
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger, RoundPlan
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus, RoundInstructions
+from fedguard.wire.secagg import IDENTITY_QUERY
+from fedguard.wire.statistics import StatisticKind, StatisticRequest
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ Two waits a fresh task process would otherwise pay are removed (both measured
 with cProfile): the fork server also imports ``torch._dynamo``, which torch loads
 lazily when the first optimizer is built (1.4 s per training task), and task
 processes retry Flower's object pulls after 0.05 s instead of 1 s
-(:func:`fedguard.core.flower_runtime.fast_object_pulls`; the SuperNode creates a
+(:func:`fedguard.wire.flower_runtime.fast_object_pulls`; the SuperNode creates a
 task before it has fetched the message's objects, so a task that starts at once
 finds them missing).
 
@@ -63,7 +63,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from fedguard.core.errors import ConfigError, FedguardError
-from fedguard.core.flower_runtime import FAST_PULL_BACKOFF_S, fast_object_pulls
+from fedguard.wire.flower_runtime import FAST_PULL_BACKOFF_S, fast_object_pulls
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,11 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from fedguard.client.statistics import SecureStatistic, StatisticKind, register_producer
+from fedguard.client.statistics import SecureStatistic, register_producer
 from fedguard.core.datasets import FeatureSchema, SiloData
 from fedguard.core.errors import ConfigError, ProtocolError
 from fedguard.core.preprocessing import FeatureScaler
+from fedguard.wire.statistics import StatisticKind
 
 __all__ = [
     "AttributionSettings",

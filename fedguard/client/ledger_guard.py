@@ -5,7 +5,7 @@ putting another silo's ledger in its place would hand the silo a fresh budget.
 The silo log (``silo-log.jsonl``, hash-chained and signed with the node key, in
 the same state folder) therefore commits to the ledger:
 
-* ``ledger`` records (:data:`~fedguard.core.chained_log.SiloKind.LEDGER`) with
+* ``ledger`` records (:data:`~fedguard.audit.logs.SiloKind.LEDGER`) with
   ``event`` ``created`` (a new ledger), ``bound`` (a ledger written by an older
   fedguard, adopted once), ``charged`` (after every charge, before anything
   derived from it leaves the silo) or ``reset`` (an explicit, logged fresh
@@ -45,10 +45,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedguard.audit.chain import AuditRecord, read_records
+from fedguard.audit.logs import SILO_LOG_NAME, SiloKind, SiloLog
+from fedguard.audit.pki import load_private_key
 from fedguard.client.silo import SiloSettings
-from fedguard.core.chained_log import SILO_LOG_NAME, AuditRecord, SiloKind, SiloLog, read_records
 from fedguard.core.errors import FedguardError, LedgerError
-from fedguard.core.pki import load_private_key
 from fedguard.privacy.ledger import LedgerEntry, LedgerHead, PrivacyLedger
 
 __all__ = [

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fedguard.core.checks import positive
 from fedguard.core.config import NoiseSource
 from fedguard.core.errors import ConfigError, TrainingRefusedError
 from fedguard.privacy.secagg.analysis import log2_disconnection, log2_equivocation_failure
@@ -100,17 +101,17 @@ class SiloPolicy:
                 "seeded noise lets the server recompute a silo's noise: it is only allowed "
                 "in the explicit simulation research mode"
             )
-        _positive("noise-multiplier-floor", self.noise_multiplier_floor, allow_zero=True)
-        _positive("max-noise-multiplier", self.max_noise_multiplier)
+        positive("noise-multiplier-floor", self.noise_multiplier_floor, allow_zero=True)
+        positive("max-noise-multiplier", self.max_noise_multiplier)
         if self.noise_multiplier_floor >= self.max_noise_multiplier:
             raise ConfigError(
                 f"noise-multiplier-floor {self.noise_multiplier_floor} must be below "
                 f"max-noise-multiplier {self.max_noise_multiplier}"
             )
-        _positive("max-clip-norm", self.max_clip_norm)
+        positive("max-clip-norm", self.max_clip_norm)
         if self.evaluation_epsilon is not None:
-            _positive("evaluation-epsilon", self.evaluation_epsilon)
-        _positive("secagg-security-bits", self.secagg_security_bits)
+            positive("evaluation-epsilon", self.evaluation_epsilon)
+        positive("secagg-security-bits", self.secagg_security_bits)
         for name, fraction in (
             ("secagg-corrupt-fraction", self.secagg_corrupt_fraction),
             ("secagg-dropout-rate", self.secagg_dropout_rate),
@@ -195,14 +196,6 @@ class SiloPolicy:
                 f"{self.secagg_dropout_rate:g}); this silo requires "
                 f"2^-{self.secagg_security_bits:g}",
             )
-
-
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(
-            f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}"
-        )
 
 
 #: node-config key → (field, parser); one option table for the deployed policy.

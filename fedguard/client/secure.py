@@ -36,9 +36,7 @@ from fedguard.client.release import PendingCharge, charge_release, spend_metrics
 from fedguard.client.secagg_instances import InstanceKey, InstanceStatus, SecAggInstances
 from fedguard.client.secure_identity import authenticate_setup
 from fedguard.client.silo import SiloSettings
-from fedguard.core import protocol
 from fedguard.core.errors import FedguardError, ProtocolError
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.serialization import ModelWeights, flatten_weights
 from fedguard.privacy.secagg import (
     ClientRound,
@@ -50,26 +48,14 @@ from fedguard.privacy.secagg import (
     UnmaskRequest,
 )
 from fedguard.privacy.secagg.errors import SecAggError
-from fedguard.privacy.secagg.protocol import Stage
+from fedguard.privacy.secagg.transcript import Stage
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.secagg import payload, secagg_record
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "fedguard.secagg"
-PAYLOAD = "payload"
-
-
-def payload(message: Message) -> bytes:
-    records = message.content.config_records
-    if protocol.SECAGG not in records or PAYLOAD not in records[protocol.SECAGG]:
-        raise ProtocolError("SecAgg message has no payload")
-    value = records[protocol.SECAGG][PAYLOAD]
-    if not isinstance(value, bytes):
-        raise ProtocolError("SecAgg payload must be bytes")
-    return value
-
-
-def secagg_record(data: bytes, **extra: int | float | str) -> ConfigRecord:
-    return ConfigRecord({PAYLOAD: data, **extra})
 
 
 def clip_to_norm(vector: np.ndarray, bound: float) -> np.ndarray:

@@ -34,9 +34,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedguard.client.policy import PolicyRefusalError, RefusalReason
-from fedguard.core import protocol
 from fedguard.core.files import atomic_write_json
-from fedguard.core.protocol import ReplyStatus
 from fedguard.privacy.secagg.messages import SetupRequest
 from fedguard.privacy.secagg.roster import (
     Roster,
@@ -45,27 +43,21 @@ from fedguard.privacy.secagg.roster import (
     bind_round_id,
     key_fingerprint,
 )
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.secagg import ROSTER, ROUND_NONCE, SILO_IDS
 
 if TYPE_CHECKING:
     from fedguard.client.silo import SiloSettings
 
 __all__ = [
-    "IDENTITY_QUERY",
-    "ROSTER",
     "ROSTER_STATE",
-    "ROUND_NONCE",
-    "SILO_IDS",
     "RoundIdentity",
     "authenticate_setup",
     "identity_reply",
 ]
 
-ROSTER = "roster"
-SILO_IDS = "silo-ids"
-ROUND_NONCE = "round-nonce"
 ROSTER_STATE = "secagg-roster-seen.json"
-#: The server asks a node which silo it is (its reply's status record says).
-IDENTITY_QUERY = "query.secagg_identity"
 
 
 @dataclass(frozen=True)

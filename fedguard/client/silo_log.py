@@ -1,6 +1,6 @@
 """A silo's own record of what it sent: one ``sent`` record per reply, in its state folder.
 
-The silo agent appends to :class:`~fedguard.core.chained_log.SiloLog`
+The silo agent appends to :class:`~fedguard.audit.logs.SiloLog`
 (``<state-dir>/silo-log.jsonl``, next to its privacy ledger) once for every
 reply it sends to a ``train``, ``train.secagg_setup``, ``train.secagg_mask`` (the
 masked input: the release under SecAgg, charged right before it) or ``evaluate`` message
@@ -40,13 +40,13 @@ from typing import Any
 
 from flwr.app import Message
 
+from fedguard.audit.logs import SiloLog
+from fedguard.audit.pki import SigningKey, load_private_key
 from fedguard.client.silo import SiloSettings
-from fedguard.core import protocol
-from fedguard.core.chained_log import SiloLog
 from fedguard.core.errors import FedguardError, LedgerError
-from fedguard.core.pki import SigningKey, load_private_key
-from fedguard.core.protocol import ReplyStatus, RoundInstructions
 from fedguard.core.serialization import record_to_weights, weights_sha256
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus, RoundInstructions
 
 __all__ = ["LOGGED_MESSAGE_TYPES", "SIGNING_KEY", "SiloLogError", "record_reply"]
 

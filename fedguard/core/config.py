@@ -17,10 +17,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedguard.core.aggregation import OPTION_KEYS as AGGREGATION_OPTION_KEYS
-from fedguard.core.aggregation import AggregatorConfig, AggregatorName
+from fedguard.core.aggregation_config import OPTION_KEYS as AGGREGATION_OPTION_KEYS
+from fedguard.core.aggregation_config import AggregatorConfig, AggregatorName
+from fedguard.core.checks import positive
 from fedguard.core.errors import ConfigError, UnknownDatasetError
-from fedguard.core.options import PARTICIPATION_OPTIONS, parse_table
+from fedguard.core.options import PARTICIPATION_OPTIONS, float_text, parse_table
 from fedguard.core.options import as_bool as _as_bool
 from fedguard.core.options import as_float as _as_float
 from fedguard.core.options import as_int as _as_int
@@ -92,13 +93,6 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _finite_positive(name: str, value: float) -> None:
-    _require(
-        isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-        f"{name} must be a finite number > 0, got {value!r}",
-    )
-
-
 @dataclass(frozen=True)
 class PartitionSpec:
     """How a pooled data set is split across silos (simulation only)."""
@@ -112,7 +106,7 @@ class PartitionSpec:
         if self.kind is PartitionKind.DIRICHLET:
             if self.alpha is None:
                 raise ConfigError("dirichlet partition needs alpha")
-            _finite_positive("dirichlet alpha", self.alpha)
+            positive("dirichlet alpha", self.alpha)
         else:
             _require(self.alpha is None, f"{self.kind.value} partition takes no alpha")
         if self.kind is PartitionKind.COLUMN:
@@ -146,8 +140,8 @@ class PartitionSpec:
         return cls(kind, column=arg.strip(), min_silo_size=min_silo_size)
 
     def __str__(self) -> str:
-        if self.kind is PartitionKind.DIRICHLET:
-            return f"dirichlet:{self.alpha:g}"
+        if self.kind is PartitionKind.DIRICHLET and self.alpha is not None:
+            return f"dirichlet:{float_text(self.alpha)}"
         if self.kind is PartitionKind.COLUMN:
             return f"column:{self.column}"
         return "iid"
@@ -165,7 +159,7 @@ class PrivacyBudget:
     delta: float
 
     def __post_init__(self) -> None:
-        _finite_positive("target epsilon", self.epsilon)
+        positive("target epsilon", self.epsilon)
         _require(
             isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0,
             f"delta must lie in (0, 1), got {self.delta!r}",
@@ -191,7 +185,7 @@ class LocalTrainingConfig:
             isinstance(self.batch_size, int) and self.batch_size >= 1,
             f"batch_size must be an integer >= 1, got {self.batch_size!r}",
         )
-        _finite_positive("learning_rate", self.learning_rate)
+        positive("learning_rate", self.learning_rate)
         _require(0.0 <= self.momentum < 1.0, f"momentum must lie in [0, 1), got {self.momentum}")
 
 
@@ -209,9 +203,9 @@ class LocalDPConfig:
     scaler_epsilon: float = 0.2
 
     def __post_init__(self) -> None:
-        _finite_positive("max_grad_norm", self.max_grad_norm)
-        _finite_positive("max_noise_multiplier", self.max_noise_multiplier)
-        _finite_positive("scaler_epsilon", self.scaler_epsilon)
+        positive("max_grad_norm", self.max_grad_norm)
+        positive("max_noise_multiplier", self.max_noise_multiplier)
+        positive("scaler_epsilon", self.scaler_epsilon)
 
 
 @dataclass(frozen=True)
@@ -225,10 +219,10 @@ class CentralDPConfig:
 
     The sampling is not credited in the accounting (each round's cohort is
     published in the round log): every round counts as q = 1, see
-    :mod:`fedguard.server.central_dp`, which also says whom the guarantee covers.
+    :mod:`fedguard.privacy.central_accounting`, which also says whom the guarantee covers.
 
     ``epsilon_budget``: the server stops training before a round whose release
-    would take the central ε past it (:mod:`fedguard.server.central_dp`). The
+    would take the central ε past it (:mod:`fedguard.privacy.central_accounting`). The
     default 10 is the upper end of the "reasonable" tier of Ponomareva et al.,
     "How to DP-fy ML", JAIR 2023, Sec. 5.2 (ε ≤ 1 strong, ε ≤ 10 reasonable,
     above it little formal protection).
@@ -244,14 +238,14 @@ class CentralDPConfig:
     def __post_init__(self) -> None:
         if not self.enabled:
             return
-        _finite_positive("central clip_norm", self.clip_norm)
-        _finite_positive("central noise_multiplier", self.noise_multiplier)
+        positive("central clip_norm", self.clip_norm)
+        positive("central noise_multiplier", self.noise_multiplier)
         _require(
             0.0 < self.client_sampling_rate <= 1.0,
             f"client_sampling_rate must lie in (0, 1], got {self.client_sampling_rate}",
         )
         _require(0.0 < self.delta < 1.0, f"central delta must lie in (0, 1), got {self.delta}")
-        _finite_positive("central epsilon budget", self.epsilon_budget)
+        positive("central epsilon budget", self.epsilon_budget)
 
 
 @dataclass(frozen=True)
@@ -289,7 +283,7 @@ class SecureAggregationConfig:
     allow_no_dropout: bool = False
 
     def __post_init__(self) -> None:
-        _finite_positive("secagg clip_range", self.clip_range)
+        positive("secagg clip_range", self.clip_range)
         _require(
             isinstance(self.allow_no_dropout, bool),
             f"secagg allow_no_dropout must be true or false, got {self.allow_no_dropout!r}",

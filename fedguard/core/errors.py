@@ -80,6 +80,10 @@ class ProtocolError(FedguardError):
     """A message does not follow fedguard's message protocol."""
 
 
+class RunFolderError(FedguardError):
+    """A saved run folder is missing, incomplete, or does not match its own config."""
+
+
 class CheckpointError(FedguardError):
     """A checkpoint cannot be written or read."""
 

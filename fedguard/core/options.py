@@ -9,6 +9,13 @@ from typing import Any
 from fedguard.core.errors import ConfigError
 
 
+def float_text(value: float) -> str:
+    """``value`` as short text that parses back to exactly ``value`` (``0.5``, ``1``,
+    ``0.123456789``): option values must survive ``to_options`` -> ``from_options``."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{name} must be an integer, got {value!r}")

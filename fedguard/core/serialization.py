@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from fedguard.core.chained_log import canonical_json
+from fedguard.core.canonical import canonical_json
 from fedguard.core.errors import NonFiniteUpdateError, ShapeMismatchError
 
 ModelWeights = OrderedDict[str, np.ndarray]

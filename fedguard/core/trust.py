@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from fedguard.core.checks import positive
 from fedguard.core.errors import ConfigError
-from fedguard.core.options import as_bool, as_float, as_int
+from fedguard.core.options import as_bool, as_float, as_int, float_text
 
 __all__ = ["DEFAULT_DRIFT_THRESHOLD", "TrustConfig", "TrustNoise"]
 
@@ -34,11 +35,6 @@ class TrustNoise(StrEnum):
 
     GAUSSIAN = "gaussian"  # each silo adds calibrated Gaussian noise and charges its ledger
     NONE = "none"  # exact sums, no DP: research only; silos must allow non-private work
-
-
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,8 +69,8 @@ class TrustConfig:
             raise ConfigError(f"fairness bands must be finite and strictly increasing, got {bands}")
         object.__setattr__(self, "fairness_bands", tuple(float(b) for b in bands))
         for name in ("fairness_epsilon", "drift_epsilon", "explain_epsilon", "explain_clip_norm"):
-            _positive(name.replace("_", " "), getattr(self, name))
-        _positive("drift threshold", self.drift_threshold)
+            positive(name.replace("_", " "), getattr(self, name))
+        positive("drift threshold", self.drift_threshold)
         if (
             isinstance(self.drift_bins, bool)
             or not isinstance(self.drift_bins, int)
@@ -118,7 +114,7 @@ class TrustConfig:
         """Flat option keys (TOML / run_config form), as :meth:`from_options` reads them."""
         return {
             "fairness-attribute": self.fairness_attribute or "",
-            "fairness-bands": ",".join(f"{b:g}" for b in self.fairness_bands),
+            "fairness-bands": ",".join(float_text(b) for b in self.fairness_bands),
             "fairness-epsilon": self.fairness_epsilon,
             "drift": self.drift,
             "drift-bins": self.drift_bins,

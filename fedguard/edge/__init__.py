@@ -10,5 +10,5 @@ torch-free :mod:`fedguard.edge.predict` stays torch-free):
 * :mod:`fedguard.edge.card` — model cards (Markdown and JSON);
 * :mod:`fedguard.edge.export` — the pipeline from a saved run folder;
 * :mod:`fedguard.edge.predict` — inference with only numpy and onnxruntime;
-* :mod:`fedguard.edge.commands` — the ``export`` and ``predict`` subcommands.
+* :mod:`fedguard.cli.edge` — the ``export`` and ``predict`` subcommands.
 """

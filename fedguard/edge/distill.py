@@ -57,6 +57,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedguard.aggregation.pipeline import AggregationPipeline, ClientUpdate
 from fedguard.client.training import (
     LocalData,
     TrainingError,
@@ -64,6 +65,7 @@ from fedguard.client.training import (
     make_optimizer,
     run_dp_sgd,
 )
+from fedguard.core.checks import positive, positive_int
 from fedguard.core.config import (
     CentralDPConfig,
     GradSampleMode,
@@ -87,10 +89,9 @@ from fedguard.core.serialization import (
     unflatten_weights,
 )
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
+from fedguard.privacy.central_accounting import accounted_round
 from fedguard.privacy.events import DpFedAvgRound, DpSgdRound
 from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger, RoundPlan
-from fedguard.server.central_dp import accounted_round
-from fedguard.strategies.pipeline import AggregationPipeline, ClientUpdate
 
 __all__ = [
     "DistillConfig",
@@ -198,21 +199,6 @@ class DistillMode(StrEnum):
     SERVER = "server"
 
 
-def _positive(name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 @dataclass(frozen=True)
 class DistillConfig:
     """Distillation settings for both modes.
@@ -243,14 +229,14 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.mode, DistillMode):
             raise ConfigError(f"distillation mode must be a DistillMode, got {self.mode!r}")
-        _positive("temperature", self.temperature)
+        positive("temperature", self.temperature)
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha!r}")
-        _positive_int("distillation rounds", self.rounds)
-        _positive_int("transfer_rows", self.transfer_rows)
-        _positive_int("server_epochs", self.server_epochs)
-        _positive_int("server_batch_size", self.server_batch_size)
-        _positive("server_learning_rate", self.server_learning_rate)
+        positive_int("distillation rounds", self.rounds)
+        positive_int("transfer_rows", self.transfer_rows)
+        positive_int("server_epochs", self.server_epochs)
+        positive_int("server_batch_size", self.server_batch_size)
+        positive("server_learning_rate", self.server_learning_rate)
         if not isinstance(self.training, LocalTrainingConfig):
             raise ConfigError("training must be a LocalTrainingConfig")
         if self.grad_sample_mode is GradSampleMode.GHOST:
@@ -689,7 +675,7 @@ def _sampled(central_dp: CentralDPConfig, seed: int, round_number: int, index: i
 def central_round_event(central_dp: CentralDPConfig) -> DpFedAvgRound:
     """What one distillation round adds to the central (silo-level) guarantee.
 
-    As in training (:func:`fedguard.server.central_dp.accounted_round`): q = 1, no
+    As in training (:func:`fedguard.privacy.central_accounting.accounted_round`): q = 1, no
     amplification, since the cohort is seeded and in the round log.
     """
     return accounted_round(central_dp)

@@ -6,15 +6,21 @@ that has only numpy and onnxruntime.
 
 from __future__ import annotations
 
-from fedguard.core.errors import ConfigError, FedguardError
+from fedguard.core.errors import ConfigError, FedguardError, RunFolderError
+
+__all__ = [
+    "EdgeError",
+    "ExportError",
+    "MissingEdgeExtraError",
+    "ModelFileError",
+    "PredictInputError",
+    "QuantizationCheckError",
+    "RunFolderError",  # raised by fedguard.runs.saved; listed here for export's callers
+]
 
 
 class EdgeError(FedguardError):
     """Base class of the edge path's errors."""
-
-
-class RunFolderError(EdgeError):
-    """A saved run folder is missing, incomplete, or does not match its own config."""
 
 
 class ExportError(EdgeError):

@@ -35,7 +35,7 @@ from fedguard.client.explain import (
     output_description,
 )
 from fedguard.client.silo import SiloSettings, SimulatedSiloSource
-from fedguard.client.statistics import StatisticKind, StatisticRequest, noised_release
+from fedguard.client.statistics import noised_release
 from fedguard.core.datasets import FeatureSchema
 from fedguard.core.errors import FedguardError
 from fedguard.core.preprocessing import FeatureScaler
@@ -47,9 +47,11 @@ from fedguard.core.trust_results import (
     attribution_from_sum,
     attribution_vector_length,
 )
+from fedguard.runs.layout import silo_id as simulated_silo_id
+from fedguard.wire.statistics import StatisticKind, StatisticRequest
 
 if TYPE_CHECKING:
-    from fedguard.edge.export import SavedRun
+    from fedguard.runs.saved import SavedRun
 
 __all__ = [
     "STUDENT_RUN_SUFFIX",
@@ -67,7 +69,7 @@ _RESOLUTION = 2.0**-12
 def silo_settings(saved: SavedRun, index: int) -> SiloSettings:
     """The settings of simulated silo ``index`` of a saved run (its own state folder)."""
     run = saved.config
-    silo_id = f"silo-{index}"
+    silo_id = simulated_silo_id(index)
     return SiloSettings(
         silo_id=silo_id,
         state_dir=saved.silo_dir(silo_id),

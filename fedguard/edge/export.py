@@ -1,9 +1,9 @@
 """The edge pipeline from a saved run folder (``fedguard export RUN_DIR``).
 
-Reads a run folder written by ``fedguard simulate``::
+Reads a run folder written by ``fedguard simulate`` (:mod:`fedguard.runs`)::
 
-    RUN/report.json                                   the run's config
-    RUN/<variant>/checkpoints/round-NNNN.npz|json     weights/<name>, scaler/mean|scale
+    RUN/report.json                                   the run's report
+    RUN/<variant>/checkpoints/round-NNNN.npz|json     model, scaler and the run's config
     RUN/<variant>/history.json                        per-round pooled and per-silo metrics
     RUN/<variant>/silos/silo-K/privacy-ledger.sqlite  each silo's privacy ledger
 
@@ -28,15 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import enum
 import hashlib
 import io
-import json
 import math
 import statistics
 import time
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -48,15 +44,14 @@ import torch
 from torch import nn
 
 from fedguard.client.training import LocalData, evaluate
-from fedguard.core.config import RunConfig
 from fedguard.core.datasets import FeatureSchema, SiloData, schema_for, simulation_silos
-from fedguard.core.errors import CheckpointError, ConfigError, FedguardError
+from fedguard.core.errors import ConfigError
 from fedguard.core.files import atomic_write_json
 from fedguard.core.metrics import binned_auc, score_histograms
 from fedguard.core.models import build_model, count_parameters
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.seeding import derive_seed
-from fedguard.core.serialization import ModelWeights, load_weights
+from fedguard.core.serialization import load_weights
 from fedguard.core.trust_results import read_trust_results
 from fedguard.edge.card import (
     CARD_VERSION,
@@ -92,23 +87,21 @@ from fedguard.edge.quantize import (
     synthetic_features,
 )
 from fedguard.privacy.accountant import PrivacyAccountant
-from fedguard.server.central_dp import central_dp_statement
-from fedguard.server.checkpoints import Checkpoint, CheckpointStore
-from fedguard.server.secure_metrics import same_scaler, scaler_reproduced
+from fedguard.privacy.central_accounting import central_dp_statement
+from fedguard.runs.layout import VARIANTS
+from fedguard.runs.layout import silo_id as simulated_silo_id
+from fedguard.runs.saved import SavedRun, load_saved_run
+from fedguard.runs.scaler_moments import same_scaler, scaler_reproduced
 
 __all__ = [
     "ExportConfig",
     "ExportResult",
-    "SavedRun",
     "Timing",
     "export_run",
-    "load_saved_run",
-    "run_config_from_dict",
     "time_model",
 ]
 
 Printer = Callable[[str], None]
-_VARIANTS = ("dp", "no-dp")
 _ACCURACY_TOLERANCE = 1e-9
 
 
@@ -129,148 +122,14 @@ class ExportConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.variant is not None and self.variant not in _VARIANTS:
-            raise ConfigError(f"variant must be one of {list(_VARIANTS)}, got {self.variant!r}")
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {list(VARIANTS)}, got {self.variant!r}")
         if self.transfer_csv is not None and self.distill.mode is not DistillMode.SERVER:
             raise ConfigError("a transfer set is used by server-side distillation only")
         for name in ("timing_repeats", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-# --------------------------------------------------------------------------- saved run
-
-
-def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
-    """Rebuild a :class:`RunConfig` from its ``to_dict()`` form (``report.json``'s config).
-
-    Generic over the dataclass fields (nested configs, enums, tuples, paths), so
-    fields added to RunConfig later are read too; a field an older run folder lacks
-    takes its default. Every field the file has must survive the round trip.
-    """
-    try:
-        config = _from_jsonable(RunConfig, data)
-    except (KeyError, TypeError, ValueError) as bad:
-        if isinstance(bad, FedguardError):
-            raise RunFolderError(f"the run's config is invalid: {bad}") from None
-        raise RunFolderError(f"the run's config cannot be read: {bad!r}") from None
-    if not isinstance(config, RunConfig):  # pragma: no cover - _from_jsonable builds RunConfig
-        raise RunFolderError("the run's config is not a RunConfig")
-    written = config.to_dict()
-    lost = sorted(k for k in data if written.get(k) != data[k])
-    if lost:
-        raise RunFolderError(
-            f"the run's config does not round-trip (fields {lost}); it was written by another "
-            "fedguard"
-        )
-    return config
-
-
-def _from_jsonable(kind: Any, value: Any) -> Any:
-    if dataclasses.is_dataclass(kind) and isinstance(kind, type):
-        if not isinstance(value, Mapping):
-            raise TypeError(f"{kind.__name__} needs an object, got {value!r}")
-        hints = typing.get_type_hints(kind)
-        known = {f.name for f in dataclasses.fields(kind) if f.init}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise TypeError(f"{kind.__name__} has no field(s) {unknown}")
-        return kind(**{k: _from_jsonable(hints[k], v) for k, v in value.items()})
-    origin = typing.get_origin(kind)
-    if origin in (types.UnionType, typing.Union):
-        if value is None:
-            return None
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        return _from_jsonable(options[0], value)
-    if origin is tuple:
-        item = typing.get_args(kind)[0] if typing.get_args(kind) else Any
-        return tuple(_from_jsonable(item, v) for v in value)
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        return kind(value)
-    if kind is Path:
-        return Path(value)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-@dataclass(frozen=True)
-class SavedRun:
-    run_dir: Path
-    variant: str
-    variant_dir: Path
-    config: RunConfig  # the variant's own config (no-dp has local DP off)
-    run_id: str  # the run id the silos' ledgers know the variant's rounds by
-    checkpoint: Checkpoint
-    history: list[dict[str, Any]]
-
-    @property
-    def teacher_weights(self) -> ModelWeights:
-        from collections import OrderedDict
-
-        prefix = "weights/"
-        return OrderedDict(
-            (k[len(prefix) :], v) for k, v in self.checkpoint.arrays.items() if k.startswith(prefix)
-        )
-
-    @property
-    def scaler(self) -> FeatureScaler:
-        try:
-            return FeatureScaler.from_arrays(
-                {
-                    "mean": self.checkpoint.arrays["scaler/mean"],
-                    "scale": self.checkpoint.arrays["scaler/scale"],
-                }
-            )
-        except KeyError as missing:
-            raise RunFolderError(f"checkpoint lacks the feature scaler ({missing})") from None
-
-    def silo_dir(self, silo_id: str) -> Path:
-        return self.variant_dir / "silos" / silo_id
-
-
-def load_saved_run(run_dir: Path, variant: str | None = None) -> SavedRun:
-    """The config, last checkpoint and history of one variant of a saved run."""
-    run_dir = Path(run_dir)
-    report_path = run_dir / "report.json"
-    if not report_path.is_file():
-        raise RunFolderError(
-            f"{run_dir} is not a fedguard run folder: {report_path.name} is missing "
-            "(run fedguard simulate first, and let it finish)"
-        )
-    try:
-        report = json.loads(report_path.read_text())
-    except ValueError as bad:
-        raise RunFolderError(f"{report_path} is not JSON: {bad}") from None
-    if not isinstance(report, dict) or "config" not in report:
-        raise RunFolderError(f"{report_path} has no run config")
-    config = run_config_from_dict(report["config"])
-    present = [v for v in _VARIANTS if (run_dir / v / "checkpoints").is_dir()]
-    if variant is None:
-        if not present:
-            raise RunFolderError(f"{run_dir} holds no variant with checkpoints ({_VARIANTS})")
-        variant = present[0]
-    elif variant not in present:
-        raise RunFolderError(f"{run_dir} has no {variant!r} variant; it has {present}")
-    if variant == "no-dp":
-        config = dataclasses.replace(
-            config, local_dp=dataclasses.replace(config.local_dp, enabled=False)
-        )
-    variant_dir = run_dir / variant
-    try:
-        checkpoint = CheckpointStore(variant_dir / "checkpoints").latest()
-    except CheckpointError as bad:
-        raise RunFolderError(str(bad)) from None
-    if checkpoint is None:
-        raise RunFolderError(f"{variant_dir / 'checkpoints'} holds no checkpoint")
-    history_path = variant_dir / "history.json"
-    history: list[dict[str, Any]] = (
-        json.loads(history_path.read_text()) if history_path.is_file() else []
-    )
-    # The simulator's run id of a variant: "<run folder name>/<variant>".
-    run_id = str(checkpoint.state.get("run_id", f"{run_dir.name}/{variant}"))
-    return SavedRun(run_dir, variant, variant_dir, config, run_id, checkpoint, history)
 
 
 # --------------------------------------------------------------------------- timing
@@ -393,10 +252,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _silo_id(index: int) -> str:
-    return f"silo-{index}"
-
-
 def _rebuild_silos(saved: SavedRun) -> tuple[list[SiloData], FeatureStatistics]:
     """The run's silos, rebuilt in process, checked against the run's own (DP) scaler."""
     c = saved.config
@@ -454,7 +309,7 @@ def export_run(
         part = silo.train if train else silo.test
         return LocalData(scaled_for_model(scaler, schema, part.features), part.labels)
 
-    test = {_silo_id(i): local(s, train=False) for i, s in enumerate(silos)}
+    test = {simulated_silo_id(i): local(s, train=False) for i, s in enumerate(silos)}
     teacher_test = {
         sid: evaluate(teacher, data, schema.num_classes).accuracy for sid, data in test.items()
     }
@@ -497,7 +352,12 @@ def export_run(
         }
     else:
         distill_silos = [
-            DistillSilo(_silo_id(i), saved.silo_dir(_silo_id(i)), run.budget, local(s, train=True))
+            DistillSilo(
+                simulated_silo_id(i),
+                saved.silo_dir(simulated_silo_id(i)),
+                run.budget,
+                local(s, train=True),
+            )
             for i, s in enumerate(silos)
         ]
         run_id = next_distill_run_id(saved.run_id, distill_silos)
@@ -577,7 +437,7 @@ def export_run(
         "student_int8": [],
     }
     for i, silo in enumerate(silos):
-        sid = _silo_id(i)
+        sid = simulated_silo_id(i)
         logits = {
             "teacher": _torch_logits(teacher, test[sid]),
             "student_fp32": _torch_logits(student, test[sid]),
@@ -720,7 +580,7 @@ def _card(
     paths: Mapping[str, Path],
 ) -> dict[str, Any]:
     run = saved.config
-    silo_ids = [_silo_id(i) for i in range(len(silos))]
+    silo_ids = [simulated_silo_id(i) for i in range(len(silos))]
     privacy_silos = ledger_privacy({sid: saved.silo_dir(sid) for sid in silo_ids}, run.budget)
     has_ledgers = any(s.get("ledger") for s in privacy_silos.values())
     spent = [s["epsilon_spent"] for s in privacy_silos.values() if s.get("ledger")]

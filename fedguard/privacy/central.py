@@ -49,13 +49,42 @@ def dp_fedavg_release(
     noise: CsprngGaussian,
 ) -> CentralDPRelease:
     """Clip, sum, add Gaussian noise, divide by the expected number of clients."""
-    if population < 1:
-        raise ConfigError(f"population must be >= 1, got {population}")
+    _check_population(population)
     dim = updates.shape[1] if updates.ndim == 2 else 0
     clipped_updates, clipped = clip_rows_to_norm(updates.reshape(-1, dim), config.clip_norm)
+    return _noised_mean(clipped_updates.sum(axis=0), clipped, config, population, noise)
+
+
+def dp_fedavg_release_from_sum(
+    clipped_sum: np.ndarray,
+    config: CentralDPConfig,
+    population: int,
+    noise: CsprngGaussian,
+) -> CentralDPRelease:
+    """The same release from ``Σ_i clip(Δ_i)`` computed elsewhere (SecAgg+: the silos clip).
+
+    The server never sees one silo's update, so ``clipped`` is empty: which silos
+    clipped is theirs to know.
+    """
+    _check_population(population)
+    return _noised_mean(clipped_sum, np.zeros(0, dtype=bool), config, population, noise)
+
+
+def _check_population(population: int) -> None:
+    if population < 1:
+        raise ConfigError(f"population must be >= 1, got {population}")
+
+
+def _noised_mean(
+    clipped_sum: np.ndarray,
+    clipped: np.ndarray,
+    config: CentralDPConfig,
+    population: int,
+    noise: CsprngGaussian,
+) -> CentralDPRelease:
+    """``(Σ clip(Δ_i) + N(0, (z·S)² I)) / (q·N)``: the one place DP-FedAvg's noise is drawn."""
     noise_std = config.noise_multiplier * config.clip_norm
-    total = clipped_updates.sum(axis=0) + noise.sample((dim,), std=noise_std).numpy().astype(
-        np.float64
-    )
+    dim = clipped_sum.shape[0]
+    total = clipped_sum + noise.sample((dim,), std=noise_std).numpy().astype(np.float64)
     denominator = config.client_sampling_rate * population
     return CentralDPRelease(total / denominator, clipped, noise_std, denominator)

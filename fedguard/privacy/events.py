@@ -42,7 +42,6 @@ accepted back.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
@@ -50,6 +49,7 @@ import attr
 import dp_accounting
 from dp_accounting import dp_event as _dp_event_module
 
+from fedguard.core.checks import positive, positive_int, rate
 from fedguard.core.errors import ConfigError, LedgerError
 from fedguard.privacy.analysis.dp_sgd import dp_fedavg_event, dp_sgd_event
 
@@ -65,34 +65,6 @@ __all__ = [
 ]
 
 JsonDict: TypeAlias = dict[str, Any]
-
-
-def _rate(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0.0 < value <= 1.0
-    ):
-        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _positive(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _check_header(data: object, type_tag: str, version: int, fields: set[str]) -> JsonDict:
@@ -125,11 +97,11 @@ class DpSgdRound:
     steps: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sample_rate", _rate("sample_rate", self.sample_rate))
+        object.__setattr__(self, "sample_rate", rate("sample_rate", self.sample_rate))
         object.__setattr__(
-            self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier)
+            self, "noise_multiplier", positive("noise_multiplier", self.noise_multiplier)
         )
-        _positive_int("steps", self.steps)
+        positive_int("steps", self.steps)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         return dp_sgd_event(self.sample_rate, self.noise_multiplier, self.steps)
@@ -166,10 +138,10 @@ class DpFedAvgRound:
         object.__setattr__(
             self,
             "client_sampling_rate",
-            _rate("client_sampling_rate", self.client_sampling_rate),
+            rate("client_sampling_rate", self.client_sampling_rate),
         )
         object.__setattr__(
-            self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier)
+            self, "noise_multiplier", positive("noise_multiplier", self.noise_multiplier)
         )
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
@@ -211,9 +183,9 @@ class GaussianRelease:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "noise_multiplier", _positive("noise_multiplier", self.noise_multiplier)
+            self, "noise_multiplier", positive("noise_multiplier", self.noise_multiplier)
         )
-        _positive_int("count", self.count)
+        positive_int("count", self.count)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)

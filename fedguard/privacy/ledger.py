@@ -48,25 +48,24 @@ status kept), and 2 to 3 (a random ledger id, not yet bound to a log). Events
 are stored as versioned JSON (see :mod:`fedguard.privacy.events`). The rollback
 journal (not WAL) is used so the file also works on file systems without
 shared memory.
+
+The value types (entries, purposes, statuses, plans, heads, :func:`chain_head`)
+are defined in :mod:`fedguard.privacy.ledger_records`, the schema and its
+migrations in :mod:`fedguard.privacy.ledger_schema`; this module is the public
+face of the ledger and exports them all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
-import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeAlias
+from typing import Any, Self
 
 from fedguard.core.config import PrivacyBudget
 from fedguard.core.errors import (
@@ -78,6 +77,21 @@ from fedguard.core.errors import (
 from fedguard.core.files import cause_name, describe_cause, storage_error
 from fedguard.privacy.accountant import AccountantKind, PrivacyAccountant
 from fedguard.privacy.events import DpSgdRound, GaussianRelease, event_from_json
+from fedguard.privacy.ledger_records import (
+    ChargePurpose,
+    ChargeStatus,
+    LedgerEntry,
+    LedgerEvent,
+    LedgerHead,
+    RoundPlan,
+    chain_head,
+)
+from fedguard.privacy.ledger_schema import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    create_or_check,
+    utc_now,
+)
 
 __all__ = [
     "APPLICATION_ID",
@@ -92,66 +106,7 @@ __all__ = [
     "chain_head",
 ]
 
-#: ``PRAGMA application_id`` of a fedguard ledger ("FGPL"); anything else is foreign.
-APPLICATION_ID = 0x4647504C
-SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_S = 60.0
-
-_CHARGES_V2 = """
-CREATE TABLE charges (
-    entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    purpose TEXT NOT NULL,
-    event TEXT NOT NULL,
-    epsilon_after REAL NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('charged', 'completed', 'failed')),
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    UNIQUE (run_id, round, purpose)
-)"""
-
-_SCHEMA = """
-CREATE TABLE schema_version (version INTEGER NOT NULL);
-CREATE TABLE silo (
-    silo_id TEXT NOT NULL,
-    budget_epsilon REAL NOT NULL,
-    budget_delta REAL NOT NULL,
-    created_at TEXT NOT NULL,
-    ledger_id TEXT NOT NULL,
-    log_bound INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE plans (
-    run_id TEXT PRIMARY KEY,
-    plan TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-"""
-_TABLES = {"schema_version", "silo", "charges", "plans"}
-
-LedgerEvent: TypeAlias = DpSgdRound | GaussianRelease
-
-
-class ChargePurpose(StrEnum):
-    """What a charge paid for; each purpose has its own event type."""
-
-    TRAINING = "training"  # a round of DP-SGD (DpSgdRound)
-    FAIRNESS = "fairness"  # trust layer releases (GaussianRelease) from here on
-    DRIFT = "drift"
-    ATTRIBUTION = "attribution"
-    FEATURE_MOMENTS = "feature-moments"  # the federated scaler's statistic
-    EVALUATION = "evaluation"  # a noised evaluation (only where the silo's policy asks)
-
-    @property
-    def event_type(self) -> type[LedgerEvent]:
-        return DpSgdRound if self is ChargePurpose.TRAINING else GaussianRelease
-
-
-class ChargeStatus(StrEnum):
-    CHARGED = "charged"  # committed right before the release
-    COMPLETED = "completed"  # the release was handed over to be sent
-    FAILED = "failed"  # (older ledgers) the round failed after its charge; still charged
-
 
 # Allowed status changes. Every status counts against the budget.
 _TRANSITIONS: dict[ChargeStatus, frozenset[ChargeStatus]] = {
@@ -159,108 +114,6 @@ _TRANSITIONS: dict[ChargeStatus, frozenset[ChargeStatus]] = {
     ChargeStatus.COMPLETED: frozenset({ChargeStatus.COMPLETED}),
     ChargeStatus.FAILED: frozenset({ChargeStatus.FAILED}),
 }
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    entry_id: int
-    run_id: str
-    round: int
-    event: LedgerEvent
-    epsilon_after: float  # the silo's total ε (at its budget's δ) once this round was charged
-    status: ChargeStatus
-    created_at: str  # ISO 8601, UTC
-    purpose: ChargePurpose = ChargePurpose.TRAINING
-
-
-@dataclass(frozen=True)
-class LedgerHead:
-    """Which ledger this is and where its hash chain of charges stands.
-
-    ``heads[k]`` is the head after the first ``k`` charges (``heads[0]`` commits
-    to the ledger id and silo id alone); the silo log records ``(ledger_id,
-    entries, head)`` after every charge (:mod:`fedguard.client.ledger_guard`).
-    """
-
-    ledger_id: str
-    heads: tuple[str, ...]
-
-    @property
-    def entries(self) -> int:
-        return len(self.heads) - 1
-
-    @property
-    def head(self) -> str:
-        return self.heads[-1]
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """The DP-SGD parameters a silo fixed for one run (σ is calibrated once per run)."""
-
-    sample_rate: float
-    noise_multiplier: float
-    steps_per_round: int
-    planned_rounds: int
-    # False for a simulation research-mode run (seeded noise and sampling): its ε is
-    # NOT a guarantee against the server, which knows the seeds.
-    private_against_server: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.private_against_server, bool):
-            raise ConfigError("plan private_against_server must be a bool")
-        q = self.sample_rate
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
-            raise ConfigError(f"plan sample_rate must lie in (0, 1], got {q!r}")
-        z = self.noise_multiplier
-        if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
-            raise ConfigError(f"plan noise_multiplier must be a finite number > 0, got {z!r}")
-        for name in ("steps_per_round", "planned_rounds"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"plan {name} must be an integer >= 1, got {v!r}")
-        object.__setattr__(self, "sample_rate", float(q))
-        object.__setattr__(self, "noise_multiplier", float(z))
-
-    def round_event(self) -> DpSgdRound:
-        """What one round of this plan costs."""
-        return DpSgdRound(self.sample_rate, self.noise_multiplier, self.steps_per_round)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "sample_rate": self.sample_rate,
-            "noise_multiplier": self.noise_multiplier,
-            "steps_per_round": self.steps_per_round,
-            "planned_rounds": self.planned_rounds,
-            "private_against_server": self.private_against_server,
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> RoundPlan:
-        keys = {"version", "sample_rate", "noise_multiplier", "steps_per_round", "planned_rounds"}
-        # Plans written before research mode existed lack the flag: they were private.
-        if (
-            not isinstance(data, dict)
-            or set(data) - {"private_against_server"} != keys
-            or data["version"] != 1
-            or not isinstance(data.get("private_against_server", True), bool)
-        ):
-            raise LedgerError(f"malformed or unknown-version round plan {data!r}")
-        try:
-            return cls(
-                data["sample_rate"],
-                data["noise_multiplier"],
-                data["steps_per_round"],
-                data["planned_rounds"],
-                data.get("private_against_server", True),
-            )
-        except ConfigError as exc:
-            raise LedgerError(f"invalid round plan {data!r}: {exc}") from exc
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class PrivacyLedger:
@@ -321,7 +174,7 @@ class PrivacyLedger:
             conn.execute("PRAGMA synchronous=EXTRA")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                cls._create_or_check(conn, path, silo_id, budget)
+                create_or_check(conn, path, silo_id, budget)
                 conn.execute("COMMIT")
             except BaseException:
                 _rollback(conn)
@@ -365,58 +218,6 @@ class PrivacyLedger:
         if len(rows) != 1:
             raise LedgerError(f"{path} is corrupt: {len(rows)} silo records")
         return PrivacyBudget(epsilon=float(rows[0][0]), delta=float(rows[0][1]))
-
-    @staticmethod
-    def _create_or_check(
-        conn: sqlite3.Connection, path: Path, silo_id: str, budget: PrivacyBudget
-    ) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        tables.discard("sqlite_sequence")
-        if app_id == 0 and not tables:  # a new (or empty) file: create the ledger
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(_CHARGES_V2)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            conn.execute(
-                "INSERT INTO silo (silo_id, budget_epsilon, budget_delta, created_at, ledger_id) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (silo_id, float(budget.epsilon), float(budget.delta), _now(), _new_ledger_id()),
-            )
-            return
-        if app_id != APPLICATION_ID or not tables >= _TABLES:
-            raise LedgerError(f"{path} is not a fedguard privacy ledger (foreign SQLite file)")
-        versions = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
-        if versions == [1]:
-            _migrate_v1_to_v2(conn)
-            versions = [2]
-        if versions == [2]:
-            _migrate_v2_to_v3(conn)
-            versions = [SCHEMA_VERSION]
-        if versions != [SCHEMA_VERSION]:
-            raise LedgerError(
-                f"{path} has ledger schema version {versions}; this fedguard reads "
-                f"version {SCHEMA_VERSION}"
-            )
-        rows = conn.execute("SELECT silo_id, budget_epsilon, budget_delta FROM silo").fetchall()
-        if len(rows) != 1:
-            raise LedgerError(f"{path} is corrupt: {len(rows)} silo records")
-        stored_id, stored_eps, stored_delta = rows[0]
-        if stored_id != silo_id:
-            raise LedgerError(
-                f"{path} belongs to silo {stored_id!r}, not {silo_id!r}; each silo needs its "
-                f"own state directory"
-            )
-        if stored_eps != float(budget.epsilon) or stored_delta != float(budget.delta):
-            raise LedgerError(
-                f"{path} was created with budget ε={stored_eps!r}, δ={stored_delta!r}, but "
-                f"ε={budget.epsilon!r}, δ={budget.delta!r} was given; a silo's budget is "
-                f"fixed for its life and is never changed silently (to start over with a new "
-                f"budget, run `fedguard client reset-ledger`, which archives this ledger "
-                f"and records the reset in the silo log)"
-            )
 
     # ----------------------------------------------------------------------- plumbing
 
@@ -573,7 +374,7 @@ class PrivacyLedger:
                 )
             entries = self._read_entries(conn)
             after = self._check_budget(entries, event, f"{what} {round} of run {run_id!r}")
-            now = _now()
+            now = utc_now()
             cursor = conn.execute(
                 "INSERT INTO charges (run_id, round, purpose, event, epsilon_after, status, "
                 "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -643,7 +444,7 @@ class PrivacyLedger:
             if status is not current:
                 conn.execute(
                     "UPDATE charges SET status = ?, updated_at = ? WHERE entry_id = ?",
-                    (status.value, _now(), entry_id),
+                    (status.value, utc_now(), entry_id),
                 )
 
     # ----------------------------------------------------------------------- plans
@@ -673,7 +474,7 @@ class PrivacyLedger:
             if row is None:
                 conn.execute(
                     "INSERT INTO plans (run_id, plan, created_at) VALUES (?, ?, ?)",
-                    (run_id, json.dumps(plan.to_json()), _now()),
+                    (run_id, json.dumps(plan.to_json()), utc_now()),
                 )
                 return
             try:
@@ -740,61 +541,6 @@ def _check_event(event: object, purpose: ChargePurpose) -> None:
             f"a silo's ledger charges {purpose.event_type.__name__} events for "
             f"{purpose.value}, got {event!r}"
         )
-
-
-def _migrate_v1_to_v2(conn: sqlite3.Connection) -> None:
-    """Schema 1 -> 2 inside the caller's transaction: a ``purpose`` column, ids kept."""
-    conn.execute("ALTER TABLE charges RENAME TO charges_v1")
-    conn.execute(_CHARGES_V2)
-    conn.execute(
-        "INSERT INTO charges (entry_id, run_id, round, purpose, event, epsilon_after, status, "
-        "created_at, updated_at) SELECT entry_id, run_id, round, 'training', event, "
-        "epsilon_after, status, created_at, updated_at FROM charges_v1 ORDER BY entry_id"
-    )
-    conn.execute("DROP TABLE charges_v1")
-    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-
-
-def _migrate_v2_to_v3(conn: sqlite3.Connection) -> None:
-    """Schema 2 -> 3 inside the caller's transaction: the ledger gets its random id."""
-    conn.execute("ALTER TABLE silo ADD COLUMN ledger_id TEXT NOT NULL DEFAULT ''")
-    conn.execute("ALTER TABLE silo ADD COLUMN log_bound INTEGER NOT NULL DEFAULT 0")
-    conn.execute("UPDATE silo SET ledger_id = ?", (_new_ledger_id(),))
-    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-
-
-def _new_ledger_id() -> str:
-    # Random, so two ledgers with the same silo id and the same charges still differ.
-    return secrets.token_hex(16)
-
-
-def chain_head(ledger_id: str, silo_id: str, rows: Sequence[tuple[Any, ...]]) -> list[str]:
-    """The ledger's head hash after 0, 1, ... len(rows) charges.
-
-    ``rows`` are ``(entry_id, run_id, round, purpose, event_json, epsilon_after)``
-    in entry order, as stored. A status change (charged -> completed) is not part
-    of a charge's identity and does not move the head; anything else about a
-    charge, its order, or the ledger it belongs to does.
-    """
-    head = hashlib.sha256(
-        b"fedguard-ledger-head-v1\0" + ledger_id.encode() + b"\0" + silo_id.encode()
-    ).hexdigest()
-    heads = [head]
-    for entry_id, run_id, round_, purpose, event_json, eps_after in rows:
-        item = json.dumps(
-            [
-                int(entry_id),
-                str(run_id),
-                int(round_),
-                str(purpose),
-                str(event_json),
-                float(eps_after),
-            ],
-            separators=(",", ":"),
-        )
-        head = hashlib.sha256(bytes.fromhex(head) + item.encode()).hexdigest()
-        heads.append(head)
-    return heads
 
 
 #: SQLite causes that mean the file itself is damaged (not full, not read-only).

@@ -2,7 +2,7 @@
 
 ``RunConfig.update_clip_norm`` (S) is an L2 bound on each silo's update
 Δ = new − global. It travels to the silos in
-:attr:`~fedguard.core.protocol.RoundInstructions.update_clip_norm` and every
+:attr:`~fedguard.wire.protocol.RoundInstructions.update_clip_norm` and every
 honest silo clips its Δ to it. The server then checks:
 
 * **plain mode**: each update's ‖Δ‖; one above S (up to float32 rounding, see

@@ -11,7 +11,11 @@ One :class:`FederatedRun` drives a whole run:
    updates are checked (names, shapes, dtype, finite values, example count) and
    rejected with a reason otherwise; ``refused`` (a silo's budget) and ``error``
    replies and silent silos are logged. The accepted updates go through the
-   :class:`~fedguard.strategies.pipeline.AggregationPipeline`.
+   :class:`~fedguard.aggregation.pipeline.AggregationPipeline` as one input
+   (:mod:`fedguard.aggregation.combinations` says which: the silos' own updates,
+   one secure sum, or one secure sum per group). Reply checks live in
+   :mod:`fedguard.server.reply_checks`, the secure paths in
+   :mod:`fedguard.server.secure_updates`.
 3. **Evaluation.** Every silo evaluates the new model on its own held-out test
    split; its sums (loss, correct answers, score histograms) are pooled into
    loss, accuracy and, for binary tasks, the pooled ROC AUC. With SecAgg on they
@@ -31,9 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,33 +44,37 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedguard.core import protocol
+from fedguard.aggregation.aggregators import AggregationError, Aggregator
+from fedguard.aggregation.combinations import InputKind, checked_rule, input_kind
+from fedguard.aggregation.pipeline import (
+    AggregationOutcome,
+    AggregationPipeline,
+    ClientUpdate,
+    ClientUpdates,
+)
+from fedguard.aggregation.registry import build_aggregator
 from fedguard.core.config import RunConfig
 from fedguard.core.datasets import schema_for
 from fedguard.core.errors import (
     CheckpointError,
     ConfigError,
-    ProtocolError,
-    UpdateRejectedError,
 )
 from fedguard.core.files import atomic_write_json
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.protocol import RoundInstructions
 from fedguard.core.seeding import derive_seed, numpy_rng, seed_torch
 from fedguard.core.serialization import (
     ModelWeights,
     flatten_weights,
     model_weights,
-    record_to_weights,
     unflatten_weights,
-    validate_weights,
     weights_to_record,
 )
+from fedguard.privacy.central_accounting import CentralPrivacy
 from fedguard.privacy.secagg.roster import SignedRoster
-from fedguard.server.central_dp import CentralPrivacy
-from fedguard.server.checkpoints import CheckpointStore
-from fedguard.server.norm_guard import check_update_norm
+from fedguard.runs.checkpoints import CheckpointStore
+from fedguard.runs.layout import VariantFolder
+from fedguard.server.reply_checks import check_train_reply
 from fedguard.server.round_records import (
     NodeOutcome,
     OutcomeStatus,
@@ -77,7 +83,6 @@ from fedguard.server.round_records import (
     RunStatus,
     assess_run,
     charge_state,
-    reply_outcome,
     round_failure,
     send_messages,
 )
@@ -99,19 +104,13 @@ from fedguard.server.secure_updates import (
     secure_updates,
 )
 from fedguard.server.trust import run_trust_phase
-from fedguard.strategies.aggregators import AggregationError, Aggregator
-from fedguard.strategies.pipeline import (
-    AggregationOutcome,
-    AggregationPipeline,
-    ClientUpdate,
-)
-from fedguard.strategies.registry import build_aggregator, check_inputs_suffice
+from fedguard.wire import protocol
+from fedguard.wire.protocol import RoundInstructions
 
 log = logging.getLogger(__name__)
 
 
 __all__ = [
-    "OUTCOME_FILENAME",
     "EvaluationSummary",
     "FederatedRun",
     "NodeOutcome",
@@ -120,11 +119,13 @@ __all__ = [
     "RunOutcome",
 ]
 
-#: The run's outcome (:class:`RunOutcome`), beside history.json in the run folder.
-OUTCOME_FILENAME = "outcome.json"
-
-
 RoundCallback = Callable[[RoundRecord], None]
+#: Collects one round's input from the sampled silos and aggregates it:
+#: (round, sampled, weights, scaler, global vector, population) -> (outcomes, outcome, accepted).
+Collector = Callable[
+    [int, list[int], ModelWeights, FeatureScaler, np.ndarray, int],
+    tuple[list[NodeOutcome], AggregationOutcome, int],
+]
 
 
 class FederatedRun:
@@ -148,14 +149,14 @@ class FederatedRun:
         self.run_dir = run_dir
         self.on_round = on_round
         self.reply_timeout = reply_timeout
-        self.checkpoints = CheckpointStore(run_dir / "checkpoints")
+        self.checkpoints = CheckpointStore(VariantFolder(run_dir).checkpoints)
         self.pipeline = AggregationPipeline(
-            aggregator=self._checked_aggregator(config, aggregator),
+            aggregator=checked_rule(config, aggregator),
             central_dp=config.central_dp,
             byzantine_f=config.aggregation.f if aggregator is None else 0,
             rule_for_f=lambda f: build_aggregator(dataclasses.replace(config.aggregation, f=f)),
         )
-        # Central DP: CSPRNG sampling, no amplification, a budget (fedguard.server.central_dp).
+        # Central DP: CSPRNG sampling, no amplification, a budget (privacy.central_accounting).
         self.central = CentralPrivacy(config.central_dp) if config.central_dp.enabled else None
         self.central_accountant = self.central.accountant if self.central is not None else None
         # One silo dropping must not abort every round, unless the run says so.
@@ -164,25 +165,6 @@ class FederatedRun:
         self._prior_history: list[dict[str, Any]] = []
         self.silo_names: dict[int, str] = {}
         self.outcome: RunOutcome | None = None
-
-    @staticmethod
-    def _checked_aggregator(config: RunConfig, given: Aggregator | None) -> Aggregator:
-        """The rule, refused now if a full round cannot meet its precondition."""
-        inputs, what = (
-            (config.secagg.groups, "secure groups")
-            if config.secagg.enabled
-            else (config.num_clients, "silo updates")
-        )
-        if given is None:
-            return check_inputs_suffice(config.aggregation, inputs, what)
-        if inputs < given.min_inputs:
-            raise ConfigError(
-                f"{given.name} needs at least {given.min_inputs} {what} per round, "
-                f"a round will have {inputs}"
-            )
-        if config.secagg.enabled and config.secagg.groups == 1 and given.name != "weighted-mean":
-            raise ConfigError(f"{given.name} over one secure sum is a plain mean: set groups > 1")
-        return given
 
     # -- the run -----------------------------------------------------------------------
 
@@ -210,7 +192,7 @@ class FederatedRun:
     def _set_outcome(self, outcome: RunOutcome) -> None:
         self.outcome = outcome
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / OUTCOME_FILENAME, outcome.to_json())
+        atomic_write_json(VariantFolder(self.run_dir).outcome, outcome.to_json())
         if outcome.status is not RunStatus.COMPLETED:
             log.error("run %s %s", self.run_id, outcome.summary)
 
@@ -255,7 +237,7 @@ class FederatedRun:
             outcome = self._assess(finished=False)
         if outcome.status is not RunStatus.FAILED:
             outcome = self._assess(finished=True, stop_reason=stop_reason)
-        atomic_write_json(self.run_dir / "history.json", self.history_dicts())
+        atomic_write_json(VariantFolder(self.run_dir).history, self.history_dicts())
         if self.central is not None:
             self.central.write(self.run_dir)
         if outcome.status is RunStatus.FAILED:
@@ -291,18 +273,7 @@ class FederatedRun:
                 f"{self.checkpoints.directory} holds checkpoints of another run or config "
                 f"(run {state.get('run_id')!r}); use a new run folder"
             )
-        weights: ModelWeights = OrderedDict(
-            (k.removeprefix("weights/"), v)
-            for k, v in checkpoint.arrays.items()
-            if k.startswith("weights/")
-        )
-        scaler = FeatureScaler.from_arrays(
-            {
-                k.removeprefix("scaler/"): v
-                for k, v in checkpoint.arrays.items()
-                if k.startswith("scaler/")
-            }
-        )
+        weights, scaler = checkpoint.weights(), checkpoint.scaler()
         self._prior_history = list(state.get("history", []))
         if self.central_accountant is not None and "central_accountant" in state:
             self.central_accountant.load_state_dict(state["central_accountant"])
@@ -341,18 +312,10 @@ class FederatedRun:
         started = time.monotonic()
         sampled = self._sample(round_number, nodes)
         global_vector = flatten_weights(weights)
-        if self.config.secagg.enabled and self.config.secagg.groups > 1:
-            outcomes, aggregated, accepted_count = self._grouped_secure_updates(
-                round_number, sampled, weights, scaler, global_vector
-            )
-        elif self.config.secagg.enabled:
-            outcomes, aggregated, accepted_count = self._secure_updates(
-                round_number, sampled, weights, scaler, global_vector, len(nodes)
-            )
-        else:
-            outcomes, aggregated, accepted_count = self._plain_updates(
-                round_number, sampled, weights, scaler, global_vector, len(nodes)
-            )
+        collect = self._collectors()[input_kind(self.config.secagg)]
+        outcomes, aggregated, accepted_count = collect(
+            round_number, sampled, weights, scaler, global_vector, len(nodes)
+        )
         private = self.config.local_dp.enabled
         outcomes = [dataclasses.replace(o, charge=charge_state(o, private)) for o in outcomes]
         for outcome in outcomes:
@@ -393,6 +356,14 @@ class FederatedRun:
         self._finish_round(record, new_weights, scaler)
         return new_weights
 
+    def _collectors(self) -> dict[InputKind, Collector]:
+        """How each kind of round input is collected from the sampled silos."""
+        return {
+            InputKind.CLIENT_UPDATES: self._plain_updates,
+            InputKind.SECURE_SUM: self._secure_updates,
+            InputKind.GROUP_SUMS: self._grouped_secure_updates,
+        }
+
     def _plain_updates(
         self,
         round_number: int,
@@ -408,12 +379,21 @@ class FederatedRun:
         outcomes: list[NodeOutcome] = []
         updates: list[ClientUpdate] = []
         for node in sampled:
-            outcome, update = self._check_train_reply(node, replies, weights, global_vector)
+            outcome, update = check_train_reply(
+                node,
+                self.silo_name(node),
+                replies,
+                weights,
+                global_vector,
+                self.config.update_clip_norm,
+            )
             outcomes.append(outcome)
             if update is not None:
                 updates.append(update)
         try:
-            aggregated = self.pipeline.apply(global_vector, updates, population)
+            aggregated = self.pipeline.apply(
+                ClientUpdates(global_vector, tuple(updates), population)
+            )
         except AggregationError as failed:
             # Too few accepted updates for the rule (dropouts, rejections): the round
             # fails and the model stays as it was; never fall back to another rule.
@@ -445,7 +425,9 @@ class FederatedRun:
         weights: ModelWeights,
         scaler: FeatureScaler,
         global_vector: np.ndarray,
+        population: int,
     ) -> tuple[list[NodeOutcome], AggregationOutcome, int]:
+        del population  # each group's sum is over its own members
         return grouped_secure_updates(
             self,
             round_number,
@@ -476,8 +458,6 @@ class FederatedRun:
         self, record: RoundRecord, weights: ModelWeights, scaler: FeatureScaler
     ) -> None:
         self.history.append(record)
-        arrays = {f"weights/{k}": v for k, v in weights.items()}
-        arrays.update({f"scaler/{k}": v for k, v in scaler.to_arrays().items()})
         state: dict[str, Any] = {
             "run_id": self.run_id,
             "config": self.config.to_options(),
@@ -485,7 +465,7 @@ class FederatedRun:
         }
         if self.central_accountant is not None:
             state["central_accountant"] = self.central_accountant.state_dict()
-        self.checkpoints.save(record.round, arrays, state)
+        self.checkpoints.save_model(record.round, weights, scaler, state)
         if self.on_round is not None:
             self.on_round(record)
 
@@ -567,54 +547,6 @@ class FederatedRun:
             self.roster, self.silo_names, nodes, lambda t, c: self.send_each(t, round_number, c)
         )
 
-    # -- replies -----------------------------------------------------------------------
-
-    def _check_train_reply(
-        self,
-        node: int,
-        replies: Mapping[int, Message],
-        weights: ModelWeights,
-        global_vector: np.ndarray,
-    ) -> tuple[NodeOutcome, ClientUpdate | None]:
-        name = self.silo_name(node)
-        status, reason = reply_outcome(replies, node)
-        reply = replies.get(node)
-        if reply is None or status is OutcomeStatus.NO_REPLY:
-            # Silent or gone: it may have charged and died before its update left.
-            return NodeOutcome(node, name, status, reason), None
-        metrics = _metrics(reply)
-        if status is not OutcomeStatus.OK:
-            # Refused or failed: nothing left the silo (it charges at release).
-            return NodeOutcome(node, name, status, reason, metrics, released=False), None
-        try:
-            if protocol.ARRAYS not in reply.content.array_records:
-                raise ProtocolError("reply has no model arrays")
-            candidate = record_to_weights(reply.content.array_records[protocol.ARRAYS])
-            validate_weights(weights, candidate)
-            new_vector = flatten_weights(candidate)
-            delta = new_vector - global_vector
-            # The norm guard (fedguard.server.norm_guard): ‖Δ‖ within update_clip_norm.
-            check_update_norm(
-                delta, self.config.update_clip_norm, float(np.linalg.norm(new_vector))
-            )
-            num_examples = metrics.get("num-examples", float("nan"))
-            if not (
-                math.isfinite(num_examples) and num_examples >= 1 and num_examples.is_integer()
-            ):
-                raise UpdateRejectedError(
-                    f"num-examples must be a positive integer, got {num_examples}"
-                )
-        except (UpdateRejectedError, ProtocolError, ValueError, TypeError) as bad:
-            reason = getattr(bad, "reason", str(bad))
-            rejected = NodeOutcome(
-                node, name, OutcomeStatus.REJECTED, reason, metrics, released=True
-            )
-            return rejected, None
-        return (
-            NodeOutcome(node, name, OutcomeStatus.OK, "", metrics, released=True),
-            ClientUpdate(node, name, delta, int(num_examples)),
-        )
-
     def _federated_scaler(self, nodes: list[int]) -> FeatureScaler:
         """The scaler from the silos' DP feature moments (see fedguard.server.secure_metrics)."""
         release = federated_scaler(
@@ -641,13 +573,3 @@ class FederatedRun:
             self.silo_name,
             identities=self.identities_for(round_number, nodes, secure_only=True),
         )
-
-
-def _metrics(reply: Message) -> dict[str, float]:
-    if not reply.has_content() or protocol.METRICS not in reply.content.metric_records:
-        return {}
-    out: dict[str, float] = {}
-    for key, value in reply.content.metric_records[protocol.METRICS].items():
-        if isinstance(value, (int, float)):
-            out[key] = float(value)
-    return out

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import Message
 
-from fedguard.core import protocol
-from fedguard.core.protocol import ReplyStatus
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid

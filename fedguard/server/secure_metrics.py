@@ -23,10 +23,9 @@ the server keeps them per silo, as the threat model lists.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,31 +33,31 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedguard.client.statistics import (
+from fedguard.core.config import RunConfig
+from fedguard.core.datasets import schema_for
+from fedguard.core.errors import FedguardError
+from fedguard.core.feature_moments import MomentLayout, moment_layout
+from fedguard.core.files import atomic_write_json
+from fedguard.core.metrics import AUC_BINS, binned_auc
+from fedguard.core.preprocessing import FeatureScaler
+from fedguard.core.trust import TrustNoise
+from fedguard.privacy.secagg import SecAggError
+from fedguard.runs.scaler_moments import MOMENTS_FILENAME
+from fedguard.server.round_records import OutcomeStatus, reply_outcome
+from fedguard.server.secure_round import SecAggIdentities, SecureRoundAborted, Send
+from fedguard.server.statistics import collect_secure_statistic
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.statistics import (
     EVALUATION_LOSS_BOUND,
     REQUEST,
     StatisticKind,
     StatisticRequest,
     evaluation_vector_length,
 )
-from fedguard.core import protocol
-from fedguard.core.config import DatasetName, RunConfig
-from fedguard.core.datasets import EncodedData, schema_for
-from fedguard.core.errors import DataError, FedguardError
-from fedguard.core.feature_moments import MomentLayout, moment_layout
-from fedguard.core.files import atomic_write_json
-from fedguard.core.metrics import AUC_BINS, binned_auc
-from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.protocol import ReplyStatus
-from fedguard.core.trust import TrustNoise
-from fedguard.privacy.secagg import SecAggError
-from fedguard.server.round_records import OutcomeStatus, reply_outcome
-from fedguard.server.secure_round import SecAggIdentities, SecureRoundAborted, Send
-from fedguard.server.statistics import collect_secure_statistic
 
 __all__ = [
     "EVALUATION_RESOLUTION",
-    "MOMENTS_FILENAME",
     "MOMENTS_RESOLUTION",
     "PUBLIC_OUTCOME_METRICS",
     "EvaluationSummary",
@@ -67,8 +66,6 @@ __all__ = [
     "evaluate_round",
     "federated_scaler",
     "public_outcome_metrics",
-    "same_scaler",
-    "scaler_reproduced",
     "write_moments",
 ]
 
@@ -77,8 +74,6 @@ log = logging.getLogger(__name__)
 #: Public quantization units of the two statistics (counts stay exact integers).
 MOMENTS_RESOLUTION = 2.0**-6
 EVALUATION_RESOLUTION = 2.0**-8
-#: Where the server keeps the (noised) moment sum its scaler was built from.
-MOMENTS_FILENAME = "feature-moments.json"
 #: Query round of the feature moments in the silos' ledgers (the run's only release).
 SCALER_QUERY_ROUND = 0
 
@@ -300,53 +295,6 @@ def _clear_moments(
 
 def write_moments(run_dir: Path, release: ScalerRelease, dataset: str) -> None:
     atomic_write_json(run_dir / MOMENTS_FILENAME, release.to_json(dataset))
-
-
-#: Exact moments farther than this many noise standard deviations from a run's noised
-#: sum are other data (a false alarm is below 1e-8 a value).
-MOMENT_SIGMAS = 6.0
-
-
-def same_scaler(a: FeatureScaler, b: FeatureScaler) -> bool:
-    return bool(
-        np.allclose(a.mean, b.mean, rtol=1e-9, atol=0)
-        and np.allclose(a.scale, b.scale, rtol=1e-9, atol=0)
-    )
-
-
-def scaler_reproduced(
-    run_dir: Path, dataset: DatasetName, train: Sequence[EncodedData], stored: FeatureScaler
-) -> bool | None:
-    """Whether ``train`` (the silos' rows, rebuilt) and ``stored`` fit the run's moments.
-
-    The stored scaler must follow from the noised sum in ``run_dir``'s
-    :data:`MOMENTS_FILENAME`, and the rows' exact moments must lie within
-    :data:`MOMENT_SIGMAS` noise standard deviations of it (plus one rounding step
-    a silo). ``None``: the folder has no moment file (a run from before it).
-
-    Raises:
-        DataError: the moment file is malformed.
-    """
-    layout = moment_layout(dataset)
-    if layout.num_features == 0:  # nothing is standardized: the identity scaler
-        return same_scaler(FeatureScaler.identity(layout.schema.num_features), stored)
-    path = run_dir / MOMENTS_FILENAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        noised = np.asarray(data["values"], dtype=np.float64)
-        noise_std = float(data["noise_std"])
-        rounding = int(data["contributors"]) * float(data["resolution"])
-        derived = layout.scaler(noised, noise_std)
-    except (ValueError, KeyError, TypeError, DataError) as bad:
-        raise DataError(f"{path} is malformed: {bad}") from None
-    exact = np.sum([layout.vector(part.features) for part in train], axis=0)
-    return (
-        noised.shape == exact.shape
-        and bool(np.all(np.abs(noised - exact) <= MOMENT_SIGMAS * noise_std + rounding))
-        and same_scaler(derived, stored)
-    )
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -44,9 +44,7 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from fedguard.client.secure import PAYLOAD, secagg_record
-from fedguard.client.secure_identity import IDENTITY_QUERY, ROSTER, ROUND_NONCE, SILO_IDS
-from fedguard.core import protocol
+from fedguard.aggregation.registry import check_inputs_suffice
 from fedguard.core.config import RunConfig
 from fedguard.core.errors import ConfigError
 from fedguard.privacy.secagg import (
@@ -65,7 +63,15 @@ from fedguard.privacy.secagg import (
 from fedguard.privacy.secagg.errors import BelowThresholdError
 from fedguard.privacy.secagg.roster import RosterError, SignedRoster, bind_round_id
 from fedguard.server.round_records import NodeOutcome, OutcomeStatus, charge_state, reply_outcome
-from fedguard.strategies.registry import check_inputs_suffice
+from fedguard.wire import protocol
+from fedguard.wire.secagg import (
+    IDENTITY_QUERY,
+    PAYLOAD,
+    ROSTER,
+    ROUND_NONCE,
+    SILO_IDS,
+    secagg_record,
+)
 
 Send = Callable[[str, Mapping[int, RecordDict]], dict[int, Message]]
 #: SecAggConfig needs n >= 3: with two, each would learn the other's input.

@@ -9,23 +9,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
 
+from fedguard.aggregation.aggregators import AggregationError
+from fedguard.aggregation.pipeline import (
+    SECAGG_LABEL,
+    AggregationOutcome,
+    GroupSum,
+    GroupSums,
+    SecureSum,
+)
 from fedguard.privacy.secagg import FixedPointEncoder, SecAggError
 from fedguard.server.norm_guard import secure_clip_norm, secure_sum_violation
 from fedguard.server.round_records import ChargeState, NodeOutcome, OutcomeStatus
 from fedguard.server.secure_round import (
     SecureAggregationSettings,
     SecureRoundAborted,
+    SecureRoundResult,
     node_outcomes,
     run_secure_groups,
 )
-from fedguard.strategies.aggregators import AggregationError
-from fedguard.strategies.pipeline import AggregationOutcome, GroupSum
 
 if TYPE_CHECKING:
     from fedguard.server.orchestrator import FederatedRun
@@ -90,6 +97,40 @@ def grouped_secure_updates(
         global_vector.size,
         settings,
     )
+    outcomes, sums, group_log, tolerance = _group_results(
+        run, round_number, results, names, global_vector.size
+    )
+    try:
+        aggregated = run.pipeline.apply(
+            GroupSums(global_vector, tuple(sums), settings.clip_norm, tolerance)
+        )
+    except AggregationError as failed:
+        log.error("round %d: aggregation over groups failed: %s", round_number, failed)
+        aggregated = AggregationOutcome(global_vector.copy(), {"rule": rule, "failed": str(failed)})
+    for flagged in aggregated.details.get("flagged-groups", []):
+        log.warning(
+            "round %d: secure group %s flagged: %s",
+            round_number,
+            flagged["group"],
+            flagged["reason"],
+        )
+    aggregated.details.update({"groups": group_log, "group-seed": run.config.seed})
+    if "failed" in aggregated.details:
+        return outcomes, aggregated, 0
+    outcomes = _leave_out_flagged(outcomes, aggregated)
+    accepted = sum(1 for o in outcomes if o.status is OutcomeStatus.OK)
+    return outcomes, aggregated, accepted
+
+
+def _group_results(
+    run: FederatedRun,
+    round_number: int,
+    results: Sequence[SecureRoundResult | SecureRoundAborted],
+    names: list[list[str]],
+    dim: int,
+) -> tuple[list[NodeOutcome], list[GroupSum], list[dict[str, Any]], float]:
+    """Each group's silo outcomes, the sums of those that finished, the group log, and
+    the largest fixed-point rounding a group mean may carry."""
     outcomes: list[NodeOutcome] = []
     sums: list[GroupSum] = []
     group_log: list[dict[str, Any]] = []
@@ -114,33 +155,20 @@ def grouped_secure_updates(
             }
         )
         # Stochastic rounding moves each coordinate of the mean by < one step.
-        tolerance = max(
-            tolerance, FixedPointEncoder(result.config).step * math.sqrt(global_vector.size)
-        )
-    try:
-        aggregated = run.pipeline.apply_groups(
-            global_vector, sums, norm_bound=settings.clip_norm, norm_tolerance=tolerance
-        )
-    except AggregationError as failed:
-        log.error("round %d: aggregation over groups failed: %s", round_number, failed)
-        aggregated = AggregationOutcome(global_vector.copy(), {"rule": rule, "failed": str(failed)})
-    for flagged in aggregated.details.get("flagged-groups", []):
-        log.warning(
-            "round %d: secure group %s flagged: %s",
-            round_number,
-            flagged["group"],
-            flagged["reason"],
-        )
-    aggregated.details.update({"groups": group_log, "group-seed": run.config.seed})
-    if "failed" in aggregated.details:
-        return outcomes, aggregated, 0
-    # A flagged group is left out of the rule: its members are not in the aggregate.
+        tolerance = max(tolerance, FixedPointEncoder(result.config).step * math.sqrt(dim))
+    return outcomes, sums, group_log, tolerance
+
+
+def _leave_out_flagged(
+    outcomes: list[NodeOutcome], aggregated: AggregationOutcome
+) -> list[NodeOutcome]:
+    """A flagged group is left out of the rule: its members are not in the aggregate."""
     left_out = {
         member: str(flagged["reason"])
         for flagged in aggregated.details.get("flagged-groups", [])
         for member in flagged.get("members", [])
     }
-    outcomes = [
+    return [
         dataclasses.replace(
             o,
             status=OutcomeStatus.REJECTED,
@@ -150,8 +178,6 @@ def grouped_secure_updates(
         else o
         for o in outcomes
     ]
-    accepted = sum(1 for o in outcomes if o.status is OutcomeStatus.OK)
-    return outcomes, aggregated, accepted
 
 
 def secure_updates(
@@ -190,13 +216,13 @@ def secure_updates(
         )
         log.error("round %d: %s", round_number, reason)
         outcomes = [_not_started(node, run.silo_name(node), reason) for node in sampled]
-        details = {"rule": "secagg", "aborted": reason}
+        details = {"rule": SECAGG_LABEL, "aborted": reason}
         return outcomes, AggregationOutcome(global_vector.copy(), details), 0
     (result,) = run_secure_groups(send, [sampled], instruction, global_vector.size, settings)
     if isinstance(result, SecureRoundAborted):
         log.error("round %d: secure aggregation aborted: %s", round_number, result)
         outcomes = node_outcomes(result.report, (), run.silo_name, aborted=str(result))
-        details = {"rule": "secagg", "aborted": str(result)}
+        details = {"rule": SECAGG_LABEL, "aborted": str(result)}
         return outcomes, AggregationOutcome(global_vector.copy(), details), 0
     assert result.report is not None
     contributors = set(result.contributors)
@@ -213,10 +239,10 @@ def secure_updates(
             else o
             for o in outcomes
         ]
-        details = {"rule": "secagg", "rejected": violation}
+        details = {"rule": SECAGG_LABEL, "rejected": violation}
         return rejected, AggregationOutcome(global_vector.copy(), details), 0
-    aggregated = run.pipeline.apply_sum(
-        global_vector, result.weighted_sum, result.total_weight, population
+    aggregated = run.pipeline.apply(
+        SecureSum(global_vector, result.weighted_sum, float(result.total_weight), population)
     )
     aggregated.details.update(
         {

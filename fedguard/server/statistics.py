@@ -27,13 +27,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedguard.client.statistics import (
-    REQUEST,
-    REQUEST_ARRAYS,
-    SECAGG_STATISTIC,
-    StatisticKind,
-    StatisticRequest,
-)
 from fedguard.core.errors import ConfigError
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.secagg import SecAggAbort, SecAggConfig
@@ -44,6 +37,13 @@ from fedguard.server.secure_round import (
     SecureAggregationSettings,
     Send,
     run_secure_round,
+)
+from fedguard.wire.statistics import (
+    REQUEST,
+    REQUEST_ARRAYS,
+    SECAGG_STATISTIC,
+    StatisticKind,
+    StatisticRequest,
 )
 
 __all__ = [

@@ -34,15 +34,12 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedguard.client.statistics import SCORE_BINS, StatisticKind, fairness_vector_length
-from fedguard.core import protocol
 from fedguard.core.config import RunConfig
 from fedguard.core.datasets import schema_for, sensitive_groups
 from fedguard.core.errors import DataError, FedguardError
 from fedguard.core.files import atomic_write_json
 from fedguard.core.histograms import bin_edges
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.protocol import RoundInstructions
 from fedguard.core.serialization import ModelWeights, weights_to_record
 from fedguard.core.trust_results import (
     AttributionResult,
@@ -67,6 +64,9 @@ from fedguard.server.fairness import (
 )
 from fedguard.server.secure_round import SecAggIdentities, Send
 from fedguard.server.statistics import SecureStatisticResult, collect_secure_statistic
+from fedguard.wire import protocol
+from fedguard.wire.protocol import RoundInstructions
+from fedguard.wire.statistics import SCORE_BINS, StatisticKind, fairness_vector_length
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from fedguard.core.aggregation_config import AggregatorName
 from fedguard.core.errors import ConfigError
 from fedguard.core.options import as_bool, as_float, as_int
 from fedguard.core.seeding import numpy_rng
@@ -29,6 +30,16 @@ NEEDS_BENIGN = frozenset({AttackName.SIGN_FLIP, AttackName.ALIE, AttackName.IPM}
 BOOSTED = frozenset({AttackName.SCALING, AttackName.BACKDOOR})
 
 DEFAULT_STRENGTH = {AttackName.SIGN_FLIP: 4.0, AttackName.GAUSSIAN: 1.0, AttackName.IPM: 0.1}
+
+#: Rules that declare no Byzantine f: the plain mean, and norm bounding (it bounds each
+#: update, it excludes none); an attack leaves their ``aggregator-f`` unset.
+_NO_DECLARED_F = frozenset({AggregatorName.WEIGHTED_MEAN, AggregatorName.NORM_BOUNDING})
+
+
+def declares_f(rule: str) -> bool:
+    """Whether the aggregation rule ``rule`` (an :class:`AggregatorName` value) takes the
+    number of Byzantine inputs ``f`` it must tolerate, which an attack then defaults."""
+    return rule not in _NO_DECLARED_F
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,13 @@ class AttackConfig:
             )
         rng = numpy_rng(seed, "byzantine-silos")
         return tuple(sorted(int(i) for i in rng.choice(num_clients, count, replace=False)))
+
+    def default_f(self, num_clients: int, seed: int, groups: int) -> int:
+        """The f a robust rule declares against this attack unless told otherwise: what
+        the attack can corrupt, its silos, or at most one of ``groups`` secure groups each
+        (``groups`` <= 1: no groups). An f the rule cannot meet is refused, never lowered."""
+        byzantine = len(self.byzantine_indices(num_clients, seed))
+        return min(byzantine, groups) if groups > 1 else byzantine
 
     def to_options(self) -> dict[str, Any]:
         return {

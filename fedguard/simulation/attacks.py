@@ -54,7 +54,6 @@ from fedguard.core.datasets import SiloData, simulation_silos
 from fedguard.core.errors import ConfigError
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.protocol import RoundInstructions
 from fedguard.core.seeding import derive_seed
 from fedguard.core.serialization import (
     ModelWeights,
@@ -62,7 +61,8 @@ from fedguard.core.serialization import (
     load_weights,
     unflatten_weights,
 )
-from fedguard.server.checkpoints import CheckpointStore
+from fedguard.runs.checkpoints import CheckpointStore
+from fedguard.runs.layout import VariantFolder, silo_id
 from fedguard.simulation.attack_config import (
     BOOSTED,
     DEFAULT_STRENGTH,
@@ -70,6 +70,7 @@ from fedguard.simulation.attack_config import (
     AttackConfig,
     AttackName,
 )
+from fedguard.wire.protocol import RoundInstructions
 
 #: The backdoor trigger's value, in standard deviations of the federated feature scaler.
 TRIGGER_VALUE = 3.0
@@ -272,7 +273,7 @@ def adversaries(attack: AttackConfig, config: RunConfig) -> dict[str, ByzantineS
         )
         for i in indices
     ]
-    return {f"silo-{i}": ByzantineSilo(attack, i, sources, config.num_clients) for i in indices}
+    return {silo_id(i): ByzantineSilo(attack, i, sources, config.num_clients) for i in indices}
 
 
 @torch.no_grad()
@@ -281,22 +282,11 @@ def attack_success_rate(
 ) -> float:
     """Backdoor success: the share of triggered test rows (true class ≠ target) the model
     puts in the target class, over every silo's test split (researcher-side metric)."""
-    store = CheckpointStore(run_dir / "checkpoints")
+    store = CheckpointStore(VariantFolder(run_dir).checkpoints)
     checkpoint = store.latest() if round_number is None else store.load(round_number)
     if checkpoint is None:
         raise ConfigError(f"{run_dir} has no checkpoint")
-    weights: ModelWeights = OrderedDict(
-        (k.removeprefix("weights/"), v)
-        for k, v in checkpoint.arrays.items()
-        if k.startswith("weights/")
-    )
-    scaler = FeatureScaler.from_arrays(
-        {
-            k.removeprefix("scaler/"): v
-            for k, v in checkpoint.arrays.items()
-            if k.startswith("scaler/")
-        }
-    )
+    weights, scaler = checkpoint.weights(), checkpoint.scaler()
     silos = simulation_silos(
         config.dataset, config.num_clients, config.partition, config.test_fraction, config.seed
     )

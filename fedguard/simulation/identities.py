@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedguard.core.pki import (
+from fedguard.audit.pki import (
     CONSORTIUM_KEY,
     CONSORTIUM_PUB,
     SECAGG_IDENTITY_KEY,
@@ -28,6 +28,7 @@ from fedguard.core.pki import (
     load_private_key,
     secagg_identity_keygen,
 )
+from fedguard.deploy.roster import ROSTER_FILE
 from fedguard.privacy.secagg.roster import (
     SignedRoster,
     SiloIdentity,
@@ -35,7 +36,7 @@ from fedguard.privacy.secagg.roster import (
     roster_from_files,
     sign_roster,
 )
-from fedguard.server.roster_commands import ROSTER_FILE
+from fedguard.runs.layout import VariantFolder
 
 __all__ = [
     "CONSORTIUM_DIR",
@@ -50,7 +51,7 @@ SIMULATED_CONSORTIUM = "fedguard simulation"
 
 
 def silo_state_dir(run_dir: Path, silo_id: str) -> Path:
-    return Path(run_dir) / "silos" / silo_id
+    return VariantFolder(Path(run_dir)).silo(silo_id)
 
 
 def provision_identities(run_dir: Path, silo_ids: Sequence[str]) -> SignedRoster:

@@ -12,7 +12,6 @@ shows whether, and after how many rounds, the monitor alerts.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ from fedguard.core.errors import ConfigError, DataError
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import ModelWeights
 from fedguard.core.trust_results import DriftResult, read_trust_results
-from fedguard.server.checkpoints import CheckpointStore
+from fedguard.runs.checkpoints import CheckpointStore
+from fedguard.runs.layout import VariantFolder, silo_id
 from fedguard.server.secure_round import secagg_identities
 from fedguard.server.statistics import grid_send
 from fedguard.server.trust import (
@@ -99,17 +99,11 @@ class MonitoringRun:
 
 def load_run(run_dir: Path) -> MonitoringRun:
     """The configuration, run id, final model and scaler of a finished run variant."""
-    checkpoint = CheckpointStore(Path(run_dir) / "checkpoints").latest()
+    checkpoint = CheckpointStore(VariantFolder(Path(run_dir)).checkpoints).latest()
     if checkpoint is None:
         raise ConfigError(f"{run_dir} holds no checkpoints: give a run variant's folder")
     config = RunConfig.from_options(checkpoint.state["config"])
-    arrays = checkpoint.arrays
-    weights: ModelWeights = OrderedDict(
-        (k.removeprefix("weights/"), v) for k, v in arrays.items() if k.startswith("weights/")
-    )
-    scaler = FeatureScaler.from_arrays(
-        {k.removeprefix("scaler/"): v for k, v in arrays.items() if k.startswith("scaler/")}
-    )
+    weights, scaler = checkpoint.weights(), checkpoint.scaler()
     return MonitoringRun(config, str(checkpoint.state["run_id"]), weights, scaler)
 
 
@@ -160,11 +154,11 @@ def simulate_monitoring(
         if index in drift_silos and state["round"] - first + 1 >= start:
             source = DriftedSiloSource(source, moved)
         return SiloSettings(
-            silo_id=f"silo-{index}",
-            state_dir=run_dir / "silos" / f"silo-{index}",
+            silo_id=silo_id(index),
+            state_dir=VariantFolder(run_dir).silo(silo_id(index)),
             budget=config.budget,
             data=source,
-            identity=silo_identity(run_dir, f"silo-{index}"),
+            identity=silo_identity(run_dir, silo_id(index)),
         )
 
     results: list[DriftResult] = []

@@ -27,6 +27,7 @@ from typing import Any
 
 from flwr.app import Context
 
+from fedguard.aggregation.aggregators import Aggregator
 from fedguard.client.app import make_client_app
 from fedguard.client.policy import SiloPolicy
 from fedguard.client.silo import SiloSettings, SimulatedSiloSource
@@ -35,13 +36,13 @@ from fedguard.core.datasets import SiloData, simulation_silos
 from fedguard.core.errors import InfeasibleBudgetError
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.runs.layout import VariantFolder, silo_id
 from fedguard.server.app import make_server_app
-from fedguard.server.orchestrator import OUTCOME_FILENAME, RoundRecord
+from fedguard.server.orchestrator import RoundRecord
 from fedguard.server.secure_round import check_dropout_tolerance
 from fedguard.simulation.attacks import AttackConfig, adversaries
 from fedguard.simulation.identities import provision_identities, silo_identity
 from fedguard.simulation.inprocess import run_inprocess
-from fedguard.strategies.aggregators import Aggregator
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,6 @@ class VariantResult:
     @property
     def final(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
-
-
-def silo_id(index: int) -> str:
-    return f"silo-{index}"
 
 
 def plan_silos(config: RunConfig) -> tuple[list[SiloData], list[SiloPlan]]:
@@ -140,7 +137,7 @@ def _client_settings(config: RunConfig, run_dir: Path) -> Callable[[Context], Si
         index = int(str(context.node_config["partition-id"]))
         return SiloSettings(
             silo_id=silo_id(index),
-            state_dir=run_dir / "silos" / silo_id(index),
+            state_dir=VariantFolder(run_dir).silo(silo_id(index)),
             budget=config.budget,
             data=SimulatedSiloSource(
                 dataset=config.dataset,
@@ -210,7 +207,7 @@ def run_variant(
 
 def read_outcome(run_dir: Path) -> dict[str, Any] | None:
     """The run's outcome the server wrote (``outcome.json``), None if it wrote none."""
-    path = run_dir / OUTCOME_FILENAME
+    path = VariantFolder(run_dir).outcome
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
@@ -240,7 +237,7 @@ def read_ledgers(config: RunConfig, run_dir: Path) -> dict[str, list[dict[str, A
     """Each silo's ledger entries, straight from its SQLite file (the authority on ε)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for index in range(config.num_clients):
-        state_dir = run_dir / "silos" / silo_id(index)
+        state_dir = VariantFolder(run_dir).silo(silo_id(index))
         if not (state_dir / PrivacyLedger.FILENAME).exists():
             out[silo_id(index)] = []
             continue

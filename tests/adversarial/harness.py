@@ -34,13 +34,11 @@ from flwr.clientapp import ClientApp
 
 from fedguard.client.app import make_client_app
 from fedguard.client.outbox import Outbox
-from fedguard.client.secure import PAYLOAD, STATE_KEY, secagg_record
+from fedguard.client.secure import STATE_KEY
 from fedguard.client.silo import SiloSettings
-from fedguard.core import protocol
 from fedguard.core.config import LocalDPConfig, NoiseSource
 from fedguard.core.datasets import load_pooled_frame
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.serialization import ModelWeights, flatten_weights
 from fedguard.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedguard.privacy.secagg import (
@@ -55,6 +53,9 @@ from fedguard.privacy.secagg import (
     ShareKeysResponse,
     UnmaskResponse,
 )
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.secagg import PAYLOAD, secagg_record
 from tests.factories import DATASET, instruction, silo_settings
 
 #: Node ids are not partition indices on purpose (as on a real SuperLink).

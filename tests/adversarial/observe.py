@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedguard.core import protocol
 from fedguard.core.datasets import schema_for
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import ModelWeights
 from fedguard.privacy.secagg import SecAggConfig
+from fedguard.wire import protocol
 from tests.adversarial.harness import Consortium, SecAggRun, Silo, train_dp
 from tests.factories import DATASET, instruction
 
@@ -106,15 +106,10 @@ class StatisticQuery:
 def drift_query(
     weights: ModelWeights, scaler: FeatureScaler, *, query_round: int = 0, bins: int = 8
 ) -> StatisticQuery:
-    from fedguard.client.statistics import (
-        REQUEST,
-        REQUEST_ARRAYS,
-        StatisticKind,
-        StatisticRequest,
-    )
     from fedguard.core.histograms import bin_edges
     from fedguard.core.trust import TrustNoise
     from fedguard.server.statistics import DEFAULT_RESOLUTION
+    from fedguard.wire.statistics import REQUEST, REQUEST_ARRAYS, StatisticKind, StatisticRequest
 
     edges = bin_edges(schema_for(DATASET).standardize, bins)
     length = int(edges.shape[0]) * bins
@@ -140,7 +135,8 @@ def drift_query(
 
 def released_statistic(silo: Silo, run_id: str, query_round: int) -> np.ndarray | None:
     """The noised drift vector a silo released for a query (its own release store)."""
-    from fedguard.client.statistics import ReleaseStore, StatisticKind
+    from fedguard.client.statistics import ReleaseStore
+    from fedguard.wire.statistics import StatisticKind
 
     stored = ReleaseStore(silo.settings.state_dir).load(
         run_id, StatisticKind.DRIFT.purpose, query_round

@@ -20,9 +20,9 @@ from torch.utils.data import TensorDataset
 
 from fedguard.client.training import run_dp_sgd
 from fedguard.core.config import LocalDPConfig, LocalTrainingConfig, NoiseSource
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.seeding import derive_seed
 from fedguard.privacy.analysis.dp_sgd import poisson_schedule
+from fedguard.wire.protocol import ReplyStatus
 from tests.adversarial.harness import (
     make_silo,
     plain_instruction,

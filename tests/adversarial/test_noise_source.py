@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from fedguard.core.config import NoiseSource
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.serialization import flatten_weights
+from fedguard.wire.protocol import ReplyStatus
 from tests.adversarial.harness import (
     Silo,
     deployed_silo,

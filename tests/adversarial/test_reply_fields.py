@@ -12,14 +12,15 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import pytest
 from flwr.app import Message, RecordDict
 
-from fedguard.client.secure_identity import IDENTITY_QUERY
-from fedguard.client.statistics import SECAGG_STATISTIC
-from fedguard.core import protocol
 from fedguard.core.config import NoiseSource
-from fedguard.core.protocol import ReplyStatus
 from fedguard.server.secure_metrics import federated_scaler
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.secagg import IDENTITY_QUERY
+from fedguard.wire.statistics import SECAGG_STATISTIC
 from tests.adversarial.harness import (
     act_as_server,
     consortium,
@@ -31,6 +32,8 @@ from tests.adversarial.observe import (
     drift_query,
 )
 from tests.factories import initial_weights, local_scaler, small_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 THREAT_MODEL = Path(__file__).resolve().parents[2] / "docs" / "threat-model.md"
 ANY_MESSAGE = "*"

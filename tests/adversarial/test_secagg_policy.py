@@ -13,11 +13,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 from flwr.app import RecordDict
 
-from fedguard.client.secure import secagg_record
-from fedguard.core import protocol
-from fedguard.core.protocol import ReplyStatus
 from fedguard.privacy.secagg import (
     KeyAdvertisement,
     SecAggConfig,
@@ -30,6 +28,9 @@ from fedguard.privacy.secagg.crypto import (
     random_bytes,
     x25519_keypair,
 )
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.secagg import secagg_record
 from tests.adversarial.harness import (
     SETUP,
     Consortium,
@@ -44,6 +45,8 @@ from tests.adversarial.harness import (
     vector_length,
 )
 from tests.factories import initial_weights, local_scaler
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 RUN = "run-a"
 

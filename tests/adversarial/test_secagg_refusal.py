@@ -22,9 +22,6 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from fedguard.client.secure import PAYLOAD
-from fedguard.core import protocol
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.serialization import ModelWeights
 from fedguard.privacy.secagg import (
     ConsistencyRequest,
@@ -35,6 +32,9 @@ from fedguard.privacy.secagg import (
     ShareKeysRequest,
     ShareKeysResponse,
 )
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.secagg import PAYLOAD
 from tests.adversarial.harness import (
     Consortium,
     act_as_server,

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from fedguard.client.statistics import SECAGG_STATISTIC
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.serialization import ModelWeights
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.statistics import SECAGG_STATISTIC
 from tests.adversarial.harness import (
     SETUP,
     Consortium,

@@ -25,13 +25,15 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedguard.client.app import make_client_app
-from fedguard.core import protocol
 from fedguard.core.config import RunConfig
 from fedguard.server.app import make_server_app
 from fedguard.server.orchestrator import RoundRecord
 from fedguard.simulation.inprocess import run_inprocess
 from fedguard.simulation.runner import simulate
+from fedguard.wire import protocol
 from tests.factories import silo_settings, small_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedguard.core.protocol import ReplyStatus
+from fedguard.wire.protocol import ReplyStatus
 from tests.adversarial.harness import (
     has_update,
     make_silo,

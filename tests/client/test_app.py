@@ -8,14 +8,14 @@ from flwr.app import ConfigRecord
 
 from fedguard.client.app import SiloAgent, make_client_app
 from fedguard.client.silo import settings_from_node_config
-from fedguard.client.statistics import REQUEST, StatisticKind, StatisticRequest
-from fedguard.core import protocol
 from fedguard.core.config import DatasetName, LocalDPConfig, PrivacyBudget
 from fedguard.core.errors import ConfigError
 from fedguard.core.feature_moments import moment_layout
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.statistics import REQUEST, StatisticKind, StatisticRequest
 from tests.factories import (
     DATASET,
     initial_weights,

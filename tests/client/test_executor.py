@@ -13,7 +13,7 @@ from fedguard.client.executor import (
     check_fab,
 )
 from fedguard.core.errors import ConfigError
-from fedguard.server.commands import write_app
+from fedguard.deploy.bundles import write_app
 
 
 def _fab(files: dict[str, str]) -> bytes:

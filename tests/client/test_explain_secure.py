@@ -10,12 +10,11 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
+from fedguard.audit.chain import read_records
 from fedguard.client.app import make_client_app
 from fedguard.client.explain import AttributionSettings, attribution_statistic
 from fedguard.client.silo import SiloSettings
-from fedguard.client.statistics import StatisticKind
 from fedguard.client.training import LocalData, train_non_private
-from fedguard.core.chained_log import read_records
 from fedguard.core.config import LocalTrainingConfig, ModelSpec
 from fedguard.core.datasets import schema_for
 from fedguard.core.errors import FedguardError
@@ -38,6 +37,7 @@ from fedguard.server.statistics import (
     grid_send,
 )
 from fedguard.simulation.inprocess import InProcessGrid
+from fedguard.wire.statistics import StatisticKind
 from tests.factories import (
     DATASET,
     consortium_identities,

@@ -11,22 +11,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from flwr.app import ConfigRecord
 
+from fedguard.audit import pki
 from fedguard.client.policy import PolicyRefusalError, RefusalReason
-from fedguard.client.secure_identity import (
-    ROSTER,
-    ROSTER_STATE,
-    ROUND_NONCE,
-    SILO_IDS,
-    RoundIdentity,
-    authenticate_setup,
-)
+from fedguard.client.secure_identity import ROSTER_STATE, RoundIdentity, authenticate_setup
 from fedguard.client.silo import SiloSettings, settings_from_node_config
-from fedguard.core import pki
 from fedguard.core.errors import ConfigError
 from fedguard.privacy.secagg.crypto import ed25519_keypair
 from fedguard.privacy.secagg.messages import SetupRequest
 from fedguard.privacy.secagg.roster import Roster, SignedRoster, sign_roster
 from fedguard.server.secure_round import SecAggIdentities, SecureAggregationSettings
+from fedguard.wire.secagg import ROSTER, ROUND_NONCE, SILO_IDS
 from tests.factories import consortium_identities, inprocess_node, silo_settings
 
 NODES = [inprocess_node(i) for i in range(3)]

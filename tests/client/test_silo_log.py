@@ -5,16 +5,19 @@ from typing import Any
 
 import pytest
 
+from fedguard.audit.chain import read_records
+from fedguard.audit.logs import SILO_LOG_NAME, verify_silo_log
+from fedguard.audit.pki import load_public_key, node_keygen
 from fedguard.client.app import make_client_app
 from fedguard.client.silo import SiloSettings
 from fedguard.client.silo_log import SiloLogError, record_reply
-from fedguard.core import protocol
-from fedguard.core.chained_log import SILO_LOG_NAME, read_records, verify_silo_log
 from fedguard.core.config import LocalDPConfig, PrivacyBudget
-from fedguard.core.pki import load_public_key, node_keygen
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.serialization import record_to_weights, weights_sha256
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
 from tests.factories import initial_weights, instruction, local_scaler, node_context, silo_settings
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 
 def _app(settings: SiloSettings, signing_key: Path | None = None) -> Any:

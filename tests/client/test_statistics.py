@@ -9,14 +9,10 @@ from flwr.app import RecordDict
 from fedguard.client.app import make_client_app
 from fedguard.client.statistics import (
     SecureStatistic,
-    StatisticKind,
-    StatisticRequest,
     drift_statistic,
     fairness_statistic,
-    fairness_vector_length,
     noised_release,
 )
-from fedguard.core import protocol
 from fedguard.core.config import ModelSpec
 from fedguard.core.datasets import schema_for, sensitive_groups
 from fedguard.core.histograms import bin_edges
@@ -28,6 +24,8 @@ from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
 from fedguard.privacy.secagg import SecAggAbort
 from fedguard.server.statistics import collect_secure_statistic, grid_send
 from fedguard.simulation.inprocess import InProcessGrid
+from fedguard.wire import protocol
+from fedguard.wire.statistics import StatisticKind, StatisticRequest, fairness_vector_length
 from tests.factories import (
     DATASET,
     consortium_identities,

@@ -12,6 +12,7 @@ from fedguard.core.config import PrivacyBudget
 from fedguard.edge.distill import DistillConfig
 from fedguard.edge.export import ExportConfig, ExportResult, export_run
 from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger
+from fedguard.runs.saved import load_saved_run
 from fedguard.simulation.report import write_report
 from fedguard.simulation.runner import simulate
 from tests.factories import small_config
@@ -48,16 +49,26 @@ def exported(dp_run: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportRe
     return export_run(dp_run, dataclasses.replace(FAST, out_dir=out), lambda _: None)
 
 
+def set_run_options(run_dir: Path, **options: object) -> None:
+    """Change a copied run folder's config the way its checkpoints record it.
+
+    A saved run's config is read from its checkpoints (``fedguard.runs.saved``):
+    every checkpoint of every variant gets ``options`` (flat option keys).
+    """
+    for state_file in sorted(run_dir.glob("*/checkpoints/round-*.json")):
+        data = json.loads(state_file.read_text())
+        data["state"]["config"].update(options)
+        state_file.write_text(json.dumps(data))
+
+
 def with_lifetime_budget(run_dir: Path, budget: PrivacyBudget) -> None:
     """Give every silo of a copied run folder a larger lifetime budget, charges kept.
 
     Each ledger is rebuilt with ``budget`` and the same charges (same run ids, rounds
-    and events, so the same ε), and report.json's config says ``budget``: the state of
+    and events, so the same ε), and the run's config says ``budget``: the state of
     a consortium whose silos planned the teacher run with part of their lifetime budget.
     """
-    report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text())
-    old = PrivacyBudget(report["config"]["budget"]["epsilon"], report["config"]["budget"]["delta"])
+    old = load_saved_run(run_dir).config.budget
     for silo_dir in sorted((run_dir / "dp" / "silos").iterdir()):
         with PrivacyLedger.open(silo_dir, silo_dir.name, old) as ledger:
             entries = ledger.entries()
@@ -66,5 +77,4 @@ def with_lifetime_budget(run_dir: Path, budget: PrivacyBudget) -> None:
             for entry in entries:
                 charged = ledger.charge(entry.run_id, entry.round, entry.event, entry.purpose)
                 ledger.mark(charged.entry_id, ChargeStatus.COMPLETED)
-    report["config"]["budget"] = {"epsilon": budget.epsilon, "delta": budget.delta}
-    report_path.write_text(json.dumps(report))
+    set_run_options(run_dir, **{"target-epsilon": budget.epsilon, "delta": budget.delta})

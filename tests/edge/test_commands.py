@@ -1,4 +1,4 @@
-"""The export/predict subcommands as the lead mounts them in fedguard.cli."""
+"""The export/predict subcommands (fedguard.cli.edge), as fedguard.cli mounts them."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fedguard.core.errors import ConfigError
-from fedguard.edge.commands import (
+from fedguard.cli.edge import (
     add_export_command,
     add_predict_command,
     add_simulate_export_option,
     export_config_from_args,
 )
+from fedguard.core.errors import ConfigError
 from fedguard.edge.export import ExportConfig, ExportResult
 
 
@@ -70,5 +70,5 @@ def test_predict_handler_prints_predictions(
     args = _parser().parse_args(
         ["predict", str(exported.files["student_int8"]), str(exported.files["example_input"])]
     )
-    assert args.edge_handler(args) == 0
+    assert args.handler(args) == 0
     assert capsys.readouterr().out.startswith("row,prediction,class_index,")

@@ -44,6 +44,8 @@ from fedguard.privacy.analysis.dp_sgd import poisson_schedule
 from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import ChargeStatus, PrivacyLedger
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 DP = LocalDPConfig(noise_source=NoiseSource.SEEDED)
 
 

@@ -15,7 +15,7 @@ from fedguard.core.config import DatasetName
 from fedguard.core.datasets import encode_frame, load_pooled_frame, schema_for
 from fedguard.core.models import build_model
 from fedguard.core.serialization import load_weights
-from fedguard.edge.export import load_saved_run
+from fedguard.runs.saved import load_saved_run
 
 
 def _raw_csv(tmp_path: Path) -> Path:
@@ -81,7 +81,8 @@ def test_explain_errors_are_one_line(
 
 
 def test_simulate_explain_options_reach_the_run_config() -> None:
-    from fedguard.cli import build_parser, config_from_args
+    from fedguard.cli import build_parser
+    from fedguard.cli.simulate import config_from_args
 
     args = ["simulate", "--explain", "--explain-epsilon", "0.5", "--explain-steps", "16"]
     trust = config_from_args(build_parser().parse_args([*args, "--explain-clip-norm", "2"])).trust

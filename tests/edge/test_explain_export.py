@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -19,19 +18,20 @@ from fedguard.edge.explain import (
     student_attributions,
     student_release_run_id,
 )
-from fedguard.edge.export import export_run, load_saved_run
+from fedguard.edge.export import export_run
 from fedguard.privacy.ledger import ChargePurpose, ChargeStatus, PrivacyLedger
-from tests.edge.conftest import BUDGET, FAST, LIFETIME
+from fedguard.runs.saved import load_saved_run
+from tests.edge.conftest import BUDGET, FAST, LIFETIME, set_run_options
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 
 def _asking_for_explanations(dp_run: Path, into: Path) -> Path:
     """A copy of the shared DP run whose config asks for explanations (8 IG steps)."""
     run_dir = into / "bc"
     shutil.copytree(dp_run, run_dir)
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["config"]["trust"]["explain"] is False
-    report["config"]["trust"].update(explain=True, explain_steps=8)
-    (run_dir / "report.json").write_text(json.dumps(report))
+    assert load_saved_run(run_dir).config.trust.explain is False
+    set_run_options(run_dir, **{"explain": True, "explain-steps": 8})
     return run_dir
 
 
@@ -52,9 +52,7 @@ def _with_lifetime_budget(run_dir: Path) -> None:
                 charged = ledger.charge(entry.run_id, entry.round, entry.event, entry.purpose)
                 record_charge(settings, ledger, charged)
                 ledger.mark(charged.entry_id, ChargeStatus.COMPLETED)
-    report = json.loads((run_dir / "report.json").read_text())
-    report["config"]["budget"] = {"epsilon": LIFETIME.epsilon, "delta": LIFETIME.delta}
-    (run_dir / "report.json").write_text(json.dumps(report))
+    set_run_options(run_dir, **{"target-epsilon": LIFETIME.epsilon, "delta": LIFETIME.delta})
 
 
 def _attribution_runs(run_dir: Path) -> list[str]:

@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedguard.core.config import PartitionSpec, PrivacyBudget, RunConfig
+from fedguard.core.config import PrivacyBudget
 from fedguard.core.errors import ConfigError
 from fedguard.edge.distill import DistillConfig, DistillMode
 from fedguard.edge.errors import RunFolderError
-from fedguard.edge.export import ExportResult, export_run, load_saved_run, run_config_from_dict
+from fedguard.edge.export import ExportResult, export_run
 from fedguard.edge.predict import METADATA_KEY, EdgeModel
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
+from fedguard.runs.saved import load_saved_run
 from tests.edge.conftest import BUDGET, FAST, LIFETIME, with_lifetime_budget
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 
 def _ledger_figures(run_dir: Path, budget: PrivacyBudget = BUDGET) -> dict[str, dict[str, object]]:
@@ -165,13 +168,6 @@ def test_missing_or_tampered_run_folders_raise_typed_errors(dp_run: Path, tmp_pa
     np.savez(last, **arrays)
     with pytest.raises(RunFolderError, match="scaler"):
         export_run(copy, dataclasses.replace(FAST, out_dir=tmp_path / "out"), lambda _: None)
-
-
-@pytest.mark.parametrize("partition", ["iid", "dirichlet:0.123456789", "column:mgus"])
-def test_run_config_round_trips_through_report_json(partition: str) -> None:
-    config = RunConfig(partition=PartitionSpec.parse(partition), run_name="x")
-    data = json.loads(json.dumps(config.to_dict()))
-    assert run_config_from_dict(data) == config
 
 
 def test_a_transfer_set_needs_server_mode(tmp_path: Path) -> None:

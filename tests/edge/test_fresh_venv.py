@@ -12,10 +12,11 @@ import pytest
 
 from fedguard.edge.export import ExportResult
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_predict_in_a_venv_with_only_numpy_and_onnxruntime(
     exported: ExportResult, tmp_path: Path
@@ -81,10 +82,10 @@ def test_predict_in_a_venv_with_only_numpy_and_onnxruntime(
         [
             str(python),
             "-c",
-            "import sys; from fedguard.edge.commands import add_predict_command;"
+            "import sys; from fedguard.cli.edge import add_predict_command;"
             "import argparse; p = argparse.ArgumentParser(); "
             "add_predict_command(p.add_subparsers(dest='command')); "
-            "a = p.parse_args(sys.argv[1:]); sys.exit(a.edge_handler(a))",
+            "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))",
             "predict",
             str(model),
             str(rows),

@@ -17,6 +17,8 @@ from fedguard.edge.errors import ModelFileError, PredictInputError
 from fedguard.edge.export import ExportResult
 from fedguard.edge.predict import EdgeModel, read_feature_csv, run_predict, sidecar_path
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ("a", "b=x", "c_missing")
 
@@ -116,11 +118,11 @@ def test_predict_runs_with_torch_pandas_and_sklearn_blocked(exported: ExportResu
     result = _run_blocked(
         f"""
         import argparse, sys
-        from fedguard.edge.commands import add_predict_command
+        from fedguard.cli.edge import add_predict_command
         parser = argparse.ArgumentParser(prog="fedguard")
         add_predict_command(parser.add_subparsers(dest="command"))
         args = parser.parse_args(["predict", {str(model)!r}, {str(rows)!r}])
-        code = args.edge_handler(args)
+        code = args.handler(args)
         assert not {{"torch", "pandas", "sklearn"}} & set(sys.modules), sorted(sys.modules)
         sys.exit(code)
         """
@@ -133,7 +135,7 @@ def test_predict_runs_with_torch_pandas_and_sklearn_blocked(exported: ExportResu
 def test_the_cli_module_and_edge_commands_import_without_torch() -> None:
     result = _run_blocked(
         """
-        import fedguard.edge.commands, fedguard.edge.predict, fedguard.edge.errors
+        import fedguard.cli.edge, fedguard.edge.predict, fedguard.edge.errors
         import fedguard.cli
         """
     )

@@ -24,6 +24,8 @@ from fedguard.edge.quantize import (
     synthetic_features,
 )
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 
 def _setup(name: DatasetName) -> tuple[FeatureStatistics, FeatureScaler, np.ndarray]:
     silos = simulation_silos(name, 2, PartitionSpec.parse("iid"), 0.2, seed=0)

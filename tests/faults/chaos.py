@@ -59,11 +59,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedguard.core.chained_log import SILO_LOG_NAME, read_records
+from fedguard.audit.chain import read_records
+from fedguard.audit.logs import SILO_LOG_NAME
 from fedguard.core.config import PrivacyBudget
 from fedguard.core.process_lock import lock_holders
+from fedguard.deploy.run_lock import RUN_LOCK
 from fedguard.privacy.ledger import PrivacyLedger
-from fedguard.server.commands import RUN_LOCK
 from tests.integration.deployment_harness import (
     SILOS,
     Consortium,

@@ -21,24 +21,29 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedguard.audit.chain import read_records
+from fedguard.audit.pki import init_ca, issue_server_cert, load_public_key
+from fedguard.audit.server_log import verify_audit_log
 from fedguard.client.app import make_client_app
-from fedguard.core import protocol
 from fedguard.core.config import (
     LocalDPConfig,
     RunConfig,
     SecureAggregationConfig,
     dataclass_field_names,
 )
-from fedguard.core.pki import init_ca, issue_server_cert, load_public_key
+from fedguard.deploy.layouts import ServerLayout
+from fedguard.deploy.recorder import DeploymentRecorder
 from fedguard.privacy.ledger import PrivacyLedger
-from fedguard.server.audit import read_records, verify_audit_log
-from fedguard.server.commands import DeploymentRecorder, ServerLayout
 from fedguard.server.orchestrator import FederatedRun, RoundRecord
 from fedguard.simulation.inprocess import InProcessGrid
+from fedguard.wire import protocol
 from tests.factories import consortium_roster, inprocess_node, silo_settings, small_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 REPO = Path(__file__).resolve().parents[2]
@@ -271,7 +276,8 @@ def test_a_disconnected_silo_is_not_reported_as_a_timeout(tmp_path: Path) -> Non
 _KILLED_SERVERAPP = """
 import os, signal, sys
 from pathlib import Path
-from fedguard.server.commands import DeploymentRecorder, ServerLayout
+from fedguard.deploy.layouts import ServerLayout
+from fedguard.deploy.recorder import DeploymentRecorder
 recorder = DeploymentRecorder.open(
     ServerLayout(Path(sys.argv[1])), "killed-run", {"rounds": 3}, Path(sys.argv[2])
 )

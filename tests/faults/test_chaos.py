@@ -28,6 +28,8 @@ import pytest
 from tests.faults.chaos import CHAOS_BUDGET, make_schedule, run_schedule
 from tests.integration.deployment_harness import Consortium, consortium_session
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 #: What a few seeds' schedules do (make_schedule(seed).describe()).
 SCHEDULES = {
     62: "kill the SuperLink 2.7 s after round 0's checkpoint, the restarted run's ServerApp "

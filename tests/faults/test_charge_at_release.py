@@ -17,14 +17,15 @@ from typing import Any
 import pytest
 from flwr.app import RecordDict
 
+from fedguard.audit.chain import read_records
+from fedguard.audit.logs import SILO_LOG_NAME
 from fedguard.client import app as client_app
 from fedguard.client.outbox import Outbox
 from fedguard.client.training import TrainingError
-from fedguard.core import protocol
-from fedguard.core.chained_log import SILO_LOG_NAME, read_records
 from fedguard.core.errors import LedgerError
-from fedguard.core.protocol import ReplyStatus
 from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
 from tests.adversarial.harness import (
     SETUP,
     act_as_server,
@@ -34,6 +35,8 @@ from tests.adversarial.harness import (
     vector_length,
 )
 from tests.factories import initial_weights, local_scaler, node_context, silo_settings
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 RUN = "run-a"
 

@@ -20,14 +20,16 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
+from fedguard.audit.chain import read_records
 from fedguard.client.app import make_client_app
-from fedguard.core import protocol
-from fedguard.core.chained_log import read_records
 from fedguard.core.config import PrivacyBudget
-from fedguard.core.protocol import ReplyStatus
 from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
 from tests.factories import initial_weights, instruction, local_scaler, silo_settings
 from tests.faults.test_locks import Deployment, _processes_naming, deployment
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 LEDGER = PrivacyLedger.FILENAME
 SILO_LOG = "silo-log.jsonl"

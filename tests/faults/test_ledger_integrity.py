@@ -13,11 +13,12 @@ from pathlib import Path
 
 from flwr.app import Message
 
+from fedguard.audit.chain import read_records
+from fedguard.audit.logs import SILO_LOG_NAME
 from fedguard.client.app import make_client_app
-from fedguard.core import protocol
-from fedguard.core.chained_log import SILO_LOG_NAME, read_records
-from fedguard.core.protocol import ReplyStatus
 from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
 from tests.factories import initial_weights, instruction, local_scaler, node_context, silo_settings
 
 LEDGER = "privacy-ledger.sqlite"
@@ -173,7 +174,7 @@ def test_a_reset_moves_the_silo_to_the_budget_its_config_now_names(tmp_path: Pat
 
 def test_reset_ledger_command_needs_confirmation_and_logs_the_reset(tmp_path: Path) -> None:
     from fedguard.cli import main
-    from fedguard.server.commands import node_config_toml
+    from fedguard.deploy.bundles import node_config_toml
 
     assert protocol.reply_status(_train(tmp_path, 1))[0] is ReplyStatus.OK
     settings = silo_settings(tmp_path, 0)

@@ -29,21 +29,15 @@ from pathlib import Path
 
 import pytest
 
-from fedguard.core.pki import init_ca, issue_server_cert, node_keygen
+from fedguard.audit.pki import init_ca, issue_server_cert, node_keygen
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 # -- small process helpers (as in tests/integration/test_deployment.py, copied so that
 # this module does not depend on that one's layout) ----------------------------------------
 
 
-def _cli_module() -> str:
-    """``fedguard.cli`` once it has the deploy commands, else the commands module itself."""
-    cli = Path(__file__).resolve().parents[2] / "fedguard" / "cli.py"
-    return (
-        "fedguard.cli" if "add_deploy_commands" in cli.read_text() else "fedguard.server.commands"
-    )
-
-
-CLI = [sys.executable, "-m", _cli_module()]
+CLI = [sys.executable, "-m", "fedguard.cli"]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -139,8 +133,14 @@ sys.exit(main(sys.argv[3:]))
 """
 #: Imported before the barrier, so that after it the starts race on the folder only.
 _PRELOAD = (
-    "fedguard.server.commands",
-    "fedguard.server.roster_commands",
+    "fedguard.cli.simulate",
+    "fedguard.cli.edge",
+    "fedguard.cli.explain",
+    "fedguard.cli.monitor",
+    "fedguard.cli.deploy",
+    "fedguard.deploy.superlink",
+    "fedguard.deploy.supernode",
+    "fedguard.deploy.roster",
     "fedguard.client.silo",
     "fedguard.client.ledger_guard",
 )
@@ -171,7 +171,7 @@ class Deployment:
         env = {**self.env(), "FG_READY_FD": str(ready_w), "FG_GO_FD": str(go_r)}
         processes = [
             subprocess.Popen(
-                [sys.executable, "-c", _BARRIER, ",".join(_PRELOAD), _cli_module(), *command],
+                [sys.executable, "-c", _BARRIER, ",".join(_PRELOAD), "fedguard.cli", *command],
                 cwd=self.root,
                 env=env,
                 stdout=subprocess.PIPE,

@@ -25,19 +25,18 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid
 
 from fedguard.core.process_lock import ProcessLock, lock_holder, lock_is_held
-from fedguard.server.commands import (
-    RUN_LOCK,
-    SERVER_DIR_ENV,
-    RunActiveError,
-    ServerLayout,
+from fedguard.deploy.flower_control import (
     SuperLinkUnreachableError,
     control_client,
     run_status,
     wait_for_run,
-    write_connection,
 )
+from fedguard.deploy.layouts import SERVER_DIR_ENV, ServerLayout, write_connection
+from fedguard.deploy.run_lock import RUN_LOCK, RunActiveError
 from tests.faults.test_locks import deployment
 from tests.integration.deployment_harness import write_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 
 class _NoGrid:
@@ -50,8 +49,8 @@ class _NoGrid:
 def test_a_second_serverapp_of_a_run_stops_before_run_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedguard.core.pki import audit_keygen
-    from fedguard.server import app
+    from fedguard import apps as app
+    from fedguard.audit.pki import audit_keygen
 
     server = tmp_path / "server"
     audit_keygen(server)
@@ -75,7 +74,7 @@ def test_a_second_serverapp_of_a_run_stops_before_run_start(
 
 
 def test_run_wait_on_a_superlink_that_is_down_is_a_typed_error(tmp_path: Path) -> None:
-    from fedguard.core.pki import init_ca, issue_server_cert
+    from fedguard.audit.pki import init_ca, issue_server_cert
 
     init_ca(tmp_path / "ca")
     issue_server_cert(tmp_path / "ca", tmp_path / "server")

@@ -23,8 +23,10 @@ import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedguard.audit.chain import read_records
+from fedguard.audit.pki import init_ca, issue_server_cert
+from fedguard.cli import main
 from fedguard.client.app import make_client_app
-from fedguard.core import protocol
 from fedguard.core.config import (
     CentralDPConfig,
     LocalDPConfig,
@@ -33,13 +35,15 @@ from fedguard.core.config import (
     dataclass_field_names,
 )
 from fedguard.core.errors import ConfigError
-from fedguard.core.pki import init_ca, issue_server_cert
-from fedguard.core.protocol import ReplyStatus
-from fedguard.server.audit import read_records
-from fedguard.server.commands import DeploymentRecorder, ServerLayout, main
+from fedguard.deploy.layouts import ServerLayout
+from fedguard.deploy.recorder import DeploymentRecorder
 from fedguard.server.orchestrator import FederatedRun, RoundRecord
 from fedguard.simulation.inprocess import InProcessGrid
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
 from tests.factories import consortium_roster, silo_settings, small_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 NO_DP = LocalDPConfig(enabled=False)
@@ -99,7 +103,7 @@ def _deployed_run(
 
 def _exit_status(end: dict[str, Any]) -> int:
     """What `fedguard run --wait` exits with once Flower says finished:completed."""
-    from fedguard.server import commands
+    from fedguard.deploy import submit as commands
 
     mapping = getattr(commands, "run_exit_status", None)
     if mapping is None:  # before: exit 0 whenever Flower said finished:completed
@@ -181,7 +185,7 @@ def test_a_run_stopped_by_the_central_dp_budget_says_so(tmp_path: Path) -> None:
 
 
 def test_the_run_end_status_decides_the_exit_status_of_run_wait() -> None:
-    from fedguard.server.commands import run_exit_status
+    from fedguard.deploy.submit import run_exit_status
 
     done = "finished:completed"
     assert run_exit_status(done, {"status": "completed", "reasons": []}) == 0

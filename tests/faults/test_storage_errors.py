@@ -40,23 +40,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from flwr.app import Message
 
+from fedguard.audit.chain import AuditError, read_records
+from fedguard.audit.logs import SILO_LOG_NAME, SiloLog, verify_silo_log
+from fedguard.audit.server_log import AuditLog
+from fedguard.cli.deploy import cmd_audit_verify
 from fedguard.client.app import make_client_app
 from fedguard.client.silo import SiloSettings
-from fedguard.core import protocol
-from fedguard.core.chained_log import (
-    SILO_LOG_NAME,
-    AuditError,
-    SiloLog,
-    read_records,
-    verify_silo_log,
-)
 from fedguard.core.config import PrivacyBudget
 from fedguard.core.errors import FedguardError, LedgerError
-from fedguard.core.protocol import ReplyStatus
 from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import PrivacyLedger, RoundPlan
-from fedguard.server.audit import AuditLog
-from fedguard.server.commands import cmd_audit_verify
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
 from tests.factories import initial_weights, instruction, local_scaler, node_context, silo_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +144,8 @@ _FULL_DISK = textwrap.dedent(
         return {"set_plan": plan, "charge": charge, "after": after}
 
     def silo_log():
-        from fedguard.core.chained_log import SiloLog, read_records, verify_silo_log
+        from fedguard.audit.chain import read_records
+        from fedguard.audit.logs import SiloLog, verify_silo_log
 
         state = base / "silo"
         log = SiloLog.open(state)
@@ -178,7 +174,7 @@ _FULL_DISK = textwrap.dedent(
         return {"save": saved, "left": left}
 
     def checkpoint():
-        from fedguard.server.checkpoints import CheckpointStore
+        from fedguard.runs.checkpoints import CheckpointStore
 
         store = CheckpointStore(base / "checkpoints")
         saved = limited(4096, lambda: store.save(1, weights, {"round": 1}))
@@ -186,7 +182,7 @@ _FULL_DISK = textwrap.dedent(
         return {"save": saved, "rounds": store.rounds(), "left": left}
 
     def registry():
-        from fedguard.server.registry import ModelRegistry
+        from fedguard.audit.registry import ModelRegistry
 
         reg = ModelRegistry.open(base / "registry")
         registered = limited(

@@ -27,20 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.core.config import PrivacyBudget
-from fedguard.server.commands import ServerLayout
+from fedguard.deploy.layouts import ServerLayout
 
 SILOS = ("hospital-a", "hospital-b", "hospital-c")
 
 
-def _cli_module() -> str:
-    """``fedguard.cli`` once the lead wired the deploy commands in, else the module itself."""
-    cli = Path(__file__).resolve().parents[2] / "fedguard" / "cli.py"
-    return (
-        "fedguard.cli" if "add_deploy_commands" in cli.read_text() else "fedguard.server.commands"
-    )
-
-
-CLI = [sys.executable, "-m", _cli_module()]
+CLI = [sys.executable, "-m", "fedguard.cli"]
 
 
 def _free_ports(count: int) -> list[int]:

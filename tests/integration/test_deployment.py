@@ -76,6 +76,8 @@ from tests.integration.deployment_harness import (
 )
 from tests.integration.deployment_harness import history as _history
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 # Re-exported for tests that import them from here (tests/faults/test_locks.py).
 __all__ = ["CLI", "_alive", "_cmdline", "_descendants", "_free_ports", "_stop_all"]
 
@@ -392,9 +394,9 @@ def test_an_oversize_update_is_rejected_with_its_reason(tmp_path: Path) -> None:
     from flwr.clientapp.typing import ClientAppCallable
 
     from fedguard.client.app import make_client_app
-    from fedguard.core import protocol
     from fedguard.server.app import make_server_app
     from fedguard.simulation.inprocess import run_inprocess
+    from fedguard.wire import protocol
     from tests.factories import silo_settings, small_config
 
     def oversize(message: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -15,6 +15,8 @@ from fedguard.core.config import Engine, SecureAggregationConfig
 from fedguard.simulation.runner import run_variant
 from tests.factories import small_config
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 
 @pytest.mark.engine
 @pytest.mark.timeout(600)

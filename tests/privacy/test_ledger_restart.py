@@ -5,9 +5,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from fedguard.core.config import PrivacyBudget
 from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import PrivacyLedger
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 _CHARGE = textwrap.dedent(
     """

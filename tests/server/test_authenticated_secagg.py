@@ -11,11 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedguard.client.app import make_client_app
-from fedguard.client.secure import PAYLOAD, STATE_KEY
-from fedguard.client.secure_identity import ROSTER
-from fedguard.core import protocol
+from fedguard.client.secure import STATE_KEY
 from fedguard.core.config import LocalDPConfig
-from fedguard.core.protocol import ReplyStatus
 from fedguard.core.serialization import flatten_weights
 from fedguard.privacy.secagg import (
     KeyAdvertisement,
@@ -40,6 +37,9 @@ from fedguard.server.secure_round import (
 )
 from fedguard.server.statistics import grid_send
 from fedguard.simulation.inprocess import InProcessGrid
+from fedguard.wire import protocol
+from fedguard.wire.protocol import ReplyStatus
+from fedguard.wire.secagg import PAYLOAD, ROSTER
 from tests.factories import (
     consortium_identities,
     initial_weights,

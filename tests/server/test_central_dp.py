@@ -9,25 +9,28 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedguard.cli import build_parser, config_from_args
+from fedguard.cli import build_parser
+from fedguard.cli.simulate import config_from_args
 from fedguard.client.app import make_client_app
 from fedguard.core.config import CentralDPConfig, RunConfig
 from fedguard.core.errors import ConfigError
 from fedguard.edge.distill import central_round_event
 from fedguard.privacy.accountant import PrivacyAccountant
-from fedguard.privacy.events import DpFedAvgRound
-from fedguard.server.app import make_server_app
-from fedguard.server.central_dp import (
+from fedguard.privacy.central_accounting import (
     STATE_FILE,
     CentralPrivacy,
     accounted_round,
     read_central_dp,
 )
+from fedguard.privacy.events import DpFedAvgRound
+from fedguard.server.app import make_server_app
 from fedguard.server.orchestrator import RoundRecord
 from fedguard.simulation.inprocess import run_inprocess
 from fedguard.simulation.report import summary_table, write_report
 from fedguard.simulation.runner import SiloPlan, VariantResult
 from tests.factories import silo_settings, small_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 CENTRAL = CentralDPConfig(
     enabled=True, clip_norm=0.5, noise_multiplier=1.0, client_sampling_rate=0.6, delta=1e-3

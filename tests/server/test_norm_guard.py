@@ -14,8 +14,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedguard.client.app import make_client_app
 from fedguard.client.secure import clip_update
-from fedguard.core import protocol
-from fedguard.core.aggregation import AggregatorConfig, AggregatorName
+from fedguard.core.aggregation_config import AggregatorConfig, AggregatorName
 from fedguard.core.config import (
     UPDATE_CLIP_NORM_DEFAULT,
     CentralDPConfig,
@@ -24,16 +23,19 @@ from fedguard.core.config import (
     SecureAggregationConfig,
 )
 from fedguard.core.errors import ConfigError, UpdateRejectedError
-from fedguard.core.protocol import RoundInstructions
 from fedguard.core.serialization import flatten_weights
+from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.server.app import make_server_app
-from fedguard.server.checkpoints import CheckpointStore
 from fedguard.server.norm_guard import check_update_norm, secure_clip_norm, secure_sum_violation
 from fedguard.server.orchestrator import RoundRecord
 from fedguard.simulation.attack_config import AttackConfig, AttackName
 from fedguard.simulation.attacks import adversaries
 from fedguard.simulation.inprocess import run_inprocess
+from fedguard.wire import protocol
+from fedguard.wire.protocol import RoundInstructions
 from tests.factories import consortium_roster, silo_settings, small_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 

@@ -12,16 +12,18 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedguard.client.app import make_client_app
 from fedguard.client.policy import SiloPolicy
 from fedguard.client.silo import SiloSettings
-from fedguard.core import protocol
 from fedguard.core.config import PrivacyBudget, RunConfig
 from fedguard.core.errors import CheckpointError
 from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
+from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.server.app import make_server_app
-from fedguard.server.checkpoints import CheckpointStore
 from fedguard.server.orchestrator import RoundRecord
 from fedguard.simulation.inprocess import run_inprocess
+from fedguard.wire import protocol
 from tests.factories import silo_settings, small_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 

@@ -12,8 +12,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedguard.client.app import make_client_app
-from fedguard.core import protocol
-from fedguard.core.aggregation import AggregatorConfig, AggregatorName
+from fedguard.core.aggregation_config import AggregatorConfig, AggregatorName
 from fedguard.core.config import (
     CentralDPConfig,
     LocalDPConfig,
@@ -22,12 +21,13 @@ from fedguard.core.config import (
 )
 from fedguard.core.errors import ConfigError
 from fedguard.core.serialization import flatten_weights
+from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.server.app import make_server_app
-from fedguard.server.checkpoints import CheckpointStore
 from fedguard.server.orchestrator import FederatedRun, RoundRecord
 from fedguard.simulation.attack_config import AttackConfig, AttackName
 from fedguard.simulation.attacks import adversaries
 from fedguard.simulation.inprocess import InProcessGrid, run_inprocess
+from fedguard.wire import protocol
 from tests.factories import consortium_roster, silo_settings, small_config
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]

@@ -12,30 +12,29 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedguard.client.app import make_client_app
 from fedguard.client.policy import SiloPolicy, policy_from_node_config
-from fedguard.core import protocol
 from fedguard.core.config import LocalDPConfig, RunConfig, SecureAggregationConfig
 from fedguard.core.datasets import schema_for
 from fedguard.core.errors import ConfigError
 from fedguard.core.feature_moments import moment_layout
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
-from fedguard.core.protocol import RoundInstructions
 from fedguard.core.serialization import weights_to_record
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
+from fedguard.runs.scaler_moments import MOMENTS_FILENAME, scaler_reproduced
 from fedguard.server.app import make_server_app
 from fedguard.server.secure_metrics import (
     EVALUATION_RESOLUTION,
-    MOMENTS_FILENAME,
     MOMENTS_RESOLUTION,
     PUBLIC_OUTCOME_METRICS,
     SCALER_QUERY_ROUND,
     evaluate_round,
     federated_scaler,
-    scaler_reproduced,
 )
 from fedguard.server.statistics import grid_send
 from fedguard.simulation.inprocess import InProcessGrid, run_inprocess
 from fedguard.simulation.report import write_report
 from fedguard.simulation.runner import simulate
+from fedguard.wire import protocol
+from fedguard.wire.protocol import RoundInstructions
 from tests.factories import (
     DATASET,
     consortium_identities,
@@ -44,6 +43,8 @@ from tests.factories import (
     silo_settings,
     small_config,
 )
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 SILOS = 3
 

@@ -5,19 +5,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedguard.client.app import make_client_app
 from fedguard.client.outbox import Outbox
-from fedguard.core import protocol
 from fedguard.core.config import RunConfig, SecureAggregationConfig
 from fedguard.core.serialization import flatten_weights
+from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.server.app import make_server_app
-from fedguard.server.checkpoints import CheckpointStore
 from fedguard.server.orchestrator import RoundRecord
 from fedguard.simulation.inprocess import run_inprocess
+from fedguard.wire import protocol
 from tests.factories import consortium_roster, silo_settings, small_config
+
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 

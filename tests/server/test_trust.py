@@ -20,6 +20,8 @@ from fedguard.simulation.monitor import load_run, simulate_monitoring
 from fedguard.simulation.runner import run_variant
 from tests.factories import small_config
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 TRUST = TrustConfig(fairness_attribute="mean radius", fairness_bands=(14.0,), drift=True)
 
 

@@ -11,6 +11,8 @@ from fedguard.simulation.report import summary_table, write_report
 from fedguard.simulation.runner import plan_silos, simulate
 from tests.factories import small_config
 
+pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
+
 
 def test_simulate_writes_a_complete_report(tmp_path: Path) -> None:
     config = small_config(tmp_path, num_rounds=2, run_name="r1")

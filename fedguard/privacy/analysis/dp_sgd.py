@@ -38,6 +38,7 @@ from dp_accounting import mechanism_calibration
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from fedguard.core.checks import positive, rate
 from fedguard.core.errors import ConfigError, InfeasibleBudgetError, UnsupportedEventError
 
 __all__ = [
@@ -82,28 +83,6 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def _check_rate(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0.0 < value <= 1.0
-    ):
-        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_positive(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_delta(delta: object) -> float:
@@ -157,8 +136,8 @@ def dp_sgd_event(sample_rate: float, noise_multiplier: float, steps: int) -> dp_
     every example independently with probability ``q`` and releases the clipped
     gradient sum plus N(0, σ²C²). Sample-level DP, add-or-remove-one.
     """
-    q = _check_rate("sample_rate", sample_rate)
-    sigma = _check_positive("noise_multiplier", noise_multiplier)
+    q = rate("sample_rate", sample_rate)
+    sigma = positive("noise_multiplier", noise_multiplier)
     count = _check_int("steps", steps, 1)
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count
@@ -176,8 +155,8 @@ def dp_fedavg_event(
     The event is ``SelfComposed(PoissonSampled(q_c, Gaussian(z)), rounds)``; at
     ``q_c = 1`` (every silo, every round) it is the plain Gaussian mechanism.
     """
-    q = _check_rate("client_sampling_rate", client_sampling_rate)
-    z = _check_positive("noise_multiplier", noise_multiplier)
+    q = rate("client_sampling_rate", client_sampling_rate)
+    z = positive("noise_multiplier", noise_multiplier)
     count = _check_int("rounds", rounds, 1)
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), count
@@ -263,7 +242,7 @@ def epsilon_pld(
     positional argument is the neighbouring relation.
     """
     d = _check_delta(delta)
-    interval = _check_positive("value_discretization_interval", value_discretization_interval)
+    interval = positive("value_discretization_interval", value_discretization_interval)
     # A PLD composition costs up to seconds, and a silo asks for the same one several
     # times per round (affordability check, charge, reports). dp_accounting's events are
     # attrs classes whose repr names the class and every field (floats exactly, nested
@@ -331,12 +310,12 @@ def calibrate_noise_multiplier(
         InfeasibleBudgetError: even ``max_noise_multiplier`` overspends on one
             round, or on ``rounds`` rounds (the message says how many would fit).
     """
-    q = _check_rate("sample_rate", sample_rate)
+    q = rate("sample_rate", sample_rate)
     steps = _check_int("steps_per_round", steps_per_round, 1)
     n_rounds = _check_int("rounds", rounds, 1)
-    target = _check_positive("target_epsilon", target_epsilon)
+    target = positive("target_epsilon", target_epsilon)
     d = _check_delta(delta)
-    sigma_max = _check_positive("max_noise_multiplier", max_noise_multiplier)
+    sigma_max = positive("max_noise_multiplier", max_noise_multiplier)
     prior_parts = [(_check_event(e), 1) for e in prior]
 
     def event_for(sigma: float, k_rounds: int) -> dp_accounting.DpEvent:

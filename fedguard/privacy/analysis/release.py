@@ -19,6 +19,7 @@ import dp_accounting
 from dp_accounting.pld import privacy_loss_mechanism
 from scipy import optimize
 
+from fedguard.core.checks import positive
 from fedguard.core.errors import ConfigError
 from fedguard.privacy.analysis.dp_sgd import epsilon_pld
 
@@ -34,19 +35,6 @@ _SIGMA_LO = 0.05
 _SIGMA_HI = 1e4
 
 
-def _check(name: str, value: object, *, upper: float | None = None) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-        or (upper is not None and value >= upper)
-    ):
-        bound = f" and < {upper:g}" if upper is not None else ""
-        raise ConfigError(f"{name} must be a finite number > 0{bound}, got {value!r}")
-    return float(value)
-
-
 def _check_count(count: object) -> int:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigError(f"count must be an integer >= 1, got {count!r}")
@@ -55,7 +43,7 @@ def _check_count(count: object) -> int:
 
 def gaussian_release_event(noise_multiplier: float, count: int = 1) -> dp_accounting.DpEvent:
     """``count`` Gaussian mechanisms of noise multiplier σ (no sampling)."""
-    sigma = _check("noise_multiplier", noise_multiplier)
+    sigma = positive("noise_multiplier", noise_multiplier)
     n = _check_count(count)
     gaussian = dp_accounting.GaussianDpEvent(sigma)
     return gaussian if n == 1 else dp_accounting.SelfComposedDpEvent(gaussian, n)
@@ -77,8 +65,8 @@ def calibrate_release_noise(target_epsilon: float, delta: float, count: int = 1)
     accountant fedguard reports with and raised by 0.1 % steps until
     :func:`release_epsilon` is within the target: never less noise than asked.
     """
-    target = _check("target_epsilon", target_epsilon)
-    d = _check("delta", delta, upper=1.0)
+    target = positive("target_epsilon", target_epsilon)
+    d = positive("delta", delta, upper=1.0)
     n = _check_count(count)
 
     def excess_delta(log_sigma: float) -> float:

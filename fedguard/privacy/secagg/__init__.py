@@ -9,8 +9,10 @@ CCS 2020). Modules:
 * :mod:`.config` — :class:`SecAggConfig` (n, k, t, fixed-point budget), validated.
 * :mod:`.analysis` — choosing k and t from σ, η, dropout and corruption rates.
 * :mod:`.encoding` — clipping (counted), stochastic rounding, weights, exact decoding.
-* :mod:`.protocol` — :class:`ClientRound` / :class:`ServerRound` stages and the
-  in-memory driver :func:`run_round`.
+* :mod:`.transcript` — the :class:`Stage` names and what both sides derive from
+  the setup (mask seeds, share keys and AAD, commitments, the neighbour graph).
+* :mod:`.client_round` / :mod:`.server_round` — the :class:`ClientRound` and
+  :class:`ServerRound` stages; :mod:`.driver` — the in-memory driver :func:`run_round`.
 * :mod:`.messages` — the payloads, with ``to_bytes`` / ``from_bytes``.
 * :mod:`.crypto`, :mod:`.shamir`, :mod:`.graph` — X25519, Ed25519, HKDF, AES-GCM,
   AES-CTR masks; Shamir sharing; the neighbour graph.
@@ -20,7 +22,9 @@ CCS 2020). Modules:
 
 from __future__ import annotations
 
+from fedguard.privacy.secagg.client_round import ClientRound
 from fedguard.privacy.secagg.config import SecAggConfig
+from fedguard.privacy.secagg.driver import RoundOutcome, run_round
 from fedguard.privacy.secagg.encoding import (
     DecodedSum,
     EncodedInput,
@@ -46,14 +50,8 @@ from fedguard.privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fedguard.privacy.secagg.protocol import (
-    AggregateResult,
-    ClientRound,
-    RoundOutcome,
-    ServerRound,
-    Stage,
-    run_round,
-)
+from fedguard.privacy.secagg.server_round import AggregateResult, ServerRound
+from fedguard.privacy.secagg.transcript import Stage
 
 __all__ = [
     "AggregateResult",

@@ -35,7 +35,7 @@ class EncodingError(SecAggError, ValueError):
 class SecAggAbort(SecAggError):  # noqa: N818 (the name the issue and callers use)
     """The round is aborted: continuing would need fewer than ``t`` shares somewhere.
 
-    ``stage`` names the protocol stage (a :class:`~fedguard.privacy.secagg.protocol.Stage`
+    ``stage`` names the protocol stage (a :class:`~fedguard.privacy.secagg.transcript.Stage`
     value) at which the abort happened.
     """
 

@@ -56,7 +56,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fedguard.core.pki import PkiError, load_private_key, load_public_key
+from fedguard.audit.pki import PkiError, load_private_key, load_public_key
 from fedguard.privacy.secagg.crypto import KEY_BYTES, ed25519_public
 from fedguard.privacy.secagg.errors import SecAggError
 

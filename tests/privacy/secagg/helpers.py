@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedguard.privacy.secagg.client_round import ClientRound
 from fedguard.privacy.secagg.config import SecAggConfig
 from fedguard.privacy.secagg.crypto import ed25519_keypair, ed25519_public
 from fedguard.privacy.secagg.messages import (
@@ -17,7 +18,7 @@ from fedguard.privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fedguard.privacy.secagg.protocol import AggregateResult, ClientRound, ServerRound
+from fedguard.privacy.secagg.server_round import AggregateResult, ServerRound
 
 
 def config(

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from fedguard.privacy.secagg.client_round import ClientRound
 from fedguard.privacy.secagg.config import SecAggConfig
 from fedguard.privacy.secagg.crypto import ed25519_keypair
 from fedguard.privacy.secagg.errors import (
@@ -29,7 +30,8 @@ from fedguard.privacy.secagg.messages import (
     ShareKeysRequest,
     UnmaskRequest,
 )
-from fedguard.privacy.secagg.protocol import ClientRound, ServerRound, Stage
+from fedguard.privacy.secagg.server_round import ServerRound
+from fedguard.privacy.secagg.transcript import Stage
 from tests.privacy.secagg.helpers import ManualRound
 
 

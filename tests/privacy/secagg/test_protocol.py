@@ -9,8 +9,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fedguard.privacy.secagg.client_round import ClientRound
 from fedguard.privacy.secagg.config import SecAggConfig
 from fedguard.privacy.secagg.crypto import ed25519_keypair
+from fedguard.privacy.secagg.driver import run_round
 from fedguard.privacy.secagg.encoding import FixedPointEncoder, StochasticRounder
 from fedguard.privacy.secagg.errors import (
     BelowThresholdError,
@@ -18,7 +20,8 @@ from fedguard.privacy.secagg.errors import (
     StageOrderError,
 )
 from fedguard.privacy.secagg.graph import NeighbourGraph
-from fedguard.privacy.secagg.protocol import ClientRound, ServerRound, Stage, run_round
+from fedguard.privacy.secagg.server_round import ServerRound
+from fedguard.privacy.secagg.transcript import Stage
 from tests.privacy.secagg.helpers import ManualRound
 
 DROP_STAGES = [

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from fedguard.core import pki
+from fedguard.audit import pki
 from fedguard.privacy.secagg.crypto import ed25519_keypair
 from fedguard.privacy.secagg.roster import (
     ECDSA_P384,

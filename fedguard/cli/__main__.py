@@ -1,0 +1,7 @@
+"""``python -m fedguard.cli ...``: the ``fedguard`` command."""
+
+import sys
+
+from fedguard.cli import main
+
+sys.exit(main())
