@@ -32,13 +32,13 @@ from fedguard.core.aggregation_config import (
     GEOMED_ITERATIONS,
     GEOMED_NU,
     GEOMED_TOLERANCE,
-    OPTION_KEYS,
     AggregatorConfig,
     AggregatorName,
     CenterReference,
     PreAggregationName,
 )
 from fedguard.core.errors import ConfigError
+from fedguard.core.run_options import AGGREGATION_OPTION_KEYS as OPTION_KEYS
 
 __all__ = [
     "OPTION_KEYS",

@@ -22,31 +22,7 @@ from typing import Any
 
 from fedguard.core.errors import ConfigError
 
-__all__ = ["add_explain_command", "add_explain_options", "cmd_explain", "read_record"]
-
-
-def add_explain_options(simulate: argparse.ArgumentParser) -> None:
-    """``fedguard simulate``'s options for global attributions (RunConfig's ``explain-*``)."""
-    g = simulate.add_argument_group(
-        "explanations (trust layer: a secure DP statistic after training)"
-    )
-    g.add_argument(
-        "--explain",
-        action="store_true",
-        default=None,
-        help="global Integrated-Gradients attributions of the final model (and of the "
-        "student at fedguard export), each charged to every silo's ledger",
-    )
-    g.add_argument(
-        "--explain-epsilon", type=float, default=None, help="ε per silo of one release [1.0]"
-    )
-    g.add_argument("--explain-steps", type=int, default=None, help="integration steps [32]")
-    g.add_argument(
-        "--explain-clip-norm",
-        type=float,
-        default=None,
-        help="L2 bound C on one record's attributions [1.0]",
-    )
+__all__ = ["add_explain_command", "cmd_explain", "read_record"]
 
 
 def add_explain_command(subparsers: Any) -> argparse.ArgumentParser:

@@ -1,4 +1,7 @@
-"""``fedguard monitor`` and ``fedguard simulate``'s trust-layer options.
+"""``fedguard monitor``: drift monitoring rounds against a finished simulated run.
+
+``fedguard simulate``'s trust-layer options are generated from
+:data:`fedguard.core.run_options.RUN_OPTIONS`.
 
 Heavy imports (torch, Flower) happen inside the handler, so ``fedguard --help``
 stays light.
@@ -10,75 +13,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedguard.core.trust import TrustConfig, TrustNoise
 from fedguard.runs.layout import RunFolder, VariantFolder
 
-__all__ = ["add_monitor_command", "add_trust_options", "cmd_monitor"]
-
-_DEFAULTS = TrustConfig().to_options()
-
-
-def add_trust_options(parser: argparse.ArgumentParser) -> None:
-    """``fedguard simulate`` options of the post-training trust phase."""
-    d = _DEFAULTS
-    group = parser.add_argument_group(
-        "trust layer (secure DP statistics after training; each charges every silo's ledger)"
-    )
-    group.add_argument(
-        "--fairness-attribute",
-        default=None,
-        metavar="COLUMN",
-        help="audit the final model by cohort of this raw column (flchain: sex, age; "
-        "credit: Age, Marital, Home, ...)",
-    )
-    group.add_argument(
-        "--fairness-bands",
-        default=None,
-        metavar="EDGES",
-        help="band edges of a numeric attribute, e.g. 60,70,80 (age has defaults)",
-    )
-    group.add_argument(
-        "--fairness-epsilon",
-        type=float,
-        default=None,
-        help=f"ε per silo of the audit [default: {d['fairness-epsilon']}]",
-    )
-    group.add_argument(
-        "--drift",
-        action="store_true",
-        default=None,
-        help="keep a DP drift reference of the training inputs (for fedguard monitor)",
-    )
-    group.add_argument(
-        "--drift-epsilon",
-        type=float,
-        default=None,
-        help=f"ε per silo of each drift release [default: {d['drift-epsilon']}]",
-    )
-    group.add_argument(
-        "--drift-monitor-rounds",
-        type=int,
-        default=None,
-        help=f"monitoring rounds each silo keeps budget for [default: {d['drift-monitor-rounds']}]",
-    )
-    group.add_argument(
-        "--drift-threshold",
-        type=float,
-        default=None,
-        help=f"PSI above which a feature alerts [default: {d['drift-threshold']}]",
-    )
-    group.add_argument(
-        "--drift-bins",
-        type=int,
-        default=None,
-        help=f"histogram bins per feature, fixed at training time [default: {d['drift-bins']}]",
-    )
-    group.add_argument(
-        "--trust-noise",
-        choices=[m.value for m in TrustNoise],
-        default=None,
-        help="none: exact sums without DP, research only [default: gaussian]",
-    )
+__all__ = ["add_monitor_command", "cmd_monitor"]
 
 
 def add_monitor_command(sub: Any) -> None:

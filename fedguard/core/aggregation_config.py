@@ -14,7 +14,9 @@ an error rather than silently ignored, and so is a declared ``f > 0`` for a rule
 that cannot tolerate any Byzantine input.
 
 ``from_options`` / ``to_options`` read and write the flat option form (CLI flags,
-TOML, Flower's ``run_config``); the keys are listed in :data:`OPTION_KEYS`.
+TOML, Flower's ``run_config``): the ``aggregation`` entries of
+:data:`fedguard.core.run_options.RUN_OPTIONS` (their names:
+:data:`~fedguard.core.run_options.AGGREGATION_OPTION_KEYS`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,8 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from fedguard.core.errors import ConfigError
-from fedguard.core.options import as_float as _as_float
-from fedguard.core.options import as_int as _as_int
 
 __all__ = [
-    "OPTION_KEYS",
     "AggregatorConfig",
     "AggregatorName",
     "CenterReference",
@@ -43,6 +42,10 @@ class CenterReference(StrEnum):
 
     ZERO = "zero"
     PREVIOUS = "previous"
+
+    @classmethod
+    def parse(cls, value: str) -> CenterReference:
+        return _parse_enum(cls, "cc-reference", value)
 
 
 class AggregatorName(StrEnum):
@@ -193,65 +196,21 @@ class AggregatorConfig:
 
     def to_options(self) -> dict[str, Any]:
         """The flat option mapping :meth:`from_options` reads (unset parameters as ``None``)."""
-        return {
-            "aggregator": self.rule.value,
-            "aggregator-f": self.f,
-            "trim-fraction": self.trim_fraction,
-            "multi-krum-m": self.multi_krum_m,
-            "geomed-iterations": self.geomed_iterations,
-            "geomed-nu": self.geomed_nu,
-            "geomed-tolerance": self.geomed_tolerance,
-            "cc-tau": self.cc_tau,
-            "cc-iterations": self.cc_iterations,
-            "cc-reference": None if self.cc_reference is None else self.cc_reference.value,
-            "norm-bound": self.norm_bound,
-            "pre-aggregation": ",".join(step.value for step in self.pre_aggregation),
-            "bucket-size": self.bucket_size,
-            "aggregation-seed": self.seed,
-        }
+        from fedguard.core.run_options import render_options
+
+        return render_options(self, ("aggregation",))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AggregatorConfig:
-        """Parse the flat option form; a missing or ``None`` key takes the default.
+        """Parse the flat option form; a missing, ``None`` or ``""`` key takes the default.
 
         ``pre-aggregation`` is a comma-separated list (``"nnm,bucketing"``); an
         unknown key is an error, so a typo is never silently ignored.
         """
-        unknown = sorted(set(options) - set(OPTION_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown aggregation option(s) {unknown}; known: {OPTION_KEYS}")
-        o = {k: v for k, v in options.items() if v is not None and v != ""}
-        steps = str(o.get("pre-aggregation", ""))
-        return cls(
-            rule=AggregatorName.parse(str(o.get("aggregator", AggregatorName.WEIGHTED_MEAN))),
-            f=_as_int("aggregator-f", o.get("aggregator-f", 0)),
-            trim_fraction=_opt_float("trim-fraction", o),
-            multi_krum_m=_opt_int("multi-krum-m", o),
-            geomed_iterations=_opt_int("geomed-iterations", o),
-            geomed_nu=_opt_float("geomed-nu", o),
-            geomed_tolerance=_opt_float("geomed-tolerance", o),
-            cc_tau=_opt_float("cc-tau", o),
-            cc_iterations=_opt_int("cc-iterations", o),
-            cc_reference=(
-                None
-                if "cc-reference" not in o
-                else _parse_enum(CenterReference, "cc-reference", str(o["cc-reference"]))
-            ),
-            norm_bound=_opt_float("norm-bound", o),
-            pre_aggregation=tuple(
-                PreAggregationName.parse(step) for step in steps.split(",") if step.strip()
-            ),
-            bucket_size=_opt_int("bucket-size", o),
-            seed=_as_int("aggregation-seed", o.get("aggregation-seed", 0)),
-        )
+        from fedguard.core.run_options import parse_options
 
-
-def _opt_int(name: str, options: Mapping[str, Any]) -> int | None:
-    return _as_int(name, options[name]) if name in options else None
-
-
-def _opt_float(name: str, options: Mapping[str, Any]) -> float | None:
-    return _as_float(name, options[name]) if name in options else None
+        config: AggregatorConfig = parse_options(options, ("aggregation",))
+        return config
 
 
 def _check_ranges(config: AggregatorConfig) -> None:
@@ -281,7 +240,3 @@ def _check_ranges(config: AggregatorConfig) -> None:
             raise ConfigError(f"{label} (the bound) must be a finite number > 0, got {value!r}")
     if config.cc_reference is not None and not isinstance(config.cc_reference, CenterReference):
         raise ConfigError(f"cc_reference must be a CenterReference, got {config.cc_reference!r}")
-
-
-#: The keys of the flat option form, in ``to_options`` order.
-OPTION_KEYS: tuple[str, ...] = tuple(AggregatorConfig().to_options())

@@ -15,16 +15,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from fedguard.core.aggregation_config import OPTION_KEYS as AGGREGATION_OPTION_KEYS
 from fedguard.core.aggregation_config import AggregatorConfig, AggregatorName
 from fedguard.core.checks import positive
 from fedguard.core.errors import ConfigError, UnknownDatasetError
-from fedguard.core.options import PARTICIPATION_OPTIONS, float_text, parse_table
-from fedguard.core.options import as_bool as _as_bool
-from fedguard.core.options import as_float as _as_float
-from fedguard.core.options import as_int as _as_int
+from fedguard.core.options import float_text
 from fedguard.core.trust import TrustConfig
 
 
@@ -327,7 +323,8 @@ class ParticipationPolicy:
     stops the run as ``failed`` (it can no longer do what it was asked), fewer but
     some end it ``degraded``. The defaults (2 and 1) make a run in which 4 of 6
     rounds aborted, or in which one silo of three trained, anything but completed.
-    Options: :data:`fedguard.core.options.PARTICIPATION_OPTIONS`.
+    Options: ``min-silos-per-round``, ``max-failed-rounds``
+    (:data:`fedguard.core.run_options.RUN_OPTIONS`).
     """
 
     min_silos_per_round: int = 2
@@ -342,13 +339,6 @@ class ParticipationPolicy:
                 isinstance(value, int) and not isinstance(value, bool) and value >= low,
                 f"{name} must be an integer >= {low}, got {value!r}",
             )
-
-    def to_options(self) -> dict[str, Any]:
-        return {o.name: getattr(self, o.field) for o in PARTICIPATION_OPTIONS}
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> ParticipationPolicy:
-        return cls(**parse_table(PARTICIPATION_OPTIONS, options))
 
 
 @dataclass(frozen=True)
@@ -471,152 +461,24 @@ class RunConfig:
         return _jsonable(asdict(self))  # type: ignore[no-any-return]
 
     def to_options(self) -> dict[str, Any]:
-        """The flat option mapping :meth:`from_options` reads (TOML / run_config form)."""
-        return {
-            "dataset": self.dataset.value,
-            "clients": self.num_clients,
-            "rounds": self.num_rounds,
-            "partition": str(self.partition),
-            "min-silo-size": self.partition.min_silo_size,
-            "target-epsilon": self.budget.epsilon,
-            "delta": self.budget.delta,
-            "local-epochs": self.training.local_epochs,
-            "batch-size": self.training.batch_size,
-            "learning-rate": self.training.learning_rate,
-            "optimizer": self.training.optimizer.value,
-            "momentum": self.training.momentum,
-            "no-dp": not self.local_dp.enabled,
-            "max-grad-norm": self.local_dp.max_grad_norm,
-            "grad-sample-mode": self.local_dp.grad_sample_mode.value,
-            "noise-source": self.local_dp.noise_source.value,
-            "max-noise-multiplier": self.local_dp.max_noise_multiplier,
-            "scaler-epsilon": self.local_dp.scaler_epsilon,
-            "central-dp": self.central_dp.enabled,
-            "central-clip-norm": self.central_dp.clip_norm,
-            "central-noise-multiplier": self.central_dp.noise_multiplier,
-            "client-sampling-rate": self.central_dp.client_sampling_rate,
-            "central-delta": self.central_dp.delta,
-            "central-epsilon-budget": self.central_dp.epsilon_budget,
-            "secagg": self.secagg.enabled,
-            "secagg-clip-range": self.secagg.clip_range,
-            "secagg-value-bits": self.secagg.value_bits,
-            "secagg-dropout-rate": self.secagg.dropout_rate,
-            "secagg-groups": self.secagg.groups,
-            "secagg-min-group-size": self.secagg.min_group_size,
-            "secagg-clip-norm": self.secagg.clip_norm,
-            "secagg-allow-no-dropout": self.secagg.allow_no_dropout,
-            **self.aggregation.to_options(),
-            **self.trust.to_options(),
-            "hidden": ",".join(str(h) for h in self.model.hidden),
-            **self.participation.to_options(),
-            "test-fraction": self.test_fraction,
-            "update-clip-norm": self.update_clip_norm,
-            "seed": self.seed,
-            "out": str(self.out),
-            "engine": self.engine.value,
-            "run-name": self.run_name or "",
-        }
+        """The flat option mapping :meth:`from_options` reads (TOML / run_config form), in
+        the order of :data:`fedguard.core.run_options.RUN_OPTIONS`."""
+        from fedguard.core.run_options import render_options
+
+        return render_options(self)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> RunConfig:
         """Parse a flat option mapping: a TOML file, CLI flags or Flower's ``run_config``.
 
-        Keys are the long CLI option names without dashes in front (``target-epsilon``);
-        a missing key takes the default; an unknown key is an error, so a typo is
-        never silently ignored.
+        Keys are the long CLI option names without dashes in front (``target-epsilon``,
+        :data:`fedguard.core.run_options.RUN_OPTIONS`); a missing key takes the default;
+        an unknown key is an error, so a typo is never silently ignored.
         """
-        defaults = cls().to_options()
-        unknown = sorted(set(options) - set(defaults))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(defaults)}")
-        o = {**defaults, **{k: v for k, v in options.items() if v is not None}}
-        try:
-            return cls(
-                dataset=DatasetName.parse(str(o["dataset"])),
-                num_clients=_as_int("clients", o["clients"]),
-                num_rounds=_as_int("rounds", o["rounds"]),
-                partition=PartitionSpec.parse(
-                    str(o["partition"]), min_silo_size=_as_int("min-silo-size", o["min-silo-size"])
-                ),
-                budget=PrivacyBudget(
-                    _as_float("target-epsilon", o["target-epsilon"]), _as_float("delta", o["delta"])
-                ),
-                training=LocalTrainingConfig(
-                    local_epochs=_as_int("local-epochs", o["local-epochs"]),
-                    batch_size=_as_int("batch-size", o["batch-size"]),
-                    learning_rate=_as_float("learning-rate", o["learning-rate"]),
-                    optimizer=_as_enum(OptimizerKind, "optimizer", o["optimizer"]),
-                    momentum=_as_float("momentum", o["momentum"]),
-                ),
-                local_dp=LocalDPConfig(
-                    enabled=not _as_bool("no-dp", o["no-dp"]),
-                    max_grad_norm=_as_float("max-grad-norm", o["max-grad-norm"]),
-                    grad_sample_mode=_as_enum(
-                        GradSampleMode, "grad-sample-mode", o["grad-sample-mode"]
-                    ),
-                    noise_source=_as_enum(NoiseSource, "noise-source", o["noise-source"]),
-                    max_noise_multiplier=_as_float(
-                        "max-noise-multiplier", o["max-noise-multiplier"]
-                    ),
-                    scaler_epsilon=_as_float("scaler-epsilon", o["scaler-epsilon"]),
-                ),
-                central_dp=CentralDPConfig(
-                    enabled=_as_bool("central-dp", o["central-dp"]),
-                    clip_norm=_as_float("central-clip-norm", o["central-clip-norm"]),
-                    noise_multiplier=_as_float(
-                        "central-noise-multiplier", o["central-noise-multiplier"]
-                    ),
-                    client_sampling_rate=_as_float(
-                        "client-sampling-rate", o["client-sampling-rate"]
-                    ),
-                    delta=_as_float("central-delta", o["central-delta"]),
-                    epsilon_budget=_as_float("central-epsilon-budget", o["central-epsilon-budget"]),
-                ),
-                secagg=SecureAggregationConfig(
-                    enabled=_as_bool("secagg", o["secagg"]),
-                    clip_range=_as_float("secagg-clip-range", o["secagg-clip-range"]),
-                    value_bits=_as_int("secagg-value-bits", o["secagg-value-bits"]),
-                    dropout_rate=_as_float("secagg-dropout-rate", o["secagg-dropout-rate"]),
-                    groups=_as_int("secagg-groups", o["secagg-groups"]),
-                    min_group_size=_as_int("secagg-min-group-size", o["secagg-min-group-size"]),
-                    clip_norm=_as_float("secagg-clip-norm", o["secagg-clip-norm"]),
-                    allow_no_dropout=_as_bool(
-                        "secagg-allow-no-dropout", o["secagg-allow-no-dropout"]
-                    ),
-                ),
-                aggregation=AggregatorConfig.from_options(
-                    {k: options[k] for k in AGGREGATION_OPTION_KEYS if k in options}
-                ),
-                trust=TrustConfig.from_options(o),
-                model=ModelSpec(hidden=_as_int_tuple("hidden", o["hidden"])),
-                participation=ParticipationPolicy.from_options(o),
-                test_fraction=_as_float("test-fraction", o["test-fraction"]),
-                update_clip_norm=_as_float("update-clip-norm", o["update-clip-norm"]),
-                seed=_as_int("seed", o["seed"]),
-                out=Path(str(o["out"])),
-                engine=_as_enum(Engine, "engine", o["engine"]),
-                run_name=str(o["run-name"]) or None,
-            )
-        except (TypeError, ValueError) as bad:
-            if isinstance(bad, ConfigError):
-                raise
-            raise ConfigError(str(bad)) from None
+        from fedguard.core.run_options import parse_options
 
-
-def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return tuple(_as_int(name, item) for item in items if str(item).strip())
-
-
-_E = TypeVar("_E", bound=StrEnum)
-
-
-def _as_enum(enum: type[_E], name: str, value: Any) -> _E:
-    try:
-        return enum(str(value))
-    except ValueError:
-        choices = ", ".join(m.value for m in enum)
-        raise ConfigError(f"{name} must be one of {choices}; got {value!r}") from None
+        config: RunConfig = parse_options(options)
+        return config
 
 
 def _jsonable(value: Any) -> Any:

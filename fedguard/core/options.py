@@ -1,10 +1,12 @@
-"""Parsing of flat option values (CLI flags, TOML, Flower's ``run_config``)."""
+"""Parsing of flat option values (CLI flags, TOML, Flower's ``run_config``).
+
+The options themselves are listed in :mod:`fedguard.core.run_options`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from fedguard.core.errors import ConfigError
 
@@ -49,50 +51,28 @@ def as_bool(name: str, value: Any) -> bool:
     raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
-@dataclass(frozen=True)
-class Option:
-    """One flat option: its name (CLI flag without dashes, TOML key, ``run_config`` key),
-    the dataclass field it sets, its parser and its help text."""
-
-    name: str
-    field: str
-    parse: Callable[[str, Any], Any]
-    help: str
+_E = TypeVar("_E", bound=StrEnum)
 
 
-#: The run's participation policy (:class:`fedguard.core.config.ParticipationPolicy`).
-PARTICIPATION_OPTIONS: tuple[Option, ...] = (
-    Option(
-        "min-silos-per-round",
-        "min_silos_per_round",
-        as_int,
-        "fewest silos whose updates a round must aggregate; a run with rounds below it "
-        "ends degraded (failed if no round reaches it)",
-    ),
-    Option(
-        "max-failed-rounds",
-        "max_failed_rounds",
-        as_int,
-        "most rounds that may fail (aborted, no aggregate) before the run stops as "
-        "failed; a run with fewer, but some, ends degraded",
-    ),
-)
+def as_choice(enum: type[_E], name: str, value: Any) -> _E:
+    try:
+        return enum(str(value))
+    except ValueError:
+        choices = ", ".join(m.value for m in enum)
+        raise ConfigError(f"{name} must be one of {choices}; got {value!r}") from None
 
 
-def parse_table(table: Iterable[Option], options: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields a table's options set, parsed once (options absent from ``options`` are
-    left out, so the dataclass keeps its defaults)."""
-    return {o.field: o.parse(o.name, options[o.name]) for o in table if o.name in options}
+def _items(value: Any) -> list[Any]:
+    """A list, or comma-separated text, as its non-blank items."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [item for item in items if str(item).strip()]
 
 
-def add_table_options(group: Any, table: Iterable[Option], defaults: Mapping[str, Any]) -> None:
-    """argparse flags for a table's options (``--NAME``, default None: the config decides)."""
-    for o in table:
-        kinds: dict[Callable[[str, Any], Any], type] = {as_int: int, as_float: float}
-        kind = kinds.get(o.parse, str)
-        group.add_argument(
-            f"--{o.name}",
-            type=kind,
-            default=None,
-            help=f"{o.help} [default: {defaults.get(o.name)}]",
-        )
+def as_ints(name: str, value: Any) -> tuple[int, ...]:
+    """``"64,64"`` or ``[64, 64]`` as ``(64, 64)``."""
+    return tuple(as_int(name, item) for item in _items(value))
+
+
+def as_floats(name: str, value: Any) -> tuple[float, ...]:
+    """``"60,70.5"`` or ``[60, 70.5]`` as ``(60.0, 70.5)``."""
+    return tuple(as_float(name, item) for item in _items(value))

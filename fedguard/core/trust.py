@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from fedguard.core.checks import positive
 from fedguard.core.errors import ConfigError
-from fedguard.core.options import as_bool, as_float, as_int, float_text
 
 __all__ = ["DEFAULT_DRIFT_THRESHOLD", "TrustConfig", "TrustNoise"]
 
@@ -39,7 +36,11 @@ class TrustNoise(StrEnum):
 
 @dataclass(frozen=True)
 class TrustConfig:
-    """What the post-training trust phase (and later monitoring) computes."""
+    """What the post-training trust phase (and later monitoring) computes.
+
+    Its flat options (``fairness-*``, ``drift*``, ``explain*``, ``trust-noise``) are
+    entries of :data:`fedguard.core.run_options.RUN_OPTIONS`.
+    """
 
     fairness_attribute: str | None = None  # raw column, e.g. "sex"; None: no audit
     fairness_bands: tuple[float, ...] = ()  # band edges of a numeric attribute
@@ -109,57 +110,3 @@ class TrustConfig:
         # at ``fedguard export`` (see fedguard.edge.explain).
         explain = (self.explain_epsilon,) * 2 if self.explain else ()
         return fairness + drift + explain
-
-    def to_options(self) -> dict[str, Any]:
-        """Flat option keys (TOML / run_config form), as :meth:`from_options` reads them."""
-        return {
-            "fairness-attribute": self.fairness_attribute or "",
-            "fairness-bands": ",".join(float_text(b) for b in self.fairness_bands),
-            "fairness-epsilon": self.fairness_epsilon,
-            "drift": self.drift,
-            "drift-bins": self.drift_bins,
-            "drift-threshold": self.drift_threshold,
-            "drift-epsilon": self.drift_epsilon,
-            "drift-monitor-rounds": self.monitor_rounds,
-            "explain": self.explain,
-            "explain-epsilon": self.explain_epsilon,
-            "explain-steps": self.explain_steps,
-            "explain-clip-norm": self.explain_clip_norm,
-            "trust-noise": self.noise.value,
-        }
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> TrustConfig:
-        """Read the keys of :meth:`to_options` (missing ones take the default).
-
-        Keys that are not trust options are ignored: the caller (``RunConfig``)
-        owns the check for unknown keys.
-        """
-        o = {**cls().to_options(), **{k: v for k, v in options.items() if v is not None}}
-        attribute = str(o["fairness-attribute"]).strip()
-        bands_value = o["fairness-bands"]
-        items = (
-            bands_value if isinstance(bands_value, (list, tuple)) else str(bands_value).split(",")
-        )
-        try:
-            noise = TrustNoise(str(o["trust-noise"]))
-        except ValueError:
-            choices = ", ".join(m.value for m in TrustNoise)
-            raise ConfigError(
-                f"trust-noise must be one of {choices}; got {o['trust-noise']!r}"
-            ) from None
-        return cls(
-            fairness_attribute=attribute or None,
-            fairness_bands=tuple(as_float("fairness-bands", b) for b in items if str(b).strip()),
-            fairness_epsilon=as_float("fairness-epsilon", o["fairness-epsilon"]),
-            drift=as_bool("drift", o["drift"]),
-            drift_bins=as_int("drift-bins", o["drift-bins"]),
-            drift_threshold=as_float("drift-threshold", o["drift-threshold"]),
-            drift_epsilon=as_float("drift-epsilon", o["drift-epsilon"]),
-            monitor_rounds=as_int("drift-monitor-rounds", o["drift-monitor-rounds"]),
-            explain=as_bool("explain", o["explain"]),
-            explain_epsilon=as_float("explain-epsilon", o["explain-epsilon"]),
-            explain_steps=as_int("explain-steps", o["explain-steps"]),
-            explain_clip_norm=as_float("explain-clip-norm", o["explain-clip-norm"]),
-            noise=noise,
-        )

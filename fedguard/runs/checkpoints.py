@@ -67,7 +67,9 @@ class Checkpoint:
         try:
             return FeatureScaler.from_arrays(parts)
         except DataError as bad:
-            raise CheckpointError(f"round {self.round}'s checkpoint lacks the scaler: {bad}") from None
+            raise CheckpointError(
+                f"round {self.round}'s checkpoint lacks the scaler: {bad}"
+            ) from None
 
 
 class CheckpointStore:
