@@ -43,17 +43,19 @@ import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fedguard.audit.chain import AuditRecord, read_records
 from fedguard.audit.logs import SILO_LOG_NAME, SiloKind, SiloLog
 from fedguard.audit.pki import load_private_key
 from fedguard.client.silo import SiloSettings
+from fedguard.core.config import PrivacyBudget
 from fedguard.core.errors import FedguardError, LedgerError
 from fedguard.privacy.ledger import LedgerEntry, LedgerHead, PrivacyLedger
 
 __all__ = [
     "LedgerIntegrityError",
+    "LedgerOwner",
     "LedgerResets",
     "ledger_resets",
     "logged_epsilon",
@@ -62,6 +64,28 @@ __all__ = [
     "reset_ledger",
     "verify_silo_state",
 ]
+
+
+class LedgerOwner(Protocol):
+    """What the guard needs of a silo: its id, state folder, budget and log key.
+
+    :class:`~fedguard.client.silo.SiloSettings` is one; a silo's side of federated
+    distillation (:class:`fedguard.edge.distill.DistillSilo`) is another, so every
+    charge of a silo, whatever the job, goes through the same checks and log.
+    """
+
+    @property
+    def silo_id(self) -> str: ...
+
+    @property
+    def state_dir(self) -> Path: ...
+
+    @property
+    def budget(self) -> PrivacyBudget: ...
+
+    @property
+    def signing_key(self) -> Path | None: ...
+
 
 #: Float slack between the ε the ledger computes and the one the log copied.
 _TOLERANCE = 1e-9
@@ -140,7 +164,7 @@ def logged_epsilon(state_dir: Path) -> float:
     return _max_epsilon(_current(_log_records(state_dir)))
 
 
-def _open_log(settings: SiloSettings) -> SiloLog:
+def _open_log(settings: LedgerOwner) -> SiloLog:
     key = None if settings.signing_key is None else load_private_key(settings.signing_key)
     return SiloLog.open(Path(settings.state_dir), key)
 
@@ -154,7 +178,7 @@ def _head_fields(head: LedgerHead, epsilon: float) -> dict[str, Any]:
     }
 
 
-def _refuse(settings: SiloSettings, problem: str, remedy: str) -> LedgerIntegrityError:
+def _refuse(settings: LedgerOwner, problem: str, remedy: str) -> LedgerIntegrityError:
     return LedgerIntegrityError(
         f"silo {settings.silo_id}: {problem}. {remedy}; nothing was charged or trained"
     )
@@ -166,7 +190,7 @@ _RESTORE = (
 )
 
 
-def open_silo_ledger(settings: SiloSettings) -> PrivacyLedger:
+def open_silo_ledger(settings: LedgerOwner) -> PrivacyLedger:
     """Open the silo's ledger after checking it against the silo's own log (see above)."""
     state_dir = Path(settings.state_dir)
     records = _current(_log_records(state_dir))
@@ -200,7 +224,7 @@ def open_silo_ledger(settings: SiloSettings) -> PrivacyLedger:
 
 
 def _check(
-    settings: SiloSettings,
+    settings: LedgerOwner,
     ledger: PrivacyLedger,
     records: Sequence[AuditRecord],
     bindings: Sequence[AuditRecord],
@@ -280,7 +304,7 @@ def _charge_fields(entry: LedgerEntry) -> dict[str, Any]:
     }
 
 
-def record_charge(settings: SiloSettings, ledger: PrivacyLedger, entry: LedgerEntry) -> None:
+def record_charge(settings: LedgerOwner, ledger: PrivacyLedger, entry: LedgerEntry) -> None:
     """Commit a charge just made to the silo log, before what it paid for leaves.
 
     If this raises, the charge stays (it can only over-count) and the caller sends
