@@ -27,9 +27,10 @@ from fedguard.core.config import (
     NoiseSource,
     RunConfig,
 )
-from fedguard.core.datasets import FeatureSchema, simulation_silos
+from fedguard.core.datasets import FeatureSchema
 from fedguard.core.models import build_model, count_parameters
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.silos import simulation_silos
 
 
 def _silo(dataset: DatasetName) -> tuple[LocalData, FeatureSchema]:

@@ -14,8 +14,9 @@ Every rule states three things besides ``aggregate``:
   ignore them say so; a rule that uses them trusts them, so a silo that lies about
   its example count can tilt a weighted rule within that rule's own bound.
 
-The robust rules live in :mod:`fedguard.aggregation.robust`, the pre-aggregation
-steps (bucketing, nearest-neighbour mixing) and their composition with a rule in
+The robust rules live in :mod:`fedguard.aggregation.robust` (their numpy kernels in
+:mod:`fedguard.aggregation.kernels`), the pre-aggregation steps (bucketing,
+nearest-neighbour mixing) and their composition with a rule in
 :mod:`fedguard.aggregation.preaggregation`, and the typed configuration and
 ``build_aggregator`` in :mod:`fedguard.aggregation.registry`.
 """
@@ -28,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from fedguard.core.aggregation_config import AggregatorName
+from fedguard.core.checks import positive_int
 from fedguard.core.errors import ConfigError, FedguardError
 
 
@@ -90,8 +92,7 @@ def check_inputs(updates: np.ndarray, weights: np.ndarray) -> None:
 
 def check_byzantine(rule: str, f: int) -> None:
     """The declared number of Byzantine inputs must be an integer ≥ 0."""
-    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-        raise RuleParameterError(f"{rule}: f (Byzantine inputs) must be an integer >= 0, got {f!r}")
+    positive_int(f"{rule}: f (Byzantine inputs)", f, allow_zero=True, error=RuleParameterError)
 
 
 def require_inputs(rule: str, n: int, f: int, minimum: int, condition: str) -> None:

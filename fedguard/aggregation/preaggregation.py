@@ -22,7 +22,7 @@ from fedguard.aggregation.aggregators import (
     check_inputs,
     require_inputs,
 )
-from fedguard.aggregation.robust import (
+from fedguard.aggregation.kernels import (
     GRAM_TOLERANCE,
     content_tiebreak,
     distances_and_norms,
@@ -30,6 +30,7 @@ from fedguard.aggregation.robust import (
     order_by,
 )
 from fedguard.core.aggregation_config import PreAggregationName
+from fedguard.core.checks import positive_int
 
 
 class PreAggregator(Protocol):
@@ -71,9 +72,7 @@ class Bucketing:
     rng: np.random.Generator
 
     def __post_init__(self) -> None:
-        s = self.bucket_size
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise RuleParameterError(f"bucketing: bucket size s must be an integer >= 1, got {s!r}")
+        positive_int("bucketing: bucket size s", self.bucket_size, error=RuleParameterError)
         if not isinstance(self.rng, np.random.Generator):
             raise RuleParameterError(
                 f"bucketing: rng must be a numpy.random.Generator, got {type(self.rng).__name__}"
@@ -118,7 +117,7 @@ class NearestNeighborMixing:
 
     Replaces every input by the plain mean of its ``n − f`` nearest inputs (itself
     included; distances by the Gram identity, ties ranked by
-    :func:`~fedguard.aggregation.robust.order_by`). Ignores the
+    :func:`~fedguard.aggregation.kernels.order_by`). Ignores the
     weights for the mixing and passes them through unchanged to the rule.
     """
 

@@ -50,6 +50,7 @@ import numpy as np
 
 from fedguard.audit.chain import jsonable
 from fedguard.core.canonical import canonical_json
+from fedguard.core.checks import positive_int
 from fedguard.core.errors import FedguardError, StorageError
 from fedguard.core.files import atomic_write_bytes, cause_name, describe_cause, storage_error
 from fedguard.core.serialization import canonical_weights_bytes, weights_sha256
@@ -327,8 +328,7 @@ class ModelRegistry:
         """Register one round's model and make it the run's head; returns its record."""
         if not run_id:
             raise RegistryError("run_id must be a non-empty string")
-        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-            raise RegistryError(f"round must be an integer >= 0, got {round!r}")
+        positive_int("round", round, allow_zero=True, error=RegistryError)
         if not weights:
             raise RegistryError("a model has at least one tensor")
         sha256 = weights_sha256(weights)

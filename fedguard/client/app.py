@@ -34,6 +34,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from torch import nn
 
 from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.outbox import Outbox, SentUpdate, weights_sha256
@@ -194,18 +195,7 @@ class SiloAgent:
     def local_update(self, message: Message) -> LocalUpdate:
         """Train on the global model in ``message`` (charging the ledger first)."""
         instructions = self._instructions(message)
-        policy = self.settings.policy
-        if not instructions.local_dp.enabled:
-            if not self.allow_non_private:
-                raise PolicyRefusalError(
-                    RefusalReason.NON_PRIVATE,
-                    f"silo {self.settings.silo_id} only trains with DP-SGD; "
-                    "the server asked for non-private training",
-                )
-        else:
-            # Checked before anything is loaded, trained or charged.
-            policy.check_noise_source(instructions.local_dp.noise_source)
-            policy.check_clip(instructions.local_dp.max_grad_norm)
+        self._check_request(instructions)
         silo = self._load(message)
         model = build_model(silo.schema, instructions.model)
         global_weights = record_to_weights(self._record(message, protocol.ARRAYS))
@@ -218,6 +208,33 @@ class SiloAgent:
             result = train_non_private(model, data, instructions.training, seed)
             weights = clip_update(global_weights, result.weights, instructions.update_clip_norm)
             return LocalUpdate(global_weights, weights, self._metrics(result, {"dp": 0}))
+        return self._dp_update(message, instructions, model, data, global_weights, seed)
+
+    def _check_request(self, instructions: RoundInstructions) -> None:
+        """Refuse, before anything is loaded, trained or charged, what the policy forbids."""
+        policy = self.settings.policy
+        if not instructions.local_dp.enabled:
+            if not self.allow_non_private:
+                raise PolicyRefusalError(
+                    RefusalReason.NON_PRIVATE,
+                    f"silo {self.settings.silo_id} only trains with DP-SGD; "
+                    "the server asked for non-private training",
+                )
+        else:
+            policy.check_noise_source(instructions.local_dp.noise_source)
+            policy.check_clip(instructions.local_dp.max_grad_norm)
+
+    def _dp_update(
+        self,
+        message: Message,
+        instructions: RoundInstructions,
+        model: nn.Module,
+        data: LocalData,
+        global_weights: ModelWeights,
+        seed: int,
+    ) -> LocalUpdate:
+        """A DP-SGD round: the update already sent if replayed, else train and charge."""
+        policy = self.settings.policy
         # The silo's own noise source and σ ceiling, whatever the instruction says.
         local_dp = replace(
             instructions.local_dp,
@@ -227,25 +244,10 @@ class SiloAgent:
         outbox = Outbox(self.settings.state_dir)
         global_sha256 = weights_sha256(global_weights)
         channel = "secure" if message.metadata.message_type == protocol.SECAGG_SETUP else "plain"
-        where = f"round {instructions.round} of run {instructions.run_id!r}"
-        with open_silo_ledger(self.settings) as ledger:  # checked against the silo log
-            sent = outbox.load(instructions.run_id, instructions.round)
-            if sent is not None:
-                self._check_replay(instructions, sent, global_sha256, channel)
-                # A replayed plain round (the server resumed after a crash): resend the
-                # update already released and charged (the outbox is written after the
-                # charge); training again would be a second release.
-                log.warning(
-                    "silo %s: %s replayed; resending the update already sent",
-                    self.settings.silo_id,
-                    where,
-                )
-                return LocalUpdate(global_weights, sent.weights, {**sent.metrics, "replayed": 1})
-            event = self._round_event(ledger, instructions, len(data))
-            # Checked before training; charged only right before the update leaves
-            # (fedguard.client.release): a round that ends before that costs nothing.
-            if ledger.find(instructions.run_id, instructions.round) is None:
-                ledger.check_affordable(event, where)
+        planned = self._sent_or_event(instructions, outbox, global_sha256, channel, len(data))
+        if isinstance(planned, SentUpdate):
+            return LocalUpdate(global_weights, planned.weights, {**planned.metrics, "replayed": 1})
+        event = planned
         result = train_dp_sgd(
             model,
             data,
@@ -277,6 +279,37 @@ class SiloAgent:
         return LocalUpdate(
             global_weights, weights, metrics, pending if channel == "secure" else None
         )
+
+    def _sent_or_event(
+        self,
+        instructions: RoundInstructions,
+        outbox: Outbox,
+        global_sha256: str,
+        channel: str,
+        num_examples: int,
+    ) -> SentUpdate | DpSgdRound:
+        """Under the silo's ledger: the update already sent in a replayed round, or
+        this round's DP-SGD event, checked affordable (not charged yet)."""
+        where = f"round {instructions.round} of run {instructions.run_id!r}"
+        with open_silo_ledger(self.settings) as ledger:  # checked against the silo log
+            sent = outbox.load(instructions.run_id, instructions.round)
+            if sent is not None:
+                self._check_replay(instructions, sent, global_sha256, channel)
+                # A replayed plain round (the server resumed after a crash): resend the
+                # update already released and charged (the outbox is written after the
+                # charge); training again would be a second release.
+                log.warning(
+                    "silo %s: %s replayed; resending the update already sent",
+                    self.settings.silo_id,
+                    where,
+                )
+                return sent
+            event = self._round_event(ledger, instructions, num_examples)
+            # Checked before training; charged only right before the update leaves
+            # (fedguard.client.release): a round that ends before that costs nothing.
+            if ledger.find(instructions.run_id, instructions.round) is None:
+                ledger.check_affordable(event, where)
+        return event
 
     def _check_replay(
         self, instructions: RoundInstructions, sent: SentUpdate, global_sha256: str, channel: str
@@ -502,34 +535,38 @@ def _array(value: np.ndarray) -> Any:
     return Array(np.ascontiguousarray(value))
 
 
-def make_client_app(
-    resolve_settings: Callable[[Context], SiloSettings],
-    allow_non_private: bool = False,
-    mods: list[Mod] | None = None,
-    adversary_for: Callable[[SiloSettings], UpdateAdversary | None] | None = None,
-) -> ClientApp:
-    """A ``ClientApp`` whose silo settings come from ``resolve_settings(context)``.
+#: What a handler does with the silo agent built for its message.
+AgentAction = Callable[[SiloAgent, Message], Message]
+#: One SecAgg+ stage of a silo: (its SecAgg client, the agent, the message) -> reply.
+SecureStage = Callable[[SecureAggregationClient, SiloAgent, Message], Message]
 
-    ``mods`` are Flower mods wrapped around every handler (simulation uses them to
-    play misbehaving silos).
-    """
-    app = ClientApp(mods=mods)
 
-    def dispatch(
-        message: Message, context: Context, action: Callable[[SiloAgent, Message], Message]
-    ) -> Message:
+@dataclass(frozen=True)
+class _Handlers:
+    """The ClientApp's handlers: each builds the silo agent from its message's context."""
+
+    resolve_settings: Callable[[Context], SiloSettings]
+    allow_non_private: bool = False
+    adversary_for: Callable[[SiloSettings], UpdateAdversary | None] | None = None
+
+    def agent(self, context: Context) -> SiloAgent:
+        """The silo agent of ``context``, with the node's signing key if its settings lack one."""
+        settings = self.resolve_settings(context)
+        key = context.node_config.get(SIGNING_KEY)
+        if settings.signing_key is None and key not in (None, ""):
+            # One key signs every record of the silo log: the replies and the
+            # ledger's commitments (fedguard.client.ledger_guard).
+            settings = replace(settings, signing_key=Path(str(key)))
+        return SiloAgent(
+            settings,
+            allow_non_private=self.allow_non_private,
+            adversary=self.adversary_for(settings) if self.adversary_for is not None else None,
+        )
+
+    def dispatch(self, message: Message, context: Context, action: AgentAction) -> Message:
+        """Run ``action`` on the agent of ``context``, then record its reply in the silo log."""
         try:
-            settings = resolve_settings(context)
-            key = context.node_config.get(SIGNING_KEY)
-            if settings.signing_key is None and key not in (None, ""):
-                # One key signs every record of the silo log: the replies and the
-                # ledger's commitments (fedguard.client.ledger_guard).
-                settings = replace(settings, signing_key=Path(str(key)))
-            silo_agent = SiloAgent(
-                settings,
-                allow_non_private=allow_non_private,
-                adversary=adversary_for(settings) if adversary_for is not None else None,
-            )
+            silo_agent = self.agent(context)
         except FedguardError as misconfigured:
             log.error("silo misconfigured: %s", misconfigured)
             refusal = RecordDict(
@@ -547,60 +584,77 @@ def make_client_app(
             message, lambda m: record_reply(silo_agent.settings, context.node_config, m, answer)
         )
 
-    def secure(
-        stage: Callable[[SecureAggregationClient, SiloAgent, Message], Message],
-    ) -> Callable[[Message, Context], Message]:
-        def handler(message: Message, context: Context) -> Message:
-            def run(silo_agent: SiloAgent, m: Message) -> Message:
-                client = SecureAggregationClient(context, silo_agent.settings)
-                return stage(client, silo_agent, m)
+    def plain(self, action: AgentAction) -> Callable[[Message, Context], Message]:
+        """A Flower handler running ``action``."""
+        return partial(self._plain, action)
 
-            return dispatch(message, context, run)
+    def secure(self, stage: SecureStage) -> Callable[[Message, Context], Message]:
+        """A Flower handler running SecAgg+ ``stage`` with the silo's SecAgg client."""
+        return partial(self._secure, stage)
 
-        return handler
+    def _plain(self, action: AgentAction, message: Message, context: Context) -> Message:
+        return self.dispatch(message, context, action)
 
-    app.train("secagg_setup")(
-        secure(
-            lambda c, a, m: c.setup(
-                m,
-                a.encodable_update,
-                training_instance(m),
-                clip=a.adversary is None or not a.adversary.skips_clipping,
-            )
-        )
+    def _secure(self, stage: SecureStage, message: Message, context: Context) -> Message:
+        return self.dispatch(message, context, partial(_run_secure_stage, stage, context))
+
+
+def _run_secure_stage(
+    stage: SecureStage, context: Context, silo_agent: SiloAgent, message: Message
+) -> Message:
+    client = SecureAggregationClient(context, silo_agent.settings)
+    return stage(client, silo_agent, message)
+
+
+def _training_setup(
+    client: SecureAggregationClient, silo_agent: SiloAgent, message: Message
+) -> Message:
+    adversary = silo_agent.adversary
+    return client.setup(
+        message,
+        silo_agent.encodable_update,
+        training_instance(message),
+        clip=adversary is None or not adversary.skips_clipping,
     )
-    app.train("secagg_share")(secure(lambda c, a, m: c.share_keys(m)))
-    app.train("secagg_mask")(secure(lambda c, a, m: c.mask(m)))
-    app.train("secagg_consistency")(secure(lambda c, a, m: c.consistency(m)))
-    app.train("secagg_unmask")(secure(lambda c, a, m: c.unmask(m)))
+
+
+def _statistic_setup(
+    client: SecureAggregationClient, silo_agent: SiloAgent, message: Message
+) -> Message:
+    return client.setup(
+        message,
+        partial(release_statistic, silo_agent.settings, silo_agent.allow_non_private),
+        statistic_instance(message),
+    )
+
+
+def make_client_app(
+    resolve_settings: Callable[[Context], SiloSettings],
+    allow_non_private: bool = False,
+    mods: list[Mod] | None = None,
+    adversary_for: Callable[[SiloSettings], UpdateAdversary | None] | None = None,
+) -> ClientApp:
+    """A ``ClientApp`` whose silo settings come from ``resolve_settings(context)``.
+
+    ``mods`` are Flower mods wrapped around every handler (simulation uses them to
+    play misbehaving silos).
+    """
+    app = ClientApp(mods=mods)
+    handlers = _Handlers(resolve_settings, allow_non_private, adversary_for)
+    app.train("secagg_setup")(handlers.secure(_training_setup))
+    app.train("secagg_share")(handlers.secure(lambda c, a, m: c.share_keys(m)))
+    app.train("secagg_mask")(handlers.secure(lambda c, a, m: c.mask(m)))
+    app.train("secagg_consistency")(handlers.secure(lambda c, a, m: c.consistency(m)))
+    app.train("secagg_unmask")(handlers.secure(lambda c, a, m: c.unmask(m)))
     # Trust-layer statistics: the first SecAgg+ stage is a query, the rest as above.
-    app.query("secagg_statistic")(
-        secure(
-            lambda c, a, m: c.setup(
-                m,
-                partial(release_statistic, a.settings, a.allow_non_private),
-                statistic_instance(m),
-            )
-        )
-    )
-
-    @app.query("feature_statistics")
-    def _feature_statistics(message: Message, context: Context) -> Message:
-        return dispatch(message, context, SiloAgent.feature_statistics)
-
+    app.query("secagg_statistic")(handlers.secure(_statistic_setup))
+    app.query("feature_statistics")(handlers.plain(SiloAgent.feature_statistics))
     # Which silo this node is (for the SecAgg roster): the silo id only, no data.
-    @app.query(IDENTITY_QUERY.removeprefix("query."))
-    def _secagg_identity(message: Message, context: Context) -> Message:
-        return dispatch(message, context, lambda a, m: identity_reply(a.settings, m))
-
-    @app.train()
-    def _train(message: Message, context: Context) -> Message:
-        return dispatch(message, context, SiloAgent.train)
-
-    @app.evaluate()
-    def _evaluate(message: Message, context: Context) -> Message:
-        return dispatch(message, context, SiloAgent.evaluate)
-
+    app.query(IDENTITY_QUERY.removeprefix("query."))(
+        handlers.plain(lambda a, m: identity_reply(a.settings, m))
+    )
+    app.train()(handlers.plain(SiloAgent.train))
+    app.evaluate()(handlers.plain(SiloAgent.evaluate))
     return app
 
 

@@ -49,6 +49,7 @@ from captum.attr import IntegratedGradients
 from torch import nn
 
 from fedguard.client.statistics import SecureStatistic, register_producer
+from fedguard.core.checks import positive, positive_int
 from fedguard.core.datasets import FeatureSchema, SiloData
 from fedguard.core.errors import ConfigError, ProtocolError
 from fedguard.core.preprocessing import FeatureScaler
@@ -89,23 +90,11 @@ class AttributionSettings:
     KEYS = ("attribution-clip-norm", "attribution-steps", "attribution-split")
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.clip_norm, bool)
-            or not isinstance(self.clip_norm, int | float)
-            or not math.isfinite(self.clip_norm)
-            or self.clip_norm <= 0
-        ):
-            raise ConfigError(f"attribution clip norm must be > 0, got {self.clip_norm!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"attribution steps must be an integer >= 1, got {self.steps!r}")
+        positive("attribution clip norm", self.clip_norm)
+        positive_int("attribution steps", self.steps)
         if not isinstance(self.split, DataSplit):
             raise ConfigError(f"attribution split must be a DataSplit, got {self.split!r}")
-        if (
-            isinstance(self.batch_rows, bool)
-            or not isinstance(self.batch_rows, int)
-            or self.batch_rows < 1
-        ):
-            raise ConfigError(f"attribution batch rows must be >= 1, got {self.batch_rows!r}")
+        positive_int("attribution batch rows", self.batch_rows)
 
     def to_options(self) -> dict[str, Any]:
         return {

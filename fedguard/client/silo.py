@@ -14,15 +14,10 @@ from typing import Protocol
 
 from fedguard.client.policy import SiloPolicy, policy_from_node_config
 from fedguard.core.config import DatasetName, PartitionSpec, PrivacyBudget
-from fedguard.core.datasets import (
-    SiloData,
-    load_silo_frame,
-    schema_for,
-    silo_from_frame,
-    simulation_silos,
-)
+from fedguard.core.datasets import SiloData, load_silo_frame, schema_for
 from fedguard.core.errors import ConfigError
 from fedguard.core.seeding import derive_seed
+from fedguard.core.silos import silo_from_frame, simulation_silos
 from fedguard.privacy.secagg.roster import RosterError, SiloIdentity
 
 

@@ -56,7 +56,8 @@ from torch import nn
 from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.release import SPEND_METRICS, PendingCharge, charge_release, spend_metrics
 from fedguard.client.silo import SiloSettings
-from fedguard.core.datasets import SiloData, sensitive_groups
+from fedguard.core.checks import positive, positive_int
+from fedguard.core.datasets import SiloData
 from fedguard.core.errors import ConfigError, LedgerError, ProtocolError, TrainingRefusedError
 from fedguard.core.feature_moments import moment_layout
 from fedguard.core.files import atomic_write_bytes
@@ -64,6 +65,7 @@ from fedguard.core.histograms import histogram_counts
 from fedguard.core.metrics import AUC_BINS
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
+from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import load_weights, record_to_weights
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.analysis.release import calibrate_release_noise, release_epsilon
@@ -118,11 +120,8 @@ class SecureStatistic:
         if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
             raise ConfigError("a statistic is a non-empty 1-D vector of finite values")
         object.__setattr__(self, "values", values)
-        s = self.l2_sensitivity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise ConfigError(f"l2_sensitivity must be a finite number > 0, got {s!r}")
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ConfigError(f"count must be an integer >= 1, got {self.count!r}")
+        positive("l2_sensitivity", self.l2_sensitivity)
+        positive_int("count", self.count)
 
 
 Producer = Callable[[SiloData, nn.Module | None, FeatureScaler, Mapping[str, Any]], SecureStatistic]

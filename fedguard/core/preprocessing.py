@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedguard.core.checks import positive_int
 from fedguard.core.datasets import EncodedData, FeatureSchema
 from fedguard.core.errors import DataError
 
@@ -176,8 +177,7 @@ class FeatureScaler:
 
     @classmethod
     def identity(cls, d: int) -> FeatureScaler:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise DataError(f"number of features must be an integer >= 1, got {d!r}")
+        positive_int("number of features", d, error=DataError)
         return cls(mean=np.zeros(d), scale=np.ones(d))
 
     def transform(self, features: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ Two modes (:class:`DistillMode`):
 
     **This is the in-process path**: :func:`distill_federated` runs the silos'
     side in this process over silo data rebuilt from a saved simulation run
-    (:func:`fedguard.core.datasets.simulation_silos` with the run's config). A
+    (:func:`fedguard.core.silos.simulation_silos` with the run's config). A
     deployed path needs a ``distill`` message type in fedguard's protocol carrying
     teacher and student weights, a silo handler (in ``SiloAgent``) that computes
     the teacher's logits on its records, charges its ledger and calls

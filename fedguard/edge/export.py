@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from fedguard.client.training import LocalData, evaluate
-from fedguard.core.datasets import FeatureSchema, SiloData, schema_for, simulation_silos
+from fedguard.core.datasets import FeatureSchema, SiloData, schema_for
 from fedguard.core.errors import ConfigError
 from fedguard.core.files import atomic_write_json
 from fedguard.core.metrics import binned_auc, score_histograms
@@ -52,6 +52,7 @@ from fedguard.core.models import build_model, count_parameters
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.seeding import derive_seed
 from fedguard.core.serialization import load_weights
+from fedguard.core.silos import simulation_silos
 from fedguard.core.trust_results import read_trust_results
 from fedguard.edge.card import (
     CARD_VERSION,

@@ -19,6 +19,7 @@ import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from fedguard.core.checks import fraction, positive_int
 from fedguard.core.errors import ConfigError, LedgerError, UnsupportedEventError
 from fedguard.privacy.analysis import dp_sgd
 from fedguard.privacy.events import (
@@ -122,8 +123,7 @@ class PrivacyAccountant:
 
     def compose(self, event: AnyEvent, count: int = 1) -> None:
         """Record ``count`` repetitions of ``event``; nothing is recorded on error."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ConfigError(f"count must be an integer >= 1, got {count!r}")
+        positive_int("count", count)
         problem = self._problem(_as_dp_event(event), count)
         if problem is not None:
             raise UnsupportedEventError(problem)
@@ -141,9 +141,7 @@ class PrivacyAccountant:
 
     def epsilon(self, delta: float) -> float:
         """ε at ``delta`` of everything composed so far; 0.0 when nothing was."""
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-            raise ConfigError(f"delta must lie in (0, 1), got {delta!r}")
-        key = float(delta)
+        key = fraction("delta", delta)
         if not self._events:
             return 0.0
         if key not in self._epsilon_cache:

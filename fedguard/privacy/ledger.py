@@ -67,6 +67,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from fedguard.core.checks import positive_int
 from fedguard.core.config import PrivacyBudget
 from fedguard.core.errors import (
     BudgetExhaustedError,
@@ -354,8 +355,7 @@ class PrivacyLedger:
         """
         if not isinstance(run_id, str) or not run_id:
             raise ConfigError(f"run_id must be a non-empty string, got {run_id!r}")
-        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-            raise ConfigError(f"round must be an integer >= 0, got {round!r}")
+        positive_int("round", round, allow_zero=True)
         if not isinstance(purpose, ChargePurpose):
             raise ConfigError(f"purpose must be a ChargePurpose, got {purpose!r}")
         _check_event(event, purpose)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeAlias
 
+from fedguard.core.checks import positive, positive_int, rate
 from fedguard.core.errors import ConfigError, LedgerError
 from fedguard.privacy.events import DpSgdRound, GaussianRelease
 
@@ -103,18 +103,12 @@ class RoundPlan:
     def __post_init__(self) -> None:
         if not isinstance(self.private_against_server, bool):
             raise ConfigError("plan private_against_server must be a bool")
-        q = self.sample_rate
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
-            raise ConfigError(f"plan sample_rate must lie in (0, 1], got {q!r}")
-        z = self.noise_multiplier
-        if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
-            raise ConfigError(f"plan noise_multiplier must be a finite number > 0, got {z!r}")
+        q = rate("plan sample_rate", self.sample_rate)
+        z = positive("plan noise_multiplier", self.noise_multiplier)
         for name in ("steps_per_round", "planned_rounds"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"plan {name} must be an integer >= 1, got {v!r}")
-        object.__setattr__(self, "sample_rate", float(q))
-        object.__setattr__(self, "noise_multiplier", float(z))
+            positive_int(f"plan {name}", getattr(self, name))
+        object.__setattr__(self, "sample_rate", q)
+        object.__setattr__(self, "noise_multiplier", z)
 
     def round_event(self) -> DpSgdRound:
         """What one round of this plan costs."""

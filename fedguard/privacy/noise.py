@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from fedguard.core.checks import positive, positive_int
 from fedguard.core.errors import ConfigError, PrivacyError
 
 __all__ = ["CsprngGaussian", "seeded_torch_generator"]
@@ -114,16 +115,14 @@ class CsprngGaussian:
 
     def uniform(self, size: int) -> np.ndarray:
         """``size`` uniforms in [0, 1) (float64, 53 random bits each)."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ConfigError(f"size must be an integer >= 0, got {size!r}")
+        positive_int("size", size, allow_zero=True)
         mantissas = (self._words(size) >> np.uint64(11)).astype(np.float64)
         uniforms: np.ndarray = mantissas * _TWO_POW_MINUS_53
         return uniforms
 
     def standard_normal(self, size: int) -> np.ndarray:
         """``size`` N(0, 1) samples in float64 (each the sum of four draws / 2)."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ConfigError(f"size must be an integer >= 0, got {size!r}")
+        positive_int("size", size, allow_zero=True)
         # Two Box–Muller pairs per sample, both outputs of each used: four N(0, 1)
         # draws r·cos θ, r·sin θ per sample. Row 0 of the words gives the radii' uniforms,
         # row 1 the angles'; columns (2i, 2i+1) are the pairs of sample i.
@@ -145,13 +144,7 @@ class CsprngGaussian:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise ConfigError(f"shape must be a tuple of integers >= 0, got {shape!r}")
-        if (
-            isinstance(std, bool)
-            or not isinstance(std, (int, float))
-            or not math.isfinite(std)
-            or std < 0
-        ):
-            raise ConfigError(f"std must be a finite number >= 0, got {std!r}")
+        positive("std", std, allow_zero=True)
         if not dtype.is_floating_point:
             raise ConfigError(f"dtype must be a floating-point dtype, got {dtype}")
         size = math.prod(shape)

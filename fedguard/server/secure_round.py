@@ -320,121 +320,42 @@ def run_secure_groups(
     out of the later stages; the other groups go on. The result lists, per group,
     its decoded sum or its abort.
     """
-    seen: set[int] = set()
-    for group in groups:
-        if seen & set(group):
-            raise ValueError("a node is in two secure groups")
-        seen.update(group)
-    states: list[_Group | SecureRoundAborted] = []
-    for group in groups:
-        members, excluded = (
-            settings.identities.members(group)
-            if settings.require_identity and settings.identities is not None
-            else (list(group), {})
-        )
-        report = SecureNodeReport(tuple(group))
-        for node, why in excluded.items():
-            report.fail(
-                node, NodeFailure(STAGES[0], OutcomeStatus.REJECTED, f"not authenticated: {why}")
-            )
-        if len(members) < _MIN_MEMBERS:
-            reasons = "; ".join(f"node {n}: {r}" for n, r in excluded.items())
-            states.append(
-                SecureRoundAborted(
-                    BelowThresholdError(
-                        "setup",
-                        f"{len(members)} of {len(group)} nodes can take part ({reasons}); "
-                        f"a secure aggregate needs {_MIN_MEMBERS}",
-                    ),
-                    report,
-                )
-            )
-            continue
-        server, options = settings.begin(members, vector_length + 1)
-        states.append(
-            _Group(members, server.config, server, server.setup_requests(), report, options)
-        )
+    _check_disjoint(groups)
+    states = [_open_group(group, settings, vector_length) for group in groups]
     live = [s for s in states if isinstance(s, _Group)]
-
-    def stage(
-        name: str,
-        message_type: str,
-        parse: Callable[[bytes], Any],
-        advance: Callable[[ServerRound, dict[int, Any]], Any],
-        base: RecordDict | None = None,
-    ) -> None:
-        contents: dict[int, RecordDict] = {}
-        for state in live:
-            if state.failure is not None:
-                continue
-            for node, request in state.requests.items():
-                content = RecordDict(dict(base.items())) if base is not None else RecordDict()
-                content[protocol.SECAGG] = secagg_record(
-                    request.to_bytes(),
-                    **(
-                        {
-                            "clip-norm": settings.clip_norm,
-                            "weight-unit": settings.weight_unit,
-                            **state.options,
-                        }
-                        if base is not None
-                        else {}
-                    ),
-                )
-                contents[node] = content
-        replies = send(message_type, contents) if contents else {}
-        for state in live:
-            if state.failure is not None:
-                continue
-            report = state.report
-            parsed: dict[int, Any] = {}
-            for node in state.requests:
-                status, reason = reply_outcome(replies, node)
-                reply = replies.get(node)
-                if reply is not None and reply.has_content():
-                    # ε may come with any stage's reply (the release's, since charge at release)
-                    report.metrics.setdefault(node, {}).update(_metrics(reply))
-                if status is not OutcomeStatus.OK:
-                    report.fail(node, NodeFailure(name, status, reason))
-                    continue
-                if name == RELEASE_STAGE:
-                    report.released.add(node)
-                try:
-                    parsed[node] = parse(_payload(cast(Message, reply)))
-                except (SecAggError, KeyError, TypeError, ValueError) as bad:
-                    report.fail(
-                        node, NodeFailure(name, OutcomeStatus.REJECTED, f"malformed reply: {bad}")
-                    )
-                    continue
-            try:
-                state.requests = advance(state.server, parsed)
-            except SecAggError as failed:
-                state.failure = failed
-                state.requests = {}
-            for node, why in state.server.rejected.items():
-                report.fail(node, NodeFailure(name, OutcomeStatus.REJECTED, why))
-
-    stage(
+    _run_stage(
+        send,
+        live,
+        settings,
         "advertise-keys",
         setup_message_type,
         KeyAdvertisement.from_bytes,
         ServerRound.receive_advertisements,
         base=instruction,
     )
-    stage(
+    _run_stage(
+        send,
+        live,
+        settings,
         "share-keys",
         protocol.SECAGG_SHARE,
         ShareKeysResponse.from_bytes,
         ServerRound.receive_shares,
     )
     # The server keeps only the running sum of masked vectors (ServerRound.masked_sum).
-    stage(
+    _run_stage(
+        send,
+        live,
+        settings,
         RELEASE_STAGE,
         protocol.SECAGG_MASK,
         MaskedInput.from_bytes,
         ServerRound.receive_masked_inputs,
     )
-    stage(
+    _run_stage(
+        send,
+        live,
+        settings,
         "consistency",
         protocol.SECAGG_CONSISTENCY,
         ConsistencySignature.from_bytes,
@@ -446,30 +367,143 @@ def run_secure_groups(
         results[id(server)] = server.receive_unmask(replies)
         return {}
 
-    stage("unmask", protocol.SECAGG_UNMASK, UnmaskResponse.from_bytes, unmask)
-    out: list[SecureRoundResult | SecureRoundAborted] = []
-    for entry in states:
-        if isinstance(entry, SecureRoundAborted):
-            out.append(entry)
-            continue
-        state = entry
-        if state.failure is not None:
-            out.append(SecureRoundAborted(state.failure, state.report))
-            continue
-        result = results[id(state.server)]
-        decoded = FixedPointEncoder(state.config).decode(result.total)
-        out.append(
-            SecureRoundResult(
-                config=state.config,
-                weighted_sum=decoded.weighted_sum,
-                total_weight=decoded.total_weight,
-                contributors=result.contributors,
-                dropped_at=state.report.dropped_at,
-                metrics=state.report.metrics,
-                report=state.report,
-            )
+    _run_stage(
+        send, live, settings, "unmask", protocol.SECAGG_UNMASK, UnmaskResponse.from_bytes, unmask
+    )
+    return [_outcome(entry, results) for entry in states]
+
+
+def _check_disjoint(groups: Sequence[Sequence[int]]) -> None:
+    seen: set[int] = set()
+    for group in groups:
+        if seen & set(group):
+            raise ValueError("a node is in two secure groups")
+        seen.update(group)
+
+
+def _open_group(
+    group: Sequence[int], settings: SecureAggregationSettings, vector_length: int
+) -> _Group | SecureRoundAborted:
+    """Begin one group's ServerRound without its unauthenticated nodes (an abort if too
+    few are left)."""
+    members, excluded = (
+        settings.identities.members(group)
+        if settings.require_identity and settings.identities is not None
+        else (list(group), {})
+    )
+    report = SecureNodeReport(tuple(group))
+    for node, why in excluded.items():
+        report.fail(
+            node, NodeFailure(STAGES[0], OutcomeStatus.REJECTED, f"not authenticated: {why}")
         )
-    return out
+    if len(members) < _MIN_MEMBERS:
+        reasons = "; ".join(f"node {n}: {r}" for n, r in excluded.items())
+        return SecureRoundAborted(
+            BelowThresholdError(
+                "setup",
+                f"{len(members)} of {len(group)} nodes can take part ({reasons}); "
+                f"a secure aggregate needs {_MIN_MEMBERS}",
+            ),
+            report,
+        )
+    server, options = settings.begin(members, vector_length + 1)
+    return _Group(members, server.config, server, server.setup_requests(), report, options)
+
+
+def _run_stage(
+    send: Send,
+    live: Sequence[_Group],
+    settings: SecureAggregationSettings,
+    name: str,
+    message_type: str,
+    parse: Callable[[bytes], Any],
+    advance: Callable[[ServerRound, dict[int, Any]], Any],
+    base: RecordDict | None = None,
+) -> None:
+    """One stage for every group still running: one ``send``, then each group's replies."""
+    contents = {
+        node: content
+        for state in live
+        if state.failure is None
+        for node, content in _stage_requests(state, settings, base).items()
+    }
+    replies = send(message_type, contents) if contents else {}
+    for state in live:
+        if state.failure is None:
+            _take_replies(state, name, replies, parse, advance)
+
+
+def _stage_requests(
+    state: _Group, settings: SecureAggregationSettings, base: RecordDict | None
+) -> dict[int, RecordDict]:
+    """This stage's message to each node of a group; the setup's (on ``base``, the
+    training instruction) also carries the round's options."""
+    options: dict[str, Any] = (
+        {"clip-norm": settings.clip_norm, "weight-unit": settings.weight_unit, **state.options}
+        if base is not None
+        else {}
+    )
+    contents: dict[int, RecordDict] = {}
+    for node, request in state.requests.items():
+        content = RecordDict(dict(base.items())) if base is not None else RecordDict()
+        content[protocol.SECAGG] = secagg_record(request.to_bytes(), **options)
+        contents[node] = content
+    return contents
+
+
+def _take_replies(
+    state: _Group,
+    name: str,
+    replies: Mapping[int, Message],
+    parse: Callable[[bytes], Any],
+    advance: Callable[[ServerRound, dict[int, Any]], Any],
+) -> None:
+    """Feed a group's replies to its ServerRound, recording each node that fails."""
+    report = state.report
+    parsed: dict[int, Any] = {}
+    for node in state.requests:
+        status, reason = reply_outcome(replies, node)
+        reply = replies.get(node)
+        if reply is not None and reply.has_content():
+            # ε may come with any stage's reply (the release's, since charge at release)
+            report.metrics.setdefault(node, {}).update(_metrics(reply))
+        if status is not OutcomeStatus.OK:
+            report.fail(node, NodeFailure(name, status, reason))
+            continue
+        if name == RELEASE_STAGE:
+            report.released.add(node)
+        try:
+            parsed[node] = parse(_payload(cast(Message, reply)))
+        except (SecAggError, KeyError, TypeError, ValueError) as bad:
+            report.fail(node, NodeFailure(name, OutcomeStatus.REJECTED, f"malformed reply: {bad}"))
+    try:
+        state.requests = advance(state.server, parsed)
+    except SecAggError as failed:
+        state.failure = failed
+        state.requests = {}
+    for node, why in state.server.rejected.items():
+        report.fail(node, NodeFailure(name, OutcomeStatus.REJECTED, why))
+
+
+def _outcome(
+    entry: _Group | SecureRoundAborted, results: Mapping[int, AggregateResult]
+) -> SecureRoundResult | SecureRoundAborted:
+    """A group's decoded sum, or its abort."""
+    if isinstance(entry, SecureRoundAborted):
+        return entry
+    if entry.failure is not None:
+        return SecureRoundAborted(entry.failure, entry.report)
+    result = results[id(entry.server)]
+    decoded = FixedPointEncoder(entry.config).decode(result.total)
+    return SecureRoundResult(
+        config=entry.config,
+        weighted_sum=decoded.weighted_sum,
+        total_weight=decoded.total_weight,
+        contributors=result.contributors,
+        dropped_at=entry.report.dropped_at,
+        metrics=entry.report.metrics,
+        report=entry.report,
+    )
 
 
 def node_outcomes(

@@ -35,11 +35,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedguard.core.config import RunConfig
-from fedguard.core.datasets import schema_for, sensitive_groups
+from fedguard.core.datasets import schema_for
 from fedguard.core.errors import DataError, FedguardError
 from fedguard.core.files import atomic_write_json
 from fedguard.core.histograms import bin_edges
 from fedguard.core.preprocessing import FeatureScaler
+from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import ModelWeights, weights_to_record
 from fedguard.core.trust_results import (
     AttributionResult,

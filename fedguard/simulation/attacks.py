@@ -50,7 +50,7 @@ from fedguard.client.secure import update_delta
 from fedguard.client.silo import SimulatedSiloSource
 from fedguard.client.training import LocalData, train_non_private
 from fedguard.core.config import RunConfig
-from fedguard.core.datasets import SiloData, simulation_silos
+from fedguard.core.datasets import SiloData
 from fedguard.core.errors import ConfigError
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
@@ -61,6 +61,7 @@ from fedguard.core.serialization import (
     load_weights,
     unflatten_weights,
 )
+from fedguard.core.silos import simulation_silos
 from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.runs.layout import VariantFolder, silo_id
 from fedguard.simulation.attack_config import (

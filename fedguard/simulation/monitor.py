@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedguard.client.app import make_client_app
 from fedguard.client.silo import SiloDataSource, SiloSettings, SimulatedSiloSource
+from fedguard.core.checks import positive_int
 from fedguard.core.config import DatasetName, RunConfig
 from fedguard.core.datasets import EncodedData, SiloData, schema_for
 from fedguard.core.errors import ConfigError, DataError
@@ -127,8 +128,7 @@ def simulate_monitoring(
     Rounds are numbered on from those the run already monitored; each result is
     appended to ``trust.json`` and ``trust-log.jsonl``.
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"rounds must be an integer >= 1, got {rounds!r}")
+    positive_int("rounds", rounds)
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     config = run.config

@@ -32,8 +32,9 @@ from fedguard.client.app import make_client_app
 from fedguard.client.policy import SiloPolicy
 from fedguard.client.silo import SiloSettings, SimulatedSiloSource
 from fedguard.core.config import Engine, NoiseSource, RunConfig
-from fedguard.core.datasets import SiloData, simulation_silos
+from fedguard.core.datasets import SiloData
 from fedguard.core.errors import InfeasibleBudgetError
+from fedguard.core.silos import simulation_silos
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.ledger import PrivacyLedger
 from fedguard.runs.layout import VariantFolder, silo_id

@@ -36,8 +36,8 @@ from fedguard.client.app import make_client_app
 from fedguard.client.outbox import Outbox
 from fedguard.client.secure import STATE_KEY
 from fedguard.client.silo import SiloSettings
+from fedguard.core.builtin_datasets import load_pooled_frame
 from fedguard.core.config import LocalDPConfig, NoiseSource
-from fedguard.core.datasets import load_pooled_frame
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import ModelWeights, flatten_weights
 from fedguard.privacy.ledger import LedgerEntry, PrivacyLedger

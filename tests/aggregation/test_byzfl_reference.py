@@ -45,6 +45,7 @@ from flwr.server.strategy.aggregate import (
     aggregate_trimmed_avg,
 )
 
+from fedguard.aggregation.kernels import smoothed_weiszfeld
 from fedguard.aggregation.preaggregation import NearestNeighborMixing, bucket_means
 from fedguard.aggregation.robust import (
     CenteredClipping,
@@ -54,7 +55,6 @@ from fedguard.aggregation.robust import (
     Krum,
     MultiKrum,
     TrimmedMean,
-    smoothed_weiszfeld,
 )
 
 SEEDS = range(6)

@@ -17,6 +17,19 @@ from fedguard.aggregation.aggregators import (
     RuleParameterError,
     WeightedMean,
 )
+from fedguard.aggregation.kernels import (
+    centered_clip,
+    coordinate_median,
+    coordinate_trimmed_mean,
+    gram,
+    krum_scores,
+    mix_rows,
+    norm_clip_factors,
+    order_by,
+    pairwise_sq_distances,
+    row_sq_distances,
+    smoothed_weiszfeld,
+)
 from fedguard.aggregation.preaggregation import (
     Bucketing,
     Composed,
@@ -39,17 +52,6 @@ from fedguard.aggregation.robust import (
     MultiKrum,
     NormBounding,
     TrimmedMean,
-    centered_clip,
-    coordinate_median,
-    coordinate_trimmed_mean,
-    gram,
-    krum_scores,
-    mix_rows,
-    norm_clip_factors,
-    order_by,
-    pairwise_sq_distances,
-    row_sq_distances,
-    smoothed_weiszfeld,
 )
 from fedguard.core.errors import ConfigError
 

@@ -19,10 +19,11 @@ from fedguard.client.explain import (
 )
 from fedguard.client.training import LocalData, train_non_private
 from fedguard.core.config import DatasetName, LocalTrainingConfig, ModelSpec, PartitionSpec
-from fedguard.core.datasets import SiloData, simulation_silos
+from fedguard.core.datasets import SiloData
 from fedguard.core.errors import ConfigError
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.silos import simulation_silos
 
 
 def _trained(dataset: DatasetName) -> tuple[torch.nn.Module, FeatureScaler, SiloData, np.ndarray]:

@@ -14,9 +14,10 @@ from fedguard.client.statistics import (
     noised_release,
 )
 from fedguard.core.config import ModelSpec
-from fedguard.core.datasets import schema_for, sensitive_groups
+from fedguard.core.datasets import schema_for
 from fedguard.core.histograms import bin_edges
 from fedguard.core.models import build_model
+from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import load_weights
 from fedguard.core.trust import TrustNoise
 from fedguard.privacy.analysis.release import calibrate_release_noise

@@ -7,19 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedguard.core import datasets
+from fedguard.core import builtin_datasets
+from fedguard.core.builtin_datasets import load_pooled_frame
 from fedguard.core.config import DatasetName, PartitionSpec
 from fedguard.core.datasets import (
     EncodedData,
     FeatureSchema,
     SiloData,
     encode_frame,
-    load_pooled_frame,
     load_silo_frame,
     schema_for,
-    silo_from_frame,
-    simulation_silos,
-    split_train_test,
 )
 from fedguard.core.errors import (
     ConfigError,
@@ -29,6 +26,7 @@ from fedguard.core.errors import (
     PartitionError,
     UnknownDatasetError,
 )
+from fedguard.core.silos import silo_from_frame, simulation_silos, split_train_test
 
 # name -> (rows, class counts, raw feature columns, encoded features)
 EXPECTED = {
@@ -185,7 +183,7 @@ def test_missing_extra(
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
     with pytest.raises(MissingExtraError, match=r"pip install 'fedguard\[data\]'") as caught:
-        getattr(datasets, loader)()
+        getattr(builtin_datasets, loader)()
     assert package in str(caught.value)
     assert isinstance(caught.value, ImportError)
 

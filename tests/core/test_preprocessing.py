@@ -6,9 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedguard.core.config import DatasetName, PartitionSpec
-from fedguard.core.datasets import EncodedData, FeatureSchema, schema_for, simulation_silos
+from fedguard.core.datasets import EncodedData, FeatureSchema, schema_for
 from fedguard.core.errors import DataError
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.silos import simulation_silos
 
 
 def make_schema(standardize: list[bool]) -> FeatureSchema:

@@ -21,10 +21,11 @@ from fedguard.core.config import (
     PartitionSpec,
     PrivacyBudget,
 )
-from fedguard.core.datasets import schema_for, simulation_silos
+from fedguard.core.datasets import schema_for
 from fedguard.core.errors import ConfigError, InfeasibleBudgetError
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.silos import simulation_silos
 from fedguard.edge.distill import (
     DistillConfig,
     DistillMode,

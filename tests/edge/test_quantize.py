@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fedguard.core.config import DatasetName, PartitionSpec
-from fedguard.core.datasets import schema_for, simulation_silos
+from fedguard.core.datasets import schema_for
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.silos import simulation_silos
 from fedguard.edge.distill import StudentSpec
 from fedguard.edge.predict import EdgeModel
 from fedguard.edge.quantize import (

@@ -10,8 +10,8 @@ import torch
 from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
 from fedguard.core.config import RunConfig
-from fedguard.core.datasets import sensitive_groups
 from fedguard.core.models import build_model
+from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import load_weights
 from fedguard.core.trust import TrustConfig, TrustNoise
 from fedguard.core.trust_results import read_trust_results

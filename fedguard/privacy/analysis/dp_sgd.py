@@ -38,8 +38,8 @@ from dp_accounting import mechanism_calibration
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from fedguard.core.checks import positive, rate
-from fedguard.core.errors import ConfigError, InfeasibleBudgetError, UnsupportedEventError
+from fedguard.core.checks import fraction, positive, positive_int, rate
+from fedguard.core.errors import InfeasibleBudgetError, UnsupportedEventError
 
 __all__ = [
     "MIN_NOISE_MULTIPLIER",
@@ -79,18 +79,6 @@ _REFINE_SLACK = 0.005
 # --------------------------------------------------------------------------- validation
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_delta(delta: object) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
-        raise ConfigError(f"delta must lie in (0, 1), got {delta!r}")
-    return float(delta)
-
-
 def _check_event(event: object) -> dp_accounting.DpEvent:
     if not isinstance(event, dp_accounting.DpEvent):
         raise UnsupportedEventError(f"not a dp_accounting DpEvent: {event!r}")
@@ -117,9 +105,9 @@ def poisson_schedule(num_examples: int, batch_size: int, local_epochs: int) -> t
     function reproduces that, so the ledger charges the steps that really run.
     The expected batch size is ``q·n``, close to but not exactly ``B``.
     """
-    n = _check_int("num_examples", num_examples, 1)
-    b = _check_int("batch_size", batch_size, 1)
-    epochs = _check_int("local_epochs", local_epochs, 1)
+    n = positive_int("num_examples", num_examples)
+    b = positive_int("batch_size", batch_size)
+    epochs = positive_int("local_epochs", local_epochs)
     batches = math.ceil(n / b)  # len(DataLoader(dataset, batch_size=b, drop_last=False))
     sample_rate = 1 / batches  # DPDataLoader.from_data_loader
     steps_per_epoch = int(1 / sample_rate)  # UniformWithReplacementSampler.__init__
@@ -138,7 +126,7 @@ def dp_sgd_event(sample_rate: float, noise_multiplier: float, steps: int) -> dp_
     """
     q = rate("sample_rate", sample_rate)
     sigma = positive("noise_multiplier", noise_multiplier)
-    count = _check_int("steps", steps, 1)
+    count = positive_int("steps", steps)
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count
     )
@@ -157,7 +145,7 @@ def dp_fedavg_event(
     """
     q = rate("client_sampling_rate", client_sampling_rate)
     z = positive("noise_multiplier", noise_multiplier)
-    count = _check_int("rounds", rounds, 1)
+    count = positive_int("rounds", rounds)
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), count
     )
@@ -202,7 +190,7 @@ def compose_grouped(parts: Iterable[tuple[dp_accounting.DpEvent, int]]) -> dp_ac
         totals.append(count)
 
     for event, count in parts:
-        add(_check_event(event), _check_int("count", count, 0))
+        add(_check_event(event), positive_int("count", count, allow_zero=True))
     composed = [
         dp_accounting.SelfComposedDpEvent(m, c) for m, c in zip(mechanisms, totals, strict=True)
     ]
@@ -241,7 +229,7 @@ def epsilon_pld(
     The discretization interval is passed by keyword: ``PLDAccountant``'s first
     positional argument is the neighbouring relation.
     """
-    d = _check_delta(delta)
+    d = fraction("delta", delta)
     interval = positive("value_discretization_interval", value_discretization_interval)
     # A PLD composition costs up to seconds, and a silo asks for the same one several
     # times per round (affordability check, charge, reports). dp_accounting's events are
@@ -270,7 +258,7 @@ def epsilon_rdp(event: dp_accounting.DpEvent, delta: float) -> float:
     implemented by ``dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon``.
     Looser than :func:`epsilon_pld`; kept to compare with Opacus's RDP accountant.
     """
-    d = _check_delta(delta)
+    d = fraction("delta", delta)
     accountant = rdp_privacy_accountant.RdpAccountant()
     return float(_compose_or_raise(accountant, _check_event(event)).get_epsilon(d))
 
@@ -311,10 +299,10 @@ def calibrate_noise_multiplier(
             round, or on ``rounds`` rounds (the message says how many would fit).
     """
     q = rate("sample_rate", sample_rate)
-    steps = _check_int("steps_per_round", steps_per_round, 1)
-    n_rounds = _check_int("rounds", rounds, 1)
+    steps = positive_int("steps_per_round", steps_per_round)
+    n_rounds = positive_int("rounds", rounds)
     target = positive("target_epsilon", target_epsilon)
-    d = _check_delta(delta)
+    d = fraction("delta", delta)
     sigma_max = positive("max_noise_multiplier", max_noise_multiplier)
     prior_parts = [(_check_event(e), 1) for e in prior]
 
@@ -326,7 +314,22 @@ def calibrate_noise_multiplier(
 
     spent_before = epsilon_pld(compose_grouped(prior_parts), d) if prior_parts else 0.0
     already = f" on top of ε={spent_before:.4g} already spent" if prior_parts else ""
+    _check_feasible(reported, already, q, steps, n_rounds, target, d, sigma_max)
+    return _verified_sigma(lambda sigma: event_for(sigma, n_rounds), target, d, sigma_max)
 
+
+def _check_feasible(
+    reported: Callable[[float, int], float],
+    already: str,
+    q: float,
+    steps: int,
+    n_rounds: int,
+    target: float,
+    d: float,
+    sigma_max: float,
+) -> None:
+    """InfeasibleBudgetError unless ``n_rounds`` rounds at ``sigma_max`` fit ``target``
+    (``reported(σ, k)``: the ε of ``k`` rounds at σ, prior spending included)."""
     one_round = reported(sigma_max, 1)
     if one_round > target:
         raise InfeasibleBudgetError(
@@ -346,9 +349,15 @@ def calibrate_noise_multiplier(
             f"{fit} rounds, or raise the budget or max_noise_multiplier"
         )
 
-    def make_event(sigma: float) -> dp_accounting.DpEvent:
-        return event_for(sigma, n_rounds)
 
+def _verified_sigma(
+    make_event: Callable[[float], dp_accounting.DpEvent],
+    target: float,
+    d: float,
+    sigma_max: float,
+) -> float:
+    """The searched σ, verified at :data:`REPORTING_DISCRETIZATION` (raised until it
+    verifies, searched again there if it leaves slack); ε(sigma_max) ≤ target."""
     interval = SEARCH_DISCRETIZATION
     if epsilon_pld(make_event(sigma_max), d, interval) > target:
         # The coarser accountant rounds privacy losses up more and overspends even at
@@ -358,7 +367,7 @@ def calibrate_noise_multiplier(
     for _ in range(_VERIFY_MAX_TRIES):
         if sigma >= sigma_max:
             return sigma_max  # verified above
-        eps = reported(sigma, n_rounds)
+        eps = epsilon_pld(make_event(sigma), d, REPORTING_DISCRETIZATION)
         if eps <= target:
             if interval != REPORTING_DISCRETIZATION and eps < target * (1 - _REFINE_SLACK):
                 # The coarse search left slack (it happens at small ε over many steps,

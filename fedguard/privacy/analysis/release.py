@@ -19,7 +19,7 @@ import dp_accounting
 from dp_accounting.pld import privacy_loss_mechanism
 from scipy import optimize
 
-from fedguard.core.checks import positive
+from fedguard.core.checks import positive, positive_int
 from fedguard.core.errors import ConfigError
 from fedguard.privacy.analysis.dp_sgd import epsilon_pld
 
@@ -35,16 +35,10 @@ _SIGMA_LO = 0.05
 _SIGMA_HI = 1e4
 
 
-def _check_count(count: object) -> int:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ConfigError(f"count must be an integer >= 1, got {count!r}")
-    return count
-
-
 def gaussian_release_event(noise_multiplier: float, count: int = 1) -> dp_accounting.DpEvent:
     """``count`` Gaussian mechanisms of noise multiplier σ (no sampling)."""
     sigma = positive("noise_multiplier", noise_multiplier)
-    n = _check_count(count)
+    n = positive_int("count", count)
     gaussian = dp_accounting.GaussianDpEvent(sigma)
     return gaussian if n == 1 else dp_accounting.SelfComposedDpEvent(gaussian, n)
 
@@ -67,7 +61,7 @@ def calibrate_release_noise(target_epsilon: float, delta: float, count: int = 1)
     """
     target = positive("target_epsilon", target_epsilon)
     d = positive("delta", delta, upper=1.0)
-    n = _check_count(count)
+    n = positive_int("count", count)
 
     def excess_delta(log_sigma: float) -> float:
         loss = privacy_loss_mechanism.GaussianPrivacyLoss(

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedguard.core.checks import positive
 from fedguard.privacy.secagg.analysis import choose_parameters
 from fedguard.privacy.secagg.errors import SecAggConfigError
 
@@ -84,13 +85,7 @@ class SecAggConfig:
             f"threshold t={t} must exceed degree/2={k / 2:g}: otherwise a malicious server "
             "can collect both secrets of a client from two halves of its neighbours",
         )
-        _require(
-            isinstance(self.clip_range, (int, float))
-            and not isinstance(self.clip_range, bool)
-            and math.isfinite(self.clip_range)
-            and self.clip_range > 0,
-            f"clip_range must be a finite number > 0, got {self.clip_range!r}",
-        )
+        positive("clip_range", self.clip_range, error=SecAggConfigError)
         _require(
             _is_int(self.value_bits) and 1 <= self.value_bits <= RING_BITS - 2,
             f"value_bits must be an integer in [1, {RING_BITS - 2}], got {self.value_bits!r}",

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from fedguard.core.checks import positive_int
 from fedguard.privacy.secagg.errors import (
     AdvertisementError,
     MalformedMessageError,
@@ -229,8 +230,7 @@ class MaskExpander:
     """
 
     def __init__(self, length: int) -> None:
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise MalformedMessageError(f"vector length must be an integer >= 1, got {length!r}")
+        positive_int("vector length", length, error=MalformedMessageError)
         self.length = length
         self._zeros = bytes(4 * length)
         # cryptography's update_into wants block_size - 1 spare bytes.

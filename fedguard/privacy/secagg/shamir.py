@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedguard.core.checks import positive_int
 from fedguard.privacy.secagg.errors import MalformedMessageError, ReconstructionError
 
 __all__ = [
@@ -81,8 +82,7 @@ def split(secrets: Sequence[bytes], threshold: int, num_shares: int) -> np.ndarr
     Returns an int64 array of shape ``(num_shares, len(secrets) * 16)``: row r is
     the share at x = r + 1, the concatenation of the shares of every secret.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-        raise MalformedMessageError(f"threshold must be an integer >= 1, got {threshold!r}")
+    positive_int("threshold", threshold, error=MalformedMessageError)
     if not isinstance(num_shares, int) or not threshold <= num_shares < PRIME:
         raise MalformedMessageError(
             f"need threshold <= num_shares < p, got t={threshold}, k={num_shares}"
