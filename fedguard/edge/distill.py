@@ -58,6 +58,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedguard.aggregation.pipeline import AggregationPipeline, ClientUpdate
+from fedguard.audit.logs import SILO_LOG_NAME
+from fedguard.client.ledger_guard import open_silo_ledger, record_charge
 from fedguard.client.training import (
     LocalData,
     TrainingError,
@@ -440,6 +442,9 @@ class DistillSilo:
     state_dir: Path
     budget: PrivacyBudget
     train: LocalData  # scaled, model-shaped float32 features and labels
+    # The key the silo signs its log with (None: an unsigned log, as in simulation).
+    # Every charge goes through the silo's ledger guard, like a training round's.
+    signing_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -465,24 +470,26 @@ class FederatedDistillResult:
 def next_distill_run_id(base_run_id: str, silos: Sequence[DistillSilo]) -> str:
     """``BASE/edge-distill-K`` with the smallest K no silo's ledger has seen yet."""
     used: set[str] = set()
-    plans: list[tuple[Path, str, PrivacyBudget]] = []
+    with_history: list[DistillSilo] = []
     for silo in silos:
-        if (silo.state_dir / PrivacyLedger.FILENAME).exists():
-            with PrivacyLedger.open(silo.state_dir, silo.silo_id, silo.budget) as ledger:
+        # A silo log without its ledger is opened too: the guard refuses it (a lost
+        # ledger must not look like a silo that never spent anything).
+        if any(
+            (silo.state_dir / name).exists() for name in (PrivacyLedger.FILENAME, SILO_LOG_NAME)
+        ):
+            with open_silo_ledger(silo) as ledger:
                 used.update(e.run_id for e in ledger.entries())
-                plans.append((silo.state_dir, silo.silo_id, silo.budget))
+                with_history.append(silo)
     k = 1
     while True:
         candidate = f"{base_run_id}/edge-distill-{k}"
-        if candidate not in used and not any(
-            _has_plan(state_dir, silo_id, budget, candidate) for state_dir, silo_id, budget in plans
-        ):
+        if candidate not in used and not any(_has_plan(s, candidate) for s in with_history):
             return candidate
         k += 1
 
 
-def _has_plan(state_dir: Path, silo_id: str, budget: PrivacyBudget, run_id: str) -> bool:
-    with PrivacyLedger.open(state_dir, silo_id, budget) as ledger:
+def _has_plan(silo: DistillSilo, run_id: str) -> bool:
+    with open_silo_ledger(silo) as ledger:
         return ledger.plan(run_id) is not None
 
 
@@ -504,7 +511,7 @@ def _plan_silo(
     sample_rate, steps = poisson_schedule(
         len(silo.train), config.training.batch_size, config.training.local_epochs
     )
-    with PrivacyLedger.open(silo.state_dir, silo.silo_id, silo.budget) as ledger:
+    with open_silo_ledger(silo) as ledger:
         stored = ledger.plan(run_id)
         entries = ledger.entries()
         spent = ledger.spent_epsilon()
@@ -572,7 +579,7 @@ def distill_federated(
         calibrated: _Calibrated = {}
         fixed = [(silo, *_plan_silo(silo, run_id, config, dp, calibrated)) for silo in silos]
         for silo, fixed_plan, _ in fixed:
-            with PrivacyLedger.open(silo.state_dir, silo.silo_id, silo.budget) as ledger:
+            with open_silo_ledger(silo) as ledger:
                 ledger.set_plan(run_id, fixed_plan)
         planned = list(fixed)
     else:
@@ -600,12 +607,15 @@ def distill_federated(
                 updates.append(ClientUpdate(index, silo.silo_id, delta, result.num_examples))
                 continue
             event = DpSgdRound(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
-            with PrivacyLedger.open(silo.state_dir, silo.silo_id, silo.budget) as ledger:
+            with open_silo_ledger(silo) as ledger:
                 try:
                     entry = ledger.charge(run_id, round_number, event)
                 except BudgetExhaustedError as refused:
                     outcomes[silo.silo_id] = {"status": "refused", "reason": str(refused)}
                     continue
+                # Write-ahead, before training: the charge is in the signed silo log
+                # before anything derived from these records reaches the aggregate.
+                record_charge(silo, ledger, entry)
                 try:
                     result = train_dp_sgd_distill(
                         local,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fedguard.audit.logs import SILO_LOG_NAME
+from fedguard.client.ledger_guard import open_silo_ledger, record_charge
 from fedguard.core.config import PrivacyBudget
 from fedguard.edge.distill import DistillConfig
 from fedguard.edge.export import ExportConfig, ExportResult, export_run
@@ -61,20 +63,34 @@ def set_run_options(run_dir: Path, **options: object) -> None:
         state_file.write_text(json.dumps(data))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Owner:
+    silo_id: str
+    state_dir: Path
+    budget: PrivacyBudget
+    signing_key: Path | None = None
+
+
 def with_lifetime_budget(run_dir: Path, budget: PrivacyBudget) -> None:
     """Give every silo of a copied run folder a larger lifetime budget, charges kept.
 
     Each ledger is rebuilt with ``budget`` and the same charges (same run ids, rounds
     and events, so the same ε), and the run's config says ``budget``: the state of
     a consortium whose silos planned the teacher run with part of their lifetime budget.
+    The silo log goes with its ledger and is rebuilt through the ledger guard (a
+    ledger replaced under its log is refused, as it should be).
     """
     old = load_saved_run(run_dir).config.budget
     for silo_dir in sorted((run_dir / "dp" / "silos").iterdir()):
         with PrivacyLedger.open(silo_dir, silo_dir.name, old) as ledger:
             entries = ledger.entries()
         (silo_dir / PrivacyLedger.FILENAME).unlink()
-        with PrivacyLedger.open(silo_dir, silo_dir.name, budget) as ledger:
+        for log_file in silo_dir.glob(f"{SILO_LOG_NAME}*"):
+            log_file.unlink()
+        owner = _Owner(silo_dir.name, silo_dir, budget)
+        with open_silo_ledger(owner) as ledger:
             for entry in entries:
                 charged = ledger.charge(entry.run_id, entry.round, entry.event, entry.purpose)
+                record_charge(owner, ledger, charged)
                 ledger.mark(charged.entry_id, ChargeStatus.COMPLETED)
     set_run_options(run_dir, **{"target-epsilon": budget.epsilon, "delta": budget.delta})

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fedguard.audit.chain import read_records
+from fedguard.audit.logs import SILO_LOG_NAME
+from fedguard.client.ledger_guard import LedgerIntegrityError, open_silo_ledger, record_charge
 from fedguard.client.training import LocalData, train_non_private
 from fedguard.core.config import (
     CentralDPConfig,
@@ -120,6 +124,15 @@ def _silos(tmp_path: Path, budget: PrivacyBudget) -> tuple[list[DistillSilo], to
     return out, teacher
 
 
+def _charge(silo: DistillSilo, run_id: str, event: DpSgdRound) -> float:
+    """One completed training round of ``run_id``, charged as the ClientApp charges it."""
+    with open_silo_ledger(silo) as ledger:
+        entry = ledger.charge(run_id, 1, event)
+        record_charge(silo, ledger, entry)
+        ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
+        return ledger.spent_epsilon()
+
+
 def test_dp_sgd_distill_takes_the_accounted_steps(tmp_path: Path) -> None:
     silos, teacher = _silos(tmp_path, PrivacyBudget(3.0, 1e-5))
     data = silos[0].train
@@ -141,10 +154,7 @@ def test_federated_distillation_plans_against_prior_spending(tmp_path: Path) -> 
     silos, teacher = _silos(tmp_path, budget)
     prior = DpSgdRound(0.25, 1.5, 8)
     for silo in silos:
-        with PrivacyLedger.open(silo.state_dir, silo.silo_id, budget) as ledger:
-            entry = ledger.charge("teacher-run", 1, prior)
-            ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
-            spent_before = ledger.spent_epsilon()
+        spent_before = _charge(silo, "teacher-run", prior)
     run_id = next_distill_run_id("teacher-run", silos)
     assert run_id == "teacher-run/edge-distill-1"
     student = StudentSpec().build(schema_for(DatasetName.BREAST_CANCER))
@@ -170,8 +180,8 @@ def test_federated_distillation_plans_against_prior_spending(tmp_path: Path) -> 
 def test_an_exhausted_budget_stops_before_anything_is_charged(tmp_path: Path) -> None:
     budget = PrivacyBudget(2.0, 1e-5)
     silos, teacher = _silos(tmp_path, budget)
+    _charge(silos[1], "teacher-run", DpSgdRound(0.25, 2.5, 14))  # ε ≈ 1.74 of 2
     with PrivacyLedger.open(silos[1].state_dir, "silo-1", budget) as ledger:
-        ledger.charge("teacher-run", 1, DpSgdRound(0.25, 2.5, 14))  # ε ≈ 1.74 of 2
         before = ledger.entries()
     student = StudentSpec().build(schema_for(DatasetName.BREAST_CANCER))
     with pytest.raises(InfeasibleBudgetError, match=r"silo-1.*Nothing was charged"):
@@ -192,6 +202,56 @@ def test_an_exhausted_budget_stops_before_anything_is_charged(tmp_path: Path) ->
         not (silos[0].state_dir / PrivacyLedger.FILENAME).exists()
         or not PrivacyLedger.open(silos[0].state_dir, "silo-0", budget).entries()
     )
+
+
+@pytest.mark.parametrize("tamper", ["deleted", "restored-older-copy"])
+def test_a_lost_or_rolled_back_ledger_stops_federated_distillation(
+    tmp_path: Path, tamper: str
+) -> None:
+    """Issue 13: distillation charges through the silo's ledger guard, not around it.
+
+    Deleting a silo's ledger (or restoring an older copy) beside its silo log must
+    not give it a fresh budget for the distillation rounds.
+    """
+    budget = PrivacyBudget(8.0, 1e-5)
+    silos, teacher = _silos(tmp_path, budget)
+    for silo in silos:
+        _charge(silo, "teacher-run", DpSgdRound(0.25, 1.5, 8))
+    ledger_file = silos[1].state_dir / PrivacyLedger.FILENAME
+    if tamper == "deleted":
+        ledger_file.unlink()
+    else:
+        backup = tmp_path / "backup.sqlite"
+        shutil.copy2(ledger_file, backup)
+        _charge(silos[1], "teacher-run-2", DpSgdRound(0.25, 1.5, 8))
+        shutil.copy2(backup, ledger_file)
+    student = StudentSpec().build(schema_for(DatasetName.BREAST_CANCER))
+    config = DistillConfig(mode=DistillMode.FEDERATED, rounds=2)
+    with pytest.raises(LedgerIntegrityError, match="silo-1"):
+        distill_federated(
+            teacher, student, silos, config, DP, CentralDPConfig(), "t/edge-distill-1", seed=0
+        )
+    with pytest.raises(LedgerIntegrityError, match="silo-1"):
+        next_distill_run_id("teacher-run", silos)
+    with PrivacyLedger.open(silos[0].state_dir, "silo-0", budget) as ledger:
+        assert [e.run_id for e in ledger.entries()] == ["teacher-run"]  # nothing charged
+
+
+def test_distillation_charges_are_committed_to_the_silo_log(tmp_path: Path) -> None:
+    budget = PrivacyBudget(3.0, 1e-5)
+    silos, teacher = _silos(tmp_path, budget)
+    student = StudentSpec().build(schema_for(DatasetName.BREAST_CANCER))
+    config = DistillConfig(mode=DistillMode.FEDERATED, rounds=2)
+    distill_federated(teacher, student, silos, config, DP, CentralDPConfig(), "t/d-1", seed=0)
+    for silo in silos:
+        charged = [
+            r.payload
+            for r in read_records(silo.state_dir / SILO_LOG_NAME)
+            if r.payload.get("event") == "charged"
+        ]
+        assert [(c["run_id"], c["round"]) for c in charged] == [("t/d-1", 1), ("t/d-1", 2)]
+        with PrivacyLedger.open(silo.state_dir, silo.silo_id, budget) as ledger:
+            assert charged[-1]["epsilon"] == pytest.approx(ledger.spent_epsilon())
 
 
 def test_server_distillation_moves_the_student_towards_the_teacher() -> None:
