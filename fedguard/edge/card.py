@@ -154,15 +154,31 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 def render_markdown(card: Mapping[str, Any]) -> str:
     """The card as Markdown for people (the JSON is the machine-readable record)."""
-    model = card["model"]
-    data = card["data"]
-    privacy = card["privacy"]
-    metrics = card["metrics"]
+    # Each section's lines end with a blank line, the last section's excepted.
     out = [
-        f"# Model card: {model['name']}",
+        *_title_md(card),
+        *_model_md(card["model"]),
+        *_intended_use_md(card["intended_use"]),
+        *_data_md(card["data"]),
+        *_training_md(card["training"]),
+        *_privacy_md(card["privacy"]),
+        *_aggregation_md(card["aggregation"]),
+        *_metrics_md(card["metrics"]),
+        *_size_latency_md(card["size_latency"]),
+        *_trust_md(card.get("trust")),
+        "## Known limitations",
         "",
-        f"{model['summary']}",
-        "",
+        *(f"* {item}" for item in card["limitations"]),
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _title_md(card: Mapping[str, Any]) -> list[str]:
+    return [f"# Model card: {card['model']['name']}", "", f"{card['model']['summary']}", ""]
+
+
+def _model_md(model: Mapping[str, Any]) -> list[str]:
+    return [
         "## Model",
         "",
         f"* Task: {model['task']}; classes: {', '.join(model['classes'])}.",
@@ -179,12 +195,22 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         ),
         f"* Exported by fedguard {model['fedguard_version']} on {model['created_at']}.",
         "",
+    ]
+
+
+def _intended_use_md(intended: Mapping[str, Any]) -> list[str]:
+    return [
         "## Intended use",
         "",
-        f"* {card['intended_use']['primary']}",
-        f"* Users: {card['intended_use']['users']}",
-        "* Out of scope: " + "; ".join(card["intended_use"]["out_of_scope"]) + ".",
+        f"* {intended['primary']}",
+        f"* Users: {intended['users']}",
+        "* Out of scope: " + "; ".join(intended["out_of_scope"]) + ".",
         "",
+    ]
+
+
+def _data_md(data: Mapping[str, Any]) -> list[str]:
+    return [
         "## Data",
         "",
         f"* Data set: `{data['dataset']}` ({data['source']}).",
@@ -196,11 +222,21 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             [[s["silo_id"], s["train_examples"], s["test_examples"]] for s in data["silos"]],
         ),
         "",
+    ]
+
+
+def _training_md(training: Mapping[str, Any]) -> list[str]:
+    return [
         "## Training",
         "",
-        f"* Teacher: {card['training']['teacher']['summary']}",
-        f"* Distillation: {card['training']['distillation']['summary']}",
+        f"* Teacher: {training['teacher']['summary']}",
+        f"* Distillation: {training['distillation']['summary']}",
         "",
+    ]
+
+
+def _privacy_md(privacy: Mapping[str, Any]) -> list[str]:
+    out = [
         "## Privacy",
         "",
         f"* Guarantee: {privacy['statement']}",
@@ -209,32 +245,14 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"* DP-SGD noise source: `{privacy['noise_source']}`.",
         f"* Distillation's privacy cost: {privacy['distillation_cost']}",
     ]
-    silos = privacy["silos"]
-    if any(s.get("ledger") for s in silos.values()):
-        rows = []
-        for silo_id, s in silos.items():
-            if not s.get("ledger"):
-                rows.append([silo_id, "—", "—", "—", "—", "—"])
-                continue
-            teacher_run = s["runs"].get(privacy["teacher_run_id"], {})
-            distill_run = s["runs"].get(privacy.get("distillation_run_id") or "", {})
-            rows.append(
-                [
-                    silo_id,
-                    s["epsilon_budget"],
-                    f"{s['delta']:g}",
-                    teacher_run.get("epsilon_after_last_round"),
-                    distill_run.get("epsilon_after_last_round"),
-                    s["epsilon_spent"],
-                ]
-            )
+    if any(s.get("ledger") for s in privacy["silos"].values()):
         out += [
             "",
             "Per silo, from its privacy ledger (ε at the silo's δ):",
             "",
             *_table(
                 ["silo", "ε budget", "δ", "ε after teacher run", "ε after distillation", "ε spent"],
-                rows,
+                _ledger_rows(privacy),
             ),
         ]
     if privacy.get("central"):
@@ -246,9 +264,33 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         ]
     out += ["", "Not protected by differential privacy:", ""]
     out += [f"* {item}" for item in privacy["not_protected"]]
-    agg = card["aggregation"]
-    out += [
-        "",
+    return [*out, ""]
+
+
+def _ledger_rows(privacy: Mapping[str, Any]) -> list[list[Any]]:
+    """One row per silo: budget, δ, ε after the teacher run and the distillation, ε spent."""
+    rows: list[list[Any]] = []
+    for silo_id, s in privacy["silos"].items():
+        if not s.get("ledger"):
+            rows.append([silo_id, "—", "—", "—", "—", "—"])
+            continue
+        teacher_run = s["runs"].get(privacy["teacher_run_id"], {})
+        distill_run = s["runs"].get(privacy.get("distillation_run_id") or "", {})
+        rows.append(
+            [
+                silo_id,
+                s["epsilon_budget"],
+                f"{s['delta']:g}",
+                teacher_run.get("epsilon_after_last_round"),
+                distill_run.get("epsilon_after_last_round"),
+                s["epsilon_spent"],
+            ]
+        )
+    return rows
+
+
+def _aggregation_md(agg: Mapping[str, Any]) -> list[str]:
+    return [
         "## Aggregation and robustness",
         "",
         f"* Rule: {agg['rule']}.",
@@ -265,13 +307,10 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"* Robust aggregation: {agg['robustness']}",
         *(f"* `{name}`: `{value}`" for name, value in agg.get("run_config", {}).items()),
         "",
-        "## Metrics",
-        "",
-        "Pooled over the silos' held-out test splits "
-        f"({metrics['overall']['teacher']['num_examples']} records), computed in each silo; "
-        "only sums leave a silo.",
-        "",
     ]
+
+
+def _metrics_md(metrics: Mapping[str, Any]) -> list[str]:
     models = ("teacher", "student_fp32", "student_int8")
     has_auc = metrics["overall"]["teacher"].get("auc") is not None
     header = ["model", "accuracy"] + (["AUC"] if has_auc else [])
@@ -279,32 +318,46 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     for name in models:
         m = metrics["overall"][name]
         rows.append([name, m["accuracy"]] + ([m.get("auc")] if has_auc else []))
-    out += _table(header, rows)
-    out += ["", "Per silo (accuracy):", ""]
-    out += _table(
-        ["silo", *models],
-        [
-            [silo_id, *(per[name]["accuracy"] for name in models)]
-            for silo_id, per in metrics["per_silo"].items()
-        ],
-    )
-    out += ["", "int8 against fp32 (same student):", ""]
-    out += _table(
-        ["rows", "records", "top-1 agreement", "max |logit error|", "mean |logit error|"],
-        [
-            [
-                where,
-                a["rows"],
-                a["top1_agreement"],
-                a["max_abs_logit_error"],
-                a["mean_abs_logit_error"],
-            ]
-            for where, a in metrics["agreement"].items()
-        ],
-    )
-    size = card["size_latency"]
-    out += [
+    return [
+        "## Metrics",
         "",
+        "Pooled over the silos' held-out test splits "
+        f"({metrics['overall']['teacher']['num_examples']} records), computed in each silo; "
+        "only sums leave a silo.",
+        "",
+        *_table(header, rows),
+        "",
+        "Per silo (accuracy):",
+        "",
+        *_table(
+            ["silo", *models],
+            [
+                [silo_id, *(per[name]["accuracy"] for name in models)]
+                for silo_id, per in metrics["per_silo"].items()
+            ],
+        ),
+        "",
+        "int8 against fp32 (same student):",
+        "",
+        *_table(
+            ["rows", "records", "top-1 agreement", "max |logit error|", "mean |logit error|"],
+            [
+                [
+                    where,
+                    a["rows"],
+                    a["top1_agreement"],
+                    a["max_abs_logit_error"],
+                    a["mean_abs_logit_error"],
+                ]
+                for where, a in metrics["agreement"].items()
+            ],
+        ),
+        "",
+    ]
+
+
+def _size_latency_md(size: Mapping[str, Any]) -> list[str]:
+    return [
         "## Size and latency",
         "",
         f"{size['setting']}",
@@ -328,13 +381,10 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"{size['ratios']['accuracy_points']:+.2f} accuracy points.",
         "",
     ]
-    trust = card.get("trust")
-    if trust:
-        plots = {name: Path(file) for name, file in trust.get("plots", {}).items()}
-        out += [*trust_markdown(TrustResults.from_json(trust["results"]), plots), ""]
-    out += [
-        "## Known limitations",
-        "",
-    ]
-    out += [f"* {item}" for item in card["limitations"]]
-    return "\n".join(out) + "\n"
+
+
+def _trust_md(trust: Mapping[str, Any] | None) -> list[str]:
+    if not trust:
+        return []
+    plots = {name: Path(file) for name, file in trust.get("plots", {}).items()}
+    return [*trust_markdown(TrustResults.from_json(trust["results"]), plots), ""]

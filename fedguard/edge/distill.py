@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -76,7 +75,6 @@ from fedguard.core.config import (
     OptimizerKind,
     PrivacyBudget,
 )
-from fedguard.core.datasets import FeatureSchema
 from fedguard.core.errors import (
     BudgetExhaustedError,
     ConfigError,
@@ -90,6 +88,7 @@ from fedguard.core.serialization import (
     model_weights,
     unflatten_weights,
 )
+from fedguard.edge.student import StudentCNN, StudentKind, StudentSpec
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.central_accounting import accounted_round
 from fedguard.privacy.events import DpFedAvgRound, DpSgdRound
@@ -114,83 +113,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- students
-
-
-class StudentKind(StrEnum):
-    AUTO = "auto"  # a CNN for image data sets, an MLP for tables
-    MLP = "mlp"
-    CNN = "cnn"
-
-
-class StudentCNN(nn.Module):
-    """One 3x3 convolution, ReLU, 2x2 max-pool and a linear classifier (no norm layer).
-
-    No BatchNorm (DP-SGD needs per-sample gradients) and no GroupNorm either: at
-    this size it is not needed, and it would stay float after quantization.
-    """
-
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: int = 8):
-        super().__init__()
-        if len(input_shape) != 3:
-            raise ConfigError(
-                f"StudentCNN needs a (channels, height, width) input, got {input_shape}"
-            )
-        in_channels, height, width = input_shape
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Linear(channels * (height // 2) * (width // 2), num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(start_dim=1))  # type: ignore[no-any-return]
-
-
-@dataclass(frozen=True)
-class StudentSpec:
-    """The student's architecture. Defaults are edge-sized: MLP (16,), CNN with 8 channels."""
-
-    kind: StudentKind = StudentKind.AUTO
-    hidden: tuple[int, ...] = (16,)
-    channels: int = 8
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.kind, StudentKind):
-            raise ConfigError(f"student kind must be a StudentKind, got {self.kind!r}")
-        if not self.hidden or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
-        ):
-            raise ConfigError(f"student hidden sizes must be integers >= 1, got {self.hidden!r}")
-        if (
-            isinstance(self.channels, bool)
-            or not isinstance(self.channels, int)
-            or self.channels < 1
-        ):
-            raise ConfigError(f"student channels must be an integer >= 1, got {self.channels!r}")
-
-    def resolve(self, schema: FeatureSchema) -> StudentKind:
-        if self.kind is StudentKind.AUTO:
-            return StudentKind.CNN if len(schema.input_shape) == 3 else StudentKind.MLP
-        if self.kind is StudentKind.CNN and len(schema.input_shape) != 3:
-            raise ConfigError(f"a CNN student needs image data; {schema.dataset} is tabular")
-        return self.kind
-
-    def build(self, schema: FeatureSchema) -> nn.Module:
-        from fedguard.core.models import TabularMLP
-
-        if self.resolve(schema) is StudentKind.CNN:
-            return StudentCNN(schema.input_shape, schema.num_classes, self.channels)
-        return TabularMLP(math.prod(schema.input_shape), self.hidden, schema.num_classes)
-
-    def describe(self, schema: FeatureSchema) -> str:
-        if self.resolve(schema) is StudentKind.CNN:
-            return f"CNN: conv3x3({self.channels}) + ReLU + maxpool2 + linear"
-        sizes = [math.prod(schema.input_shape), *self.hidden, schema.num_classes]
-        return "MLP " + "-".join(str(s) for s in sizes)
 
 
 # --------------------------------------------------------------------------- config
@@ -574,16 +496,7 @@ def distill_federated(
     if not silos:
         raise ConfigError("federated distillation needs at least one silo")
     dp = dataclasses.replace(local_dp, grad_sample_mode=config.grad_sample_mode)
-    planned: list[tuple[DistillSilo, RoundPlan | None, float]]
-    if dp.enabled:
-        calibrated: _Calibrated = {}
-        fixed = [(silo, *_plan_silo(silo, run_id, config, dp, calibrated)) for silo in silos]
-        for silo, fixed_plan, _ in fixed:
-            with open_silo_ledger(silo) as ledger:
-                ledger.set_plan(run_id, fixed_plan)
-        planned = list(fixed)
-    else:
-        planned = [(silo, None, 0.0) for silo in silos]
+    planned = _plan_all(silos, run_id, config, dp)
     soft = {silo.silo_id: teacher_logits(teacher, silo.train.features) for silo in silos}
     pipeline = AggregationPipeline(central_dp=central_dp)
     weights = model_weights(student)
@@ -597,48 +510,13 @@ def distill_federated(
                 outcomes[silo.silo_id] = {"status": "not-sampled"}
                 continue
             local = _fresh_copy(student, weights)
-            seed_silo = derive_seed(seed, "edge-distill", silo.silo_id, round_number)
-            if plan is None:  # the non-private research twin: no DP, no ledger
-                result = train_non_private_distill(
-                    local, silo.train, soft[silo.silo_id], config, seed_silo
-                )
-                outcomes[silo.silo_id] = {"status": "ok", "train_loss": result.mean_loss}
-                delta = flatten_weights(result.weights) - global_vector
-                updates.append(ClientUpdate(index, silo.silo_id, delta, result.num_examples))
-                continue
-            event = DpSgdRound(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
-            with open_silo_ledger(silo) as ledger:
-                try:
-                    entry = ledger.charge(run_id, round_number, event)
-                except BudgetExhaustedError as refused:
-                    outcomes[silo.silo_id] = {"status": "refused", "reason": str(refused)}
-                    continue
-                # Write-ahead, before training: the charge is in the signed silo log
-                # before anything derived from these records reaches the aggregate.
-                record_charge(silo, ledger, entry)
-                try:
-                    result = train_dp_sgd_distill(
-                        local,
-                        silo.train,
-                        soft[silo.silo_id],
-                        config.training,
-                        dp,
-                        plan.noise_multiplier,
-                        seed_silo,
-                        config.temperature,
-                        config.alpha,
-                    )
-                except BaseException:
-                    ledger.mark(entry.entry_id, ChargeStatus.FAILED)
-                    raise
-                ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
-            outcomes[silo.silo_id] = {
-                "status": "ok",
-                "epsilon_after": entry.epsilon_after,
-                "train_loss": result.mean_loss,
-            }
-            delta = flatten_weights(result.weights) - global_vector
-            updates.append(ClientUpdate(index, silo.silo_id, delta, result.num_examples))
+            round_seed = derive_seed(seed, "edge-distill", silo.silo_id, round_number)
+            job = _SiloRound(silo, plan, soft[silo.silo_id], run_id, round_number, round_seed)
+            outcome, trained = _train_silo(job, local, config, dp)
+            outcomes[silo.silo_id] = outcome
+            if trained is not None:
+                delta = flatten_weights(trained.weights) - global_vector
+                updates.append(ClientUpdate(index, silo.silo_id, delta, trained.num_examples))
         aggregated = pipeline.apply(global_vector, updates, population=len(silos))
         weights = unflatten_weights(aggregated.new_global, weights)
         round_log.append(
@@ -671,6 +549,70 @@ def distill_federated(
         round_log=round_log,
         central_events=config.rounds if central_dp.enabled else 0,
     )
+
+
+_Planned = list[tuple[DistillSilo, RoundPlan | None, float]]
+
+
+def _plan_all(
+    silos: Sequence[DistillSilo], run_id: str, config: DistillConfig, dp: LocalDPConfig
+) -> _Planned:
+    """Every silo's plan (and ε before), stored only once all of them are feasible."""
+    if not dp.enabled:
+        return [(silo, None, 0.0) for silo in silos]
+    calibrated: _Calibrated = {}
+    fixed = [(silo, *_plan_silo(silo, run_id, config, dp, calibrated)) for silo in silos]
+    for silo, fixed_plan, _ in fixed:
+        with open_silo_ledger(silo) as ledger:
+            ledger.set_plan(run_id, fixed_plan)
+    return list(fixed)
+
+
+@dataclass(frozen=True)
+class _SiloRound:
+    silo: DistillSilo
+    plan: RoundPlan | None  # None: the non-private research twin (no DP, no ledger)
+    soft_labels: np.ndarray
+    run_id: str
+    round_number: int
+    seed: int
+
+
+def _train_silo(
+    job: _SiloRound, local: nn.Module, config: DistillConfig, dp: LocalDPConfig
+) -> tuple[dict[str, Any], TrainResult | None]:
+    """One silo's round: its outcome for the round log, and what it trained (if it did)."""
+    silo, plan = job.silo, job.plan
+    if plan is None:
+        result = train_non_private_distill(local, silo.train, job.soft_labels, config, job.seed)
+        return {"status": "ok", "train_loss": result.mean_loss}, result
+    event = DpSgdRound(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
+    with open_silo_ledger(silo) as ledger:
+        try:
+            entry = ledger.charge(job.run_id, job.round_number, event)
+        except BudgetExhaustedError as refused:
+            return {"status": "refused", "reason": str(refused)}, None
+        # Write-ahead, before training: the charge is in the signed silo log
+        # before anything derived from these records reaches the aggregate.
+        record_charge(silo, ledger, entry)
+        try:
+            result = train_dp_sgd_distill(
+                local,
+                silo.train,
+                job.soft_labels,
+                config.training,
+                dp,
+                plan.noise_multiplier,
+                job.seed,
+                config.temperature,
+                config.alpha,
+            )
+        except BaseException:
+            ledger.mark(entry.entry_id, ChargeStatus.FAILED)
+            raise
+        ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
+    outcome = {"status": "ok", "epsilon_after": entry.epsilon_after, "train_loss": result.mean_loss}
+    return outcome, result
 
 
 def _sampled(central_dp: CentralDPConfig, seed: int, round_number: int, index: int) -> bool:
