@@ -30,7 +30,7 @@ import numpy as np
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from fedguard.core.config import DatasetName, Engine, LocalDPConfig, PartitionSpec, RunConfig
-from fedguard.core.trust import DEFAULT_DRIFT_THRESHOLD, TrustConfig
+from fedguard.core.trust_config import DEFAULT_DRIFT_THRESHOLD, TrustConfig
 from fedguard.simulation.monitor import simulate_monitoring
 from fedguard.simulation.runner import run_variant
 

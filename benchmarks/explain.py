@@ -24,20 +24,20 @@ import time
 import numpy as np
 import torch
 
-from fedguard.client.explain import (
-    AttributionSettings,
-    attribution_sensitivity,
-    attribution_statistic,
-    integrated_gradients,
-)
 from fedguard.client.training import LocalData, train_non_private
 from fedguard.core.config import DatasetName, LocalTrainingConfig, ModelSpec, PartitionSpec
 from fedguard.core.datasets import EncodedData
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.silos import simulation_silos
-from fedguard.core.trust_results import ReleaseCost, attribution_from_sum
 from fedguard.privacy.analysis.release import calibrate_release_noise
+from fedguard.trust.explanations import (
+    AttributionSettings,
+    attribution_sensitivity,
+    attribution_statistic,
+    integrated_gradients,
+)
+from fedguard.trust.results import ReleaseCost, attribution_from_sum
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from fedguard.server.app import make_server_app
     from fedguard.server.secure_round import run_secure_groups
     from fedguard.simulation.runner import simulate
+    from fedguard.trust.phase import trust_phase
+    from fedguard.trust.silo_statistics import SILO_AND_TRUST_PRODUCERS
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,7 @@ _HOMES = {
     "PrivacyBudget": "fedguard.core.config",
     "PrivacyLedger": "fedguard.privacy.ledger",
     "RunConfig": "fedguard.core.config",
+    "SILO_AND_TRUST_PRODUCERS": "fedguard.trust.silo_statistics",
     "SiloSettings": "fedguard.client.silo",
     "build_aggregator": "fedguard.aggregation.registry",
     "make_client_app": "fedguard.client.app",
@@ -45,9 +48,11 @@ _HOMES = {
     "run_secure_groups": "fedguard.server.secure_round",
     "settings_from_node_config": "fedguard.client.silo",
     "simulate": "fedguard.simulation.runner",
+    "trust_phase": "fedguard.trust.phase",
 }
 
 __all__ = [
+    "SILO_AND_TRUST_PRODUCERS",
     "AggregationPipeline",
     "AggregatorConfig",
     "AggregatorName",
@@ -64,6 +69,7 @@ __all__ = [
     "run_secure_groups",
     "settings_from_node_config",
     "simulate",
+    "trust_phase",
 ]
 
 

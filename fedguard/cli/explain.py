@@ -3,7 +3,7 @@
 Loads the finished global model of a run (its last torch checkpoint and the
 federated feature scaler), reads one record from a CSV on this machine, and
 prints the features that drove the model's output for it (Integrated Gradients
-against the federated-mean baseline, :func:`fedguard.client.explain.explain_record`).
+against the federated-mean baseline, :func:`fedguard.trust.explanations.explain_record`).
 The record is never sent anywhere and nothing is written.
 
 The CSV is either a silo's own data file (the raw columns, as a silo reads them)
@@ -88,11 +88,11 @@ def read_record(path: Path, row: int, schema: Any) -> Any:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """``fedguard explain``: one record's attributions, printed (nothing sent or written)."""
-    from fedguard.client.explain import explain_record
     from fedguard.core.datasets import schema_for
     from fedguard.core.models import build_model
     from fedguard.core.serialization import load_weights
     from fedguard.runs.saved import load_saved_run
+    from fedguard.trust.explanations import explain_record
 
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")

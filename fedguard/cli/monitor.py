@@ -63,8 +63,8 @@ def _variant(folder: Path) -> Path:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """``fedguard monitor``: drift monitoring rounds against a finished run variant."""
-    from fedguard.server.trust import alerts_summary
     from fedguard.simulation.monitor import simulate_monitoring
+    from fedguard.trust.phase import alerts_summary
 
     silos = [int(s) for s in str(args.drift_silos).split(",") if s.strip()]
     features = [f.strip() for f in str(args.drift_features).split(",") if f.strip()]

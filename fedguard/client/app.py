@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,9 +43,15 @@ from fedguard.client.release import PendingCharge, charge_release, spend_metrics
 from fedguard.client.secagg_instances import InstanceKey
 from fedguard.client.secure import SecureAggregationClient, clip_update, update_delta
 from fedguard.client.secure_identity import identity_reply
-from fedguard.client.silo import SiloSettings, settings_from_node_config
+from fedguard.client.silo import SiloSettings
 from fedguard.client.silo_log import SIGNING_KEY, record_reply
-from fedguard.client.statistics import planned_release_events, release_statistic, released_values
+from fedguard.client.statistic_release import (
+    SILO_PRODUCERS,
+    Producers,
+    planned_release_events,
+    release_statistic,
+    released_values,
+)
 from fedguard.client.training import (
     LocalData,
     TrainResult,
@@ -132,10 +138,13 @@ class SiloAgent:
         settings: SiloSettings,
         allow_non_private: bool = False,
         adversary: UpdateAdversary | None = None,
+        producers: Producers = SILO_PRODUCERS,
     ) -> None:
         self.settings = settings
         self.allow_non_private = allow_non_private
         self.adversary = adversary
+        # Which statistics this silo answers (the composition root adds the trust layer's).
+        self.producers = producers
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -171,7 +180,9 @@ class SiloAgent:
             raise ProtocolError(
                 f"a feature-statistics query asks for feature moments, not {request.kind.value}"
             )
-        _, values, metrics, _ = released_values(self.settings, self.allow_non_private, message)
+        _, values, metrics, _ = released_values(
+            self.settings, self.allow_non_private, self.producers, message
+        )
         return _reply(
             message,
             self.settings.silo_id,
@@ -548,6 +559,7 @@ class _Handlers:
     resolve_settings: Callable[[Context], SiloSettings]
     allow_non_private: bool = False
     adversary_for: Callable[[SiloSettings], UpdateAdversary | None] | None = None
+    producers: Producers = field(default_factory=lambda: SILO_PRODUCERS)
 
     def agent(self, context: Context) -> SiloAgent:
         """The silo agent of ``context``, with the node's signing key if its settings lack one."""
@@ -561,6 +573,7 @@ class _Handlers:
             settings,
             allow_non_private=self.allow_non_private,
             adversary=self.adversary_for(settings) if self.adversary_for is not None else None,
+            producers=self.producers,
         )
 
     def dispatch(self, message: Message, context: Context, action: AgentAction) -> Message:
@@ -623,7 +636,12 @@ def _statistic_setup(
 ) -> Message:
     return client.setup(
         message,
-        partial(release_statistic, silo_agent.settings, silo_agent.allow_non_private),
+        partial(
+            release_statistic,
+            silo_agent.settings,
+            silo_agent.allow_non_private,
+            silo_agent.producers,
+        ),
         statistic_instance(message),
     )
 
@@ -633,14 +651,17 @@ def make_client_app(
     allow_non_private: bool = False,
     mods: list[Mod] | None = None,
     adversary_for: Callable[[SiloSettings], UpdateAdversary | None] | None = None,
+    producers: Producers = SILO_PRODUCERS,
 ) -> ClientApp:
     """A ``ClientApp`` whose silo settings come from ``resolve_settings(context)``.
 
     ``mods`` are Flower mods wrapped around every handler (simulation uses them to
-    play misbehaving silos).
+    play misbehaving silos). ``producers`` are the statistics the silo answers: its
+    own (feature moments, evaluation) unless the caller adds more, as the composition
+    root does with the trust layer's (:mod:`fedguard.apps.silo`).
     """
     app = ClientApp(mods=mods)
-    handlers = _Handlers(resolve_settings, allow_non_private, adversary_for)
+    handlers = _Handlers(resolve_settings, allow_non_private, adversary_for, producers)
     app.train("secagg_setup")(handlers.secure(_training_setup))
     app.train("secagg_share")(handlers.secure(lambda c, a, m: c.share_keys(m)))
     app.train("secagg_mask")(handlers.secure(lambda c, a, m: c.mask(m)))
@@ -656,12 +677,3 @@ def make_client_app(
     app.train()(handlers.plain(SiloAgent.train))
     app.evaluate()(handlers.plain(SiloAgent.evaluate))
     return app
-
-
-def _deployed_settings(context: Context) -> SiloSettings:
-    return settings_from_node_config(context.node_config)
-
-
-# The deployed silo agent (``fedguard.client.app:app``): settings from the SuperNode's
-# ``--node-config``; non-private training is refused.
-app = make_client_app(_deployed_settings)

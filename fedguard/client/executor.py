@@ -31,7 +31,7 @@ finds them missing).
 
 A second, fedguard-specific guard: the executor only runs FABs (Flower app
 bundles) whose ``clientapp`` component is on an allow-list (by default
-``fedguard.client.app:app``) and that ship no Python code. Flower would
+``fedguard.apps.silo:client_app``) and that ship no Python code. Flower would
 otherwise run whatever code the SuperLink's operator sends; a hospital's agent
 should run only the silo agent it installed.
 
@@ -78,7 +78,7 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_CLIENTAPP = "fedguard.client.app:app"
+DEFAULT_CLIENTAPP = "fedguard.apps.silo:client_app"
 
 #: Imported once by the fork server, so a task's process does not import them again.
 #: ``torch._dynamo``: torch imports it lazily when the first optimizer is built, which

@@ -21,7 +21,7 @@ from fedguard.core.aggregation_config import AggregatorConfig, AggregatorName
 from fedguard.core.checks import positive
 from fedguard.core.errors import ConfigError, UnknownDatasetError
 from fedguard.core.options import float_text
-from fedguard.core.trust import TrustConfig
+from fedguard.core.trust_config import TrustConfig
 
 
 class DatasetName(StrEnum):

@@ -3,7 +3,7 @@
 :class:`~fedguard.core.preprocessing.FeatureScaler` standardizes the numeric
 features with the mean and standard deviation of the union of the silos'
 training rows. Their sums (count, Σx, Σx²) depend on the training records, so
-each silo releases them as a DP statistic (:mod:`fedguard.client.statistics`,
+each silo releases them as a DP statistic (:mod:`fedguard.client.statistic_release`,
 kind ``feature-moments``): that needs a finite L2 sensitivity, so every numeric
 feature has a **public range** ``[lo, hi]`` fixed per data set here (domain
 knowledge, not fitted on any silo), each value is clipped to it and mapped to

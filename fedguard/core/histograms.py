@@ -5,7 +5,7 @@ The edges are fixed once, at training time, from the federated feature scaler
 at the standard normal's quantiles ``Φ⁻¹(k / bins)`` (equally likely bins were
 the feature normal), a feature left unscaled (one-hot, indicators, pixels in
 [0, 1]) at ``k / bins``. Bins left (nearly) empty by a skewed or binary feature
-are merged later, on the released reference (:mod:`fedguard.server.drift`).
+are merged later, on the released reference (:mod:`fedguard.trust.drift`).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from fedguard.core.options import (
     as_ints,
     float_text,
 )
-from fedguard.core.trust import TrustNoise
+from fedguard.core.trust_config import TrustNoise
 
 __all__ = [
     "AGGREGATION_OPTION_KEYS",

@@ -20,9 +20,9 @@ __all__ = [
 ]
 
 #: The deployed ServerApp (its composition root, :mod:`fedguard.apps`).
-SERVERAPP_REF = "fedguard.apps:server_app"
+SERVERAPP_REF = "fedguard.apps.server:server_app"
 #: The deployed ClientApp: a silo never imports server code.
-CLIENTAPP_REF = "fedguard.client.app:app"
+CLIENTAPP_REF = "fedguard.apps.silo:client_app"
 
 
 def toml_value(value: object) -> str:
@@ -87,8 +87,8 @@ def write_app(app_dir: Path, options: Mapping[str, object], name: str = "fedguar
     """Write the Flower app ``flwr run`` submits: the fedguard apps and ``options``.
 
     The app holds a ``pyproject.toml`` only (no code): the SuperNodes run the
-    ``fedguard.client.app:app`` they installed, the SuperLink the installed
-    ``fedguard.apps:server_app``, and the run config is ``options``.
+    ``fedguard.apps.silo:client_app`` they installed, the SuperLink the installed
+    ``fedguard.apps.server:server_app``, and the run config is ``options``.
     """
     app_dir.mkdir(parents=True, exist_ok=True)
     text = (

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.core.config import PrivacyBudget
-from fedguard.core.trust_report import plot_trust, trust_markdown
-from fedguard.core.trust_results import AttributionResult, TrustResults
 from fedguard.privacy.events import DpSgdRound
 from fedguard.privacy.ledger import PrivacyLedger
+from fedguard.trust.report import plot_trust, trust_markdown
+from fedguard.trust.results import AttributionResult, TrustResults
 
 __all__ = [
     "CARD_VERSION",

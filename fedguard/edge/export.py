@@ -45,7 +45,6 @@ from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.seeding import derive_seed
 from fedguard.core.serialization import load_weights
 from fedguard.core.silos import simulation_silos
-from fedguard.core.trust_results import AttributionResult, read_trust_results
 from fedguard.edge.card import render_markdown, trust_section
 from fedguard.edge.card_builder import CardInputs, build_card, card_summary, jsonable
 from fedguard.edge.distill import (
@@ -84,6 +83,7 @@ from fedguard.runs.layout import VARIANTS
 from fedguard.runs.layout import silo_id as simulated_silo_id
 from fedguard.runs.saved import SavedRun, load_saved_run
 from fedguard.runs.scaler_moments import same_scaler, scaler_reproduced
+from fedguard.trust.results import AttributionResult, read_trust_results
 
 __all__ = [
     "ExportConfig",
@@ -539,7 +539,7 @@ def _student_attributions(
     """
     if not teacher.saved.config.trust.explain:
         return None, None
-    from fedguard.edge.explain import student_attributions  # captum: the explain extra
+    from fedguard.trust.explain_release import student_attributions  # captum: the explain extra
 
     return student_attributions(teacher.saved, student, teacher.scaler, teacher.schema)
 

@@ -3,7 +3,7 @@
 ``make_server_app(config, ...)`` builds one for a known :class:`RunConfig` (the
 simulator does this). The deployed one, which parses Flower's ``run_config`` and
 writes the audit log and the model registry around the run, is wired in the
-composition root :mod:`fedguard.apps` (``fedguard.apps:server_app``): the server
+composition root :mod:`fedguard.apps` (``fedguard.apps.server:server_app``): the server
 room knows nothing of deployment.
 """
 
@@ -16,8 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedguard.aggregation.aggregators import Aggregator
 from fedguard.core.config import RunConfig
+from fedguard.core.errors import ConfigError
 from fedguard.privacy.secagg.roster import SignedRoster
 from fedguard.server.orchestrator import FederatedRun, RoundCallback
+from fedguard.server.post_training import PostTrainingPhase
 
 
 def make_server_app(
@@ -28,10 +30,17 @@ def make_server_app(
     reply_timeout: float | None = 900.0,
     aggregator: Aggregator | None = None,
     roster: SignedRoster | None = None,
+    post_training: PostTrainingPhase | None = None,
 ) -> ServerApp:
     """A ServerApp running one :class:`FederatedRun`; ``aggregator`` replaces the configured
     rule (any :class:`~fedguard.strategies.aggregators.Aggregator`, e.g. a user's own);
-    ``roster`` is the consortium's signed SecAgg roster (needed for secure aggregation)."""
+    ``roster`` is the consortium's signed SecAgg roster (needed for secure aggregation);
+    ``post_training`` runs after the last round (a run with the trust layer on needs
+    :func:`fedguard.trust.phase.trust_phase`)."""
+    if config.trust.enabled and post_training is None:
+        raise ConfigError(
+            "the run asks for the trust layer: pass post_training=fedguard.trust.phase.trust_phase"
+        )
     app = ServerApp()
 
     @app.main()
@@ -45,6 +54,7 @@ def make_server_app(
             reply_timeout,
             aggregator=aggregator,
             roster=roster,
+            post_training=post_training,
         ).run()
 
     return app

@@ -74,6 +74,7 @@ from fedguard.privacy.central_accounting import CentralPrivacy
 from fedguard.privacy.secagg.roster import SignedRoster
 from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.runs.layout import VariantFolder
+from fedguard.server.post_training import FinalModel, PostTrainingPhase
 from fedguard.server.reply_checks import check_train_reply
 from fedguard.server.round_records import (
     NodeOutcome,
@@ -103,7 +104,6 @@ from fedguard.server.secure_updates import (
     grouped_secure_updates,
     secure_updates,
 )
-from fedguard.server.trust import run_trust_phase
 from fedguard.wire import protocol
 from fedguard.wire.protocol import RoundInstructions
 
@@ -140,7 +140,15 @@ class FederatedRun:
         connect_timeout: float = 300.0,
         aggregator: Aggregator | None = None,
         roster: SignedRoster | None = None,
+        post_training: PostTrainingPhase | None = None,
     ) -> None:
+        if config.trust.enabled and post_training is None:
+            raise ConfigError(
+                "the run asks for the trust layer, but no post-training phase was given "
+                "(fedguard.trust.phase.trust_phase; the composition roots in fedguard.apps "
+                "and the simulator pass it)"
+            )
+        self.post_training = post_training
         self.roster = roster  # the consortium's signed SecAgg roster (roster.py)
         self.grid = grid
         self.connect_timeout = connect_timeout
@@ -243,15 +251,19 @@ class FederatedRun:
         if outcome.status is RunStatus.FAILED:
             self._set_outcome(outcome)  # no trust phase over a failed run's model
             return self.history
-        if self.config.trust.enabled:  # fairness audit, drift reference, attributions
-            run_trust_phase(
-                lambda kind, contents: self.send_each(kind, self.config.num_rounds + 1, contents),
-                nodes,
-                self.config,
-                self.run_dir,
-                self._instruction(self.config.num_rounds, weights, scaler),
-                self.silo_name,
-                identities=self.identities_for(self.config.num_rounds + 1, nodes),
+        if self.post_training is not None:  # the trust layer: audit, drift, attributions
+            self.post_training(
+                FinalModel(
+                    send=lambda kind, contents: self.send_each(
+                        kind, self.config.num_rounds + 1, contents
+                    ),
+                    nodes=nodes,
+                    config=self.config,
+                    run_dir=self.run_dir,
+                    instruction=self._instruction(self.config.num_rounds, weights, scaler),
+                    silo_name=self.silo_name,
+                    identities=self.identities_for(self.config.num_rounds + 1, nodes),
+                )
             )
         self._set_outcome(outcome)
         return self.history

@@ -3,7 +3,7 @@
 **Federated scaler.** Before round 1 every silo releases the feature moments of
 its training rows on public bounds (:mod:`fedguard.core.feature_moments`) as a
 DP statistic: noised for ``local_dp.scaler_epsilon`` at its own δ and charged to
-its ledger first (:mod:`fedguard.client.statistics`). The release is charged
+its ledger first (:mod:`fedguard.client.statistic_release`). The release is charged
 before round 1's training, so the silo's σ calibration finds it among the
 ledger's entries and plans training in the budget left. With SecAgg on, the
 releases are summed under SecAgg+ (one statistic round, query round 0): the
@@ -40,12 +40,12 @@ from fedguard.core.feature_moments import MomentLayout, moment_layout
 from fedguard.core.files import atomic_write_json
 from fedguard.core.metrics import AUC_BINS, binned_auc
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.trust import TrustNoise
+from fedguard.core.trust_config import TrustNoise
 from fedguard.privacy.secagg import SecAggError
 from fedguard.runs.scaler_moments import MOMENTS_FILENAME
 from fedguard.server.round_records import OutcomeStatus, reply_outcome
 from fedguard.server.secure_round import SecAggIdentities, SecureRoundAborted, Send
-from fedguard.server.statistics import collect_secure_statistic
+from fedguard.server.statistic_collection import collect_secure_statistic
 from fedguard.wire import protocol
 from fedguard.wire.protocol import ReplyStatus
 from fedguard.wire.statistics import (

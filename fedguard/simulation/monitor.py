@@ -28,19 +28,20 @@ from fedguard.core.datasets import EncodedData, SiloData, schema_for
 from fedguard.core.errors import ConfigError, DataError
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import ModelWeights
-from fedguard.core.trust_results import DriftResult, read_trust_results
 from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.runs.layout import VariantFolder, silo_id
 from fedguard.server.secure_round import secagg_identities
-from fedguard.server.statistics import grid_send
-from fedguard.server.trust import (
+from fedguard.server.statistic_collection import grid_send
+from fedguard.simulation.identities import load_roster, silo_identity
+from fedguard.simulation.inprocess import run_inprocess
+from fedguard.trust.phase import (
     DriftReference,
     monitor_drift,
     record_monitoring,
     trust_instruction,
 )
-from fedguard.simulation.identities import load_roster, silo_identity
-from fedguard.simulation.inprocess import run_inprocess
+from fedguard.trust.results import DriftResult, read_trust_results
+from fedguard.trust.silo_statistics import SILO_AND_TRUST_PRODUCERS
 
 __all__ = ["DriftedSiloSource", "MonitoringRun", "drift_shift", "load_run", "simulate_monitoring"]
 
@@ -187,6 +188,6 @@ def simulate_monitoring(
             record_monitoring(run_dir, result)
             results.append(result)
 
-    client = make_client_app(settings, allow_non_private=True)
+    client = make_client_app(settings, allow_non_private=True, producers=SILO_AND_TRUST_PRODUCERS)
     run_inprocess(app, client, config.num_clients)
     return results

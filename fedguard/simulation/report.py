@@ -11,10 +11,10 @@ from typing import Any
 from fedguard.client.policy import NOT_PRIVATE_AGAINST_SERVER
 from fedguard.core.config import NoiseSource, RunConfig
 from fedguard.core.files import atomic_write_json
-from fedguard.core.trust_report import plot_trust, trust_markdown
-from fedguard.core.trust_results import TrustResults, read_trust_results
 from fedguard.privacy.central_accounting import central_dp_statement, read_central_dp
 from fedguard.simulation.runner import SiloPlan, VariantResult
+from fedguard.trust.report import plot_trust, trust_markdown
+from fedguard.trust.results import TrustResults, read_trust_results
 
 PACKAGES = (
     "fedguard",

@@ -44,6 +44,8 @@ from fedguard.server.secure_round import check_dropout_tolerance
 from fedguard.simulation.attacks import AttackConfig, adversaries
 from fedguard.simulation.identities import provision_identities, silo_identity
 from fedguard.simulation.inprocess import run_inprocess
+from fedguard.trust.phase import trust_phase
+from fedguard.trust.silo_statistics import SILO_AND_TRUST_PRODUCERS
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +183,20 @@ def run_variant(
     # Authenticated SecAgg: keys and a signed roster, as `fedguard ca sign-roster` makes.
     roster = provision_identities(run_dir, [silo_id(i) for i in range(config.num_clients)])
     server_app = make_server_app(
-        config, run_id, run_dir, record, aggregator=aggregator, roster=roster
+        config,
+        run_id,
+        run_dir,
+        record,
+        aggregator=aggregator,
+        roster=roster,
+        post_training=trust_phase,
     )
     byzantine = adversaries(attack, config) if attack is not None else {}
     client_app = make_client_app(
         _client_settings(config, run_dir),
         allow_non_private=True,
         adversary_for=lambda settings: byzantine.get(settings.silo_id),
+        producers=SILO_AND_TRUST_PRODUCERS,
     )
     started = time.monotonic()
     if config.engine is Engine.INPROCESS:

@@ -1,7 +1,7 @@
 """The statistic queries' contract: what the server asks a silo for, and the layouts.
 
 The server builds a :class:`StatisticRequest`, the silo parses it once at its
-boundary (``fedguard.client.statistics`` answers it); the vector layouts fix
+boundary (``fedguard.client.statistic_release`` answers it); the vector layouts fix
 the length both sides agree on.
 """
 
@@ -19,7 +19,7 @@ from flwr.app import Message
 
 from fedguard.core.errors import ProtocolError
 from fedguard.core.metrics import AUC_BINS
-from fedguard.core.trust import TrustNoise
+from fedguard.core.trust_config import TrustNoise
 from fedguard.privacy.ledger import ChargePurpose
 
 __all__ = [

@@ -53,6 +53,7 @@ from fedguard.privacy.secagg import (
     ShareKeysResponse,
     UnmaskResponse,
 )
+from fedguard.trust.silo_statistics import SILO_AND_TRUST_PRODUCERS
 from fedguard.wire import protocol
 from fedguard.wire.protocol import ReplyStatus
 from fedguard.wire.secagg import PAYLOAD, secagg_record
@@ -266,12 +267,12 @@ class Silo:
 
 
 def _client_app(settings: SiloSettings) -> ClientApp:
-    """The real handler table, for one silo's fixed settings."""
+    """The deployed silo's handler table (its own and the trust layer's statistics)."""
 
     def resolve(_context: Context) -> SiloSettings:
         return settings
 
-    return make_client_app(resolve)
+    return make_client_app(resolve, producers=SILO_AND_TRUST_PRODUCERS)
 
 
 def make_silo(
@@ -309,7 +310,7 @@ def deployed_silo(
     kit: RosterKit | None = None,
 ) -> Silo:
     """A silo exactly as deployed: its own CSV, ``--node-config``, the shipped ``app``."""
-    from fedguard.client.app import app as deployed_app
+    from fedguard.apps.silo import client_app as deployed_app
     from fedguard.client.silo import settings_from_node_config
 
     folder = tmp_path / "hospital-data"

@@ -92,7 +92,7 @@ class StatisticQuery:
     query_round: int
 
     def config(self, group: Consortium, num_clients: int) -> SecAggConfig:
-        from fedguard.server.statistics import statistic_settings
+        from fedguard.server.statistic_collection import statistic_settings
 
         config = statistic_settings(num_clients).config_for(num_clients)
         return dataclasses.replace(config, require_identity=group.kit is not None)
@@ -107,8 +107,8 @@ def drift_query(
     weights: ModelWeights, scaler: FeatureScaler, *, query_round: int = 0, bins: int = 8
 ) -> StatisticQuery:
     from fedguard.core.histograms import bin_edges
-    from fedguard.core.trust import TrustNoise
-    from fedguard.server.statistics import DEFAULT_RESOLUTION
+    from fedguard.core.trust_config import TrustNoise
+    from fedguard.server.statistic_collection import DEFAULT_RESOLUTION
     from fedguard.wire.statistics import REQUEST, REQUEST_ARRAYS, StatisticKind, StatisticRequest
 
     edges = bin_edges(schema_for(DATASET).standardize, bins)
@@ -135,7 +135,7 @@ def drift_query(
 
 def released_statistic(silo: Silo, run_id: str, query_round: int) -> np.ndarray | None:
     """The noised drift vector a silo released for a query (its own release store)."""
-    from fedguard.client.statistics import ReleaseStore
+    from fedguard.client.statistic_release import ReleaseStore
     from fedguard.wire.statistics import StatisticKind
 
     stored = ReleaseStore(silo.settings.state_dir).load(

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("wire",),
     ("aggregation",),
     ("client", "server"),
+    ("trust",),
     ("edge",),
     ("deploy",),
     ("apps",),
@@ -99,3 +100,28 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from fedguard.server.app import app\n")
     assert _imported_rooms(module) == [(2, "server")]
+
+
+def test_the_deployed_silo_app_loads_no_server_code() -> None:
+    """A silo runs ``fedguard.apps.silo:client_app``: no server room comes with it."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys; import fedguard.apps.silo; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('fedguard.'))))"
+    )
+    loaded = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    server_side = (
+        "fedguard.server",
+        "fedguard.aggregation",
+        "fedguard.deploy",
+        "fedguard.apps.server",
+    )
+    assert [m for m in loaded if m.startswith(server_side)] == []
+    assert "fedguard.trust.silo_statistics" in loaded  # the trust layer's silo side is wired in

@@ -11,7 +11,7 @@ from fedguard.client.silo import settings_from_node_config
 from fedguard.core.config import DatasetName, LocalDPConfig, PrivacyBudget
 from fedguard.core.errors import ConfigError
 from fedguard.core.feature_moments import moment_layout
-from fedguard.core.trust import TrustNoise
+from fedguard.core.trust_config import TrustNoise
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
 from fedguard.wire import protocol
 from fedguard.wire.protocol import ReplyStatus

@@ -44,7 +44,7 @@ def test_flower_builds_the_same_app_into_an_accepted_bundle(tmp_path: Path) -> N
 
 def test_another_clientapp_is_refused(tmp_path: Path) -> None:
     fab = _fab({"pyproject.toml": _pyproject(tmp_path, "evil.module:app")})
-    with pytest.raises(FabRejectedError, match=r"only runs fedguard\.client\.app:app"):
+    with pytest.raises(FabRejectedError, match=r"only runs fedguard\.apps\.silo:client_app"):
         check_fab(fab, (DEFAULT_CLIENTAPP,))
 
 

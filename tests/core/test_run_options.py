@@ -40,7 +40,7 @@ from fedguard.core.config import (
 )
 from fedguard.core.errors import ConfigError
 from fedguard.core.run_options import AGGREGATION_OPTION_KEYS, RUN_OPTIONS
-from fedguard.core.trust import TrustConfig, TrustNoise
+from fedguard.core.trust_config import TrustConfig, TrustNoise
 from fedguard.deploy.bundles import toml_table
 
 #: ``fedguard simulate`` flags that are not RunConfig options.

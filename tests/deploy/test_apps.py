@@ -11,7 +11,7 @@ def test_the_app_bundles_name_the_composition_roots_server_app() -> None:
     import importlib
 
     module, _, name = SERVERAPP_REF.partition(":")
-    assert module == "fedguard.apps"
+    assert module == "fedguard.apps.server"
     assert isinstance(getattr(importlib.import_module(module), name), ServerApp)
 
 

@@ -39,8 +39,8 @@ def test_generated_app_carries_the_whole_run_config(tmp_path: Path) -> None:
     project = tomllib.loads(path.read_text())
     app = project["tool"]["flwr"]["app"]
     assert app["components"] == {
-        "serverapp": "fedguard.apps:server_app",
-        "clientapp": "fedguard.client.app:app",
+        "serverapp": "fedguard.apps.server:server_app",
+        "clientapp": "fedguard.apps.silo:client_app",
     }
     assert RunConfig.from_options(app["config"]) == RunConfig.from_options(options)
     assert list(path.parent.iterdir()) == [path]  # no code in the bundle

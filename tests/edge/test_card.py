@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedguard.core.trust_results import TrustResults
 from fedguard.edge.card import render_markdown, trust_section
 from fedguard.edge.export import ExportResult
-from tests.trust_samples import sample_attributions, sample_results
+from fedguard.trust.results import TrustResults
+from tests.trust.samples import sample_attributions, sample_results
 
 
 def test_trust_section_merges_teacher_results_and_student_attributions(tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from fedguard.cli import main
-from fedguard.client.explain import explain_record
 from fedguard.core.builtin_datasets import load_pooled_frame
 from fedguard.core.config import DatasetName
 from fedguard.core.datasets import encode_frame, schema_for
 from fedguard.core.models import build_model
 from fedguard.core.serialization import load_weights
 from fedguard.runs.saved import load_saved_run
+from fedguard.trust.explanations import explain_record
 
 
 def _raw_csv(tmp_path: Path) -> Path:

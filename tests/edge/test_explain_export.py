@@ -10,17 +10,17 @@ import pytest
 
 from fedguard.client.ledger_guard import open_silo_ledger, record_charge, reset_ledger
 from fedguard.core.datasets import schema_for
-from fedguard.core.trust_results import TrustResults
 from fedguard.edge.distill import StudentSpec
-from fedguard.edge.explain import (
+from fedguard.edge.export import export_run
+from fedguard.privacy.ledger import ChargePurpose, ChargeStatus, PrivacyLedger
+from fedguard.runs.saved import load_saved_run
+from fedguard.trust.explain_release import (
     STUDENT_RUN_SUFFIX,
     silo_settings,
     student_attributions,
     student_release_run_id,
 )
-from fedguard.edge.export import export_run
-from fedguard.privacy.ledger import ChargePurpose, ChargeStatus, PrivacyLedger
-from fedguard.runs.saved import load_saved_run
+from fedguard.trust.results import TrustResults
 from tests.edge.conftest import BUDGET, FAST, LIFETIME, set_run_options
 
 pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier

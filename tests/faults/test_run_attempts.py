@@ -49,7 +49,7 @@ class _NoGrid:
 def test_a_second_serverapp_of_a_run_stops_before_run_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedguard import apps as app
+    from fedguard.apps import server as app
     from fedguard.audit.pki import audit_keygen
 
     server = tmp_path / "server"

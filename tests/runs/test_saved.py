@@ -16,7 +16,7 @@ from fedguard.core.config import PartitionKind, PartitionSpec, RunConfig
 from fedguard.core.errors import CheckpointError, ConfigError, RunFolderError
 from fedguard.core.options import float_text
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.trust import TrustConfig
+from fedguard.core.trust_config import TrustConfig
 from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.runs.layout import RunFolder, VariantFolder, silo_id, silo_index
 from fedguard.runs.saved import load_saved_run

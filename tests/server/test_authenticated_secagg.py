@@ -35,7 +35,7 @@ from fedguard.server.secure_round import (
     run_secure_round,
     secagg_identities,
 )
-from fedguard.server.statistics import grid_send
+from fedguard.server.statistic_collection import grid_send
 from fedguard.simulation.inprocess import InProcessGrid
 from fedguard.wire import protocol
 from fedguard.wire.protocol import ReplyStatus

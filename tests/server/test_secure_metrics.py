@@ -29,7 +29,7 @@ from fedguard.server.secure_metrics import (
     evaluate_round,
     federated_scaler,
 )
-from fedguard.server.statistics import grid_send
+from fedguard.server.statistic_collection import grid_send
 from fedguard.simulation.inprocess import InProcessGrid, run_inprocess
 from fedguard.simulation.report import write_report
 from fedguard.simulation.runner import simulate

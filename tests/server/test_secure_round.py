@@ -93,7 +93,10 @@ def test_secure_round_equals_plain_fedavg_up_to_quantisation(tmp_path: Path) -> 
         want = _expected_mean(tmp_path, round_number, [0, 1, 2])
         # One quantisation step is 2c/(2^16 - 1) ≈ 1.5e-5; rounding is unbiased.
         np.testing.assert_allclose(got, want, atol=2e-5)
-    assert records[-1].evaluation.loss < records[0].evaluation.loss
+    # The secure evaluation pools every silo's test split (the loss after two DP rounds
+    # is CSPRNG-noisy: whether it fell is no check of the secure sum).
+    final = records[-1].evaluation
+    assert final.contributors == 3 and final.num_examples == records[0].evaluation.num_examples
 
 
 def test_a_silo_dropping_after_sharing_keys_is_unmasked_away(tmp_path: Path) -> None:

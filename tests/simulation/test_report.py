@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedguard.core.trust_results import write_trust_results
 from fedguard.simulation.report import write_report
 from fedguard.simulation.runner import SiloPlan, VariantResult
+from fedguard.trust.results import write_trust_results
 from tests.factories import small_config
-from tests.trust_samples import sample_results
+from tests.trust.samples import sample_results
 
 
 def _history(rounds: int) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from fedguard.server import fairness as fg
+from fedguard.trust import fairness as fg
 
 GROUPS = ("F", "M", "other")
 BINS = 10

@@ -4,9 +4,10 @@ The trust layer asks every silo for a vector about its own records (fairness
 counts per cohort, per-feature histograms, summed clipped attributions). Each
 silo, for each query:
 
-1. computes the vector with the producer registered for the query's
-   :class:`StatisticKind` (``register_producer``; ``attribution`` comes from
-   :mod:`fedguard.client.explain`), which also states the vector's L2
+1. computes the vector with the silo's producer for the query's
+   :class:`StatisticKind` (:data:`Producers`: the silo's own for feature moments
+   and evaluation, the trust layer's from :mod:`fedguard.trust.silo_statistics`,
+   given by the composition root), which also states the vector's L2
    sensitivity to adding or removing one record;
 2. calibrates σ so that the release costs the query's ε at the δ of the silo's
    own budget (:func:`fedguard.privacy.analysis.release.calibrate_release_noise`),
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -61,13 +61,11 @@ from fedguard.core.datasets import SiloData
 from fedguard.core.errors import ConfigError, LedgerError, ProtocolError, TrainingRefusedError
 from fedguard.core.feature_moments import moment_layout
 from fedguard.core.files import atomic_write_bytes
-from fedguard.core.histograms import histogram_counts
 from fedguard.core.metrics import AUC_BINS
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import load_weights, record_to_weights
-from fedguard.core.trust import TrustNoise
+from fedguard.core.trust_config import TrustNoise
 from fedguard.privacy.analysis.release import calibrate_release_noise, release_epsilon
 from fedguard.privacy.events import GaussianRelease
 from fedguard.privacy.ledger import ChargePurpose
@@ -78,26 +76,25 @@ from fedguard.wire.protocol import RoundInstructions
 from fedguard.wire.secagg import payload
 from fedguard.wire.statistics import (
     EVALUATION_LOSS_BOUND,
-    SCORE_BINS,
     StatisticKind,
     StatisticRequest,
     evaluation_vector_length,
 )
 
 __all__ = [
+    "SILO_PRODUCERS",
     "Producer",
+    "Producers",
     "ReleaseStore",
     "SecureStatistic",
-    "drift_statistic",
     "evaluation_statistic",
-    "fairness_statistic",
     "feature_moments_statistic",
     "lattice_vector",
     "planned_release_events",
     "producer_for",
-    "register_producer",
     "release_statistic",
     "released_values",
+    "scaled_inputs",
 ]
 
 
@@ -125,27 +122,17 @@ class SecureStatistic:
 
 
 Producer = Callable[[SiloData, nn.Module | None, FeatureScaler, Mapping[str, Any]], SecureStatistic]
-_PRODUCERS: dict[StatisticKind, Producer] = {}
-# Where a kind's producer registers itself on import (explain needs the optional captum).
-_PRODUCER_MODULES = {StatisticKind.ATTRIBUTION: "fedguard.client.explain"}
+#: Which producer answers each kind of query. The silo agent holds one (passed in by
+#: the composition root, :mod:`fedguard.apps.silo`); a kind it lacks is refused.
+Producers = Mapping[StatisticKind, Producer]
 
 
-def register_producer(kind: StatisticKind, producer: Producer) -> None:
-    """Make ``producer`` answer queries of ``kind`` (one producer per kind)."""
-    if not isinstance(kind, StatisticKind):
-        raise ConfigError(f"kind must be a StatisticKind, got {kind!r}")
-    _PRODUCERS[kind] = producer
-
-
-def producer_for(kind: StatisticKind) -> Producer:
-    if kind not in _PRODUCERS and kind in _PRODUCER_MODULES:
-        try:
-            importlib.import_module(_PRODUCER_MODULES[kind])
-        except ImportError as missing:
-            raise ConfigError(f"no producer for {kind.value} statistics: {missing}") from None
-    if kind not in _PRODUCERS:
-        raise ConfigError(f"no producer registered for {kind.value} statistics")
-    return _PRODUCERS[kind]
+def producer_for(producers: Producers, kind: StatisticKind) -> Producer:
+    """The producer answering ``kind``; a typed refusal when this silo has none."""
+    producer = producers.get(kind)
+    if producer is None:
+        raise ConfigError(f"this silo answers no {kind.value} statistics")
+    return producer
 
 
 # --------------------------------------------------------------------------- request
@@ -192,77 +179,11 @@ class ReleaseStore:
 # --------------------------------------------------------------------------- producers
 
 
-def _scaled_inputs(silo: SiloData, scaler: FeatureScaler, train: bool) -> torch.Tensor:
+def scaled_inputs(silo: SiloData, scaler: FeatureScaler, train: bool) -> torch.Tensor:
+    """A split's features, scaled and shaped as the model takes them."""
     part = silo.train if train else silo.test
     x = scaler.transform(part.features).reshape((-1, *silo.schema.input_shape))
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-
-
-def fairness_statistic(
-    silo: SiloData, model: nn.Module | None, scaler: FeatureScaler, options: Mapping[str, Any]
-) -> SecureStatistic:
-    """Confusion counts and score histograms per cohort, on the silo's test split.
-
-    One record adds 1 to one confusion count, 1 to one score bin and its score
-    (in [0, 1]) to one score sum: L2 sensitivity √3.
-    """
-    if model is None:
-        raise ProtocolError("a fairness query needs the model")
-    if not silo.schema.is_binary:
-        raise ConfigError(f"the fairness audit needs a binary task; {silo.schema.dataset} is not")
-    groups = sensitive_groups(
-        silo.schema, str(options["attribute"]), tuple(float(b) for b in options.get("bands", ()))
-    )
-    bins = int(options.get("score-bins", SCORE_BINS))
-    model.eval()
-    with torch.no_grad():
-        logits = model(_scaled_inputs(silo, scaler, train=False))
-    scores = torch.softmax(logits, dim=1)[:, 1].double().numpy()
-    predicted = logits.argmax(dim=1).numpy()
-    labels = silo.test.labels
-    codes = groups.assign(silo.test.features)
-    g_count = groups.num_groups
-    score_bin = np.clip((scores * bins).astype(np.int64), 0, bins - 1)
-
-    def per_group(mask: np.ndarray) -> np.ndarray:
-        return np.bincount(codes[mask], minlength=g_count).astype(np.float64)
-
-    flat = codes * bins + score_bin
-    hist = np.zeros((3, g_count * bins))
-    hist[0] = np.bincount(flat[labels == 1], minlength=g_count * bins)
-    hist[1] = np.bincount(flat[labels == 0], minlength=g_count * bins)
-    hist[2] = np.bincount(flat, weights=scores, minlength=g_count * bins)
-    values = np.concatenate(
-        [
-            per_group((predicted == 1) & (labels == 1)),
-            per_group((predicted == 1) & (labels == 0)),
-            per_group((predicted == 0) & (labels == 0)),
-            per_group((predicted == 0) & (labels == 1)),
-            hist.reshape(-1),
-        ]
-    )
-    return SecureStatistic(values, math.sqrt(3.0), metadata={"num-examples": float(len(labels))})
-
-
-def drift_statistic(
-    silo: SiloData, model: nn.Module | None, scaler: FeatureScaler, options: Mapping[str, Any]
-) -> SecureStatistic:
-    """Per-feature histograms of the scaled features on the server's fixed bin edges.
-
-    Options: ``edges`` (d, bins − 1) and ``split`` (``train`` or ``test``). One
-    record adds 1 to one bin of each of the d features: L2 sensitivity √d.
-    """
-    edges = np.asarray(options["edges"], dtype=np.float64)
-    split = str(options.get("split", "train"))
-    if split not in ("train", "test"):
-        raise ProtocolError(f"split must be train or test, got {split!r}")
-    part = silo.train if split == "train" else silo.test
-    counts = histogram_counts(scaler.transform(part.features), edges)
-    return SecureStatistic(
-        counts.reshape(-1),
-        math.sqrt(counts.shape[0]),
-        metadata={"num-examples": float(len(part))},
-    )
 
 
 def feature_moments_statistic(
@@ -299,7 +220,7 @@ def evaluation_statistic(
     else:
         model.eval()
         with torch.no_grad():
-            logits = model(_scaled_inputs(silo, scaler, train=False))
+            logits = model(scaled_inputs(silo, scaler, train=False))
             losses = nn.functional.cross_entropy(logits, torch.from_numpy(labels), reduction="none")
         loss = np.minimum(losses.double().numpy(), EVALUATION_LOSS_BOUND)
         correct = float((logits.argmax(dim=1).numpy() == labels).sum())
@@ -316,10 +237,13 @@ def evaluation_statistic(
     return SecureStatistic(values, sensitivity)
 
 
-register_producer(StatisticKind.FAIRNESS, fairness_statistic)
-register_producer(StatisticKind.DRIFT, drift_statistic)
-register_producer(StatisticKind.FEATURE_MOMENTS, feature_moments_statistic)
-register_producer(StatisticKind.EVALUATION, evaluation_statistic)
+#: What every silo answers on its own: the statistics training and evaluation need.
+#: The trust layer's producers (fairness, drift, attribution) are added by the
+#: composition root (:data:`fedguard.trust.silo_statistics.TRUST_PRODUCERS`).
+SILO_PRODUCERS: Producers = {
+    StatisticKind.FEATURE_MOMENTS: feature_moments_statistic,
+    StatisticKind.EVALUATION: evaluation_statistic,
+}
 
 
 # --------------------------------------------------------------------------- release
@@ -344,7 +268,7 @@ def _model(message: Message, silo: SiloData, instructions: RoundInstructions) ->
 
 
 def release_statistic(
-    settings: SiloSettings, allow_non_private: bool, message: Message
+    settings: SiloSettings, allow_non_private: bool, producers: Producers, message: Message
 ) -> tuple[np.ndarray, dict[str, float], PendingCharge | None]:
     """Compute, noise (charging the ledger first) and lattice-encode one statistic.
 
@@ -359,7 +283,7 @@ def release_statistic(
             "a statistic query needs the encoder's clip range at half its levels (one step = 1)"
         )
     request, values, metrics, pending = released_values(
-        settings, allow_non_private, message, secure=True
+        settings, allow_non_private, producers, message, secure=True
     )
     return lattice_vector(values, request.resolution), metrics, pending
 
@@ -375,7 +299,12 @@ def _policy_request(settings: SiloSettings, request: StatisticRequest) -> Statis
 
 
 def released_values(
-    settings: SiloSettings, allow_non_private: bool, message: Message, *, secure: bool = False
+    settings: SiloSettings,
+    allow_non_private: bool,
+    producers: Producers,
+    message: Message,
+    *,
+    secure: bool = False,
 ) -> tuple[StatisticRequest, np.ndarray, dict[str, float], PendingCharge | None]:
     """The request, the released (noised) vector, the reply's metrics and a pending charge.
 
@@ -403,7 +332,7 @@ def released_values(
         {k: v.numpy() for k, v in message.content.array_records[protocol.SCALER].items()}
     )
     silo = settings.data.load()
-    statistic = producer_for(request.kind)(
+    statistic = producer_for(producers, request.kind)(
         silo, _model(message, silo, instructions), scaler, request.options
     )
     if statistic.values.size != request.vector_length:

@@ -1,6 +1,6 @@
 """What the trust layer's post-training phase records, as the reports read it.
 
-Note to 7a (``fedguard/server/trust.py``): this module fixes the format of
+Note to 7a (``fedguard/trust/phase.py``): this module fixes the format of
 ``RUN/<variant>/trust.json`` that ``fedguard.simulation.report`` and
 ``fedguard.edge.card`` read. Build a :class:`TrustResults` and write
 ``results.to_json()`` with :func:`write_trust_results`; every section is optional

@@ -1,16 +1,16 @@
 """The trust layer's server side: fairness audit, drift reference and monitoring.
 
 After the last round, :func:`run_trust_phase` asks the silos (each through one
-secure DP statistic, :func:`~fedguard.server.statistics.collect_secure_statistic`)
+secure DP statistic, :func:`~fedguard.server.statistic_collection.collect_secure_statistic`)
 
 * for the fairness audit of the final model on their test splits, by cohort of
-  the configured sensitive attribute (:mod:`fedguard.server.fairness`);
+  the configured sensitive attribute (:mod:`fedguard.trust.fairness`);
 * for the drift reference: per-feature histograms of their training inputs on
   bins fixed from the federated scaler (:mod:`fedguard.core.histograms`), whose
-  sparse bins are then merged (:func:`~fedguard.server.drift.merge_bins`);
+  sparse bins are then merged (:func:`~fedguard.trust.drift.merge_bins`);
 * for global Integrated-Gradients attributions of the final model;
 
-and writes ``trust.json`` (:mod:`fedguard.core.trust_results`), the drift
+and writes ``trust.json`` (:mod:`fedguard.trust.results`), the drift
 reference ``drift-reference.json`` and one line per release to
 ``trust-log.jsonl`` in the run folder. :func:`monitor_drift` runs one later
 monitoring round against the stored reference (``fedguard monitor``).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +42,20 @@ from fedguard.core.histograms import bin_edges
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import ModelWeights, weights_to_record
-from fedguard.core.trust_results import (
+from fedguard.privacy.secagg import SecAggAbort
+from fedguard.server.post_training import FinalModel
+from fedguard.server.secure_metrics import SiloName
+from fedguard.server.secure_round import SecAggIdentities, Send
+from fedguard.server.statistic_collection import SecureStatisticResult, collect_secure_statistic
+from fedguard.trust.drift import drift_scores, merge_bins
+from fedguard.trust.fairness import (
+    FairnessCounts,
+    calibration,
+    demographic_parity_difference,
+    equalized_odds_difference,
+    group_metrics,
+)
+from fedguard.trust.results import (
     AttributionResult,
     DriftResult,
     FairnessResult,
@@ -54,17 +67,6 @@ from fedguard.core.trust_results import (
     attribution_vector_length,
     write_trust_results,
 )
-from fedguard.privacy.secagg import SecAggAbort
-from fedguard.server.drift import drift_scores, merge_bins
-from fedguard.server.fairness import (
-    FairnessCounts,
-    calibration,
-    demographic_parity_difference,
-    equalized_odds_difference,
-    group_metrics,
-)
-from fedguard.server.secure_round import SecAggIdentities, Send
-from fedguard.server.statistics import SecureStatisticResult, collect_secure_statistic
 from fedguard.wire import protocol
 from fedguard.wire.protocol import RoundInstructions
 from fedguard.wire.statistics import SCORE_BINS, StatisticKind, fairness_vector_length
@@ -74,9 +76,6 @@ log = logging.getLogger(__name__)
 REFERENCE_FILENAME = "drift-reference.json"
 LOG_FILENAME = "trust-log.jsonl"
 _REFERENCE_VERSION = 1
-
-SiloName = Callable[[int], str]
-
 
 # --------------------------------------------------------------------------- costs and log
 
@@ -351,7 +350,7 @@ def global_attributions(
         nodes,
         StatisticKind.ATTRIBUTION,
         instruction=instruction,
-        # [Σ|c|, Σc, n] per silo (7b: fedguard.client.explain / core.trust_results)
+        # [Σ|c|, Σc, n] per silo (7b: fedguard.trust.explanations / core.trust_results)
         vector_length=attribution_vector_length(schema.num_features),
         query_round=0,
         target_epsilon=trust.explain_epsilon,
@@ -467,4 +466,19 @@ def alerts_summary(result: DriftResult) -> str:
     return (
         f"{result.label}: alerts {alerted} (max PSI {worst.psi:.4f} on {worst.feature}, "
         f"threshold {result.threshold:g}, ε {result.cost.epsilon:.3g} per silo)"
+    )
+
+
+def trust_phase(final: FinalModel) -> None:
+    """The trust layer as the round loop's post-training phase (nothing when it is off)."""
+    if not final.config.trust.enabled:
+        return
+    run_trust_phase(
+        final.send,
+        final.nodes,
+        final.config,
+        final.run_dir,
+        final.instruction,
+        final.silo_name,
+        identities=final.identities,
     )

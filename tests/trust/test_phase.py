@@ -13,11 +13,11 @@ from fedguard.core.config import RunConfig
 from fedguard.core.models import build_model
 from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import load_weights
-from fedguard.core.trust import TrustConfig, TrustNoise
-from fedguard.core.trust_results import read_trust_results
+from fedguard.core.trust_config import TrustConfig, TrustNoise
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
 from fedguard.simulation.monitor import load_run, simulate_monitoring
 from fedguard.simulation.runner import run_variant
+from fedguard.trust.results import read_trust_results
 from tests.factories import small_config
 
 pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier

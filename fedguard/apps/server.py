@@ -1,4 +1,7 @@
-"""The composition root: the ServerApp a fedguard SuperLink runs (``fedguard.apps:server_app``).
+"""The composition root of the server: ``fedguard.apps.server:server_app``.
+
+The ServerApp a fedguard SuperLink runs, with the trust layer's post-training
+phase (:func:`fedguard.trust.phase.trust_phase`) wired in.
 
 :func:`fedguard.server.app.make_server_app` builds a ServerApp for a known
 :class:`~fedguard.core.config.RunConfig` (the simulator does this) and knows
@@ -13,7 +16,7 @@ aggregation authenticated with the server folder's signed roster
 (``secagg-roster.json``, from ``fedguard ca sign-roster``).
 
 The app bundles ``fedguard run`` writes name it (:mod:`fedguard.deploy.bundles`);
-the silos run ``fedguard.client.app:app``, which imports no server code.
+the silos run ``fedguard.apps.silo:client_app``, which imports no server code.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fedguard.deploy.layouts import ServerLayout
 from fedguard.deploy.recorder import DeploymentRecorder
 from fedguard.deploy.run_lock import hold_run_lock
 from fedguard.server.orchestrator import FederatedRun
+from fedguard.trust.phase import trust_phase
 from fedguard.wire.flower_runtime import PromptGrid, fast_object_pulls
 
 __all__ = ["server_app"]
@@ -46,14 +50,20 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     with hold_run_lock(run_dir, run_id, context.run_id):
         layout = ServerLayout.from_env()
         if layout is None:  # a SuperLink fedguard did not start: no audit log, no registry
-            FederatedRun(grid, config, run_id, run_dir).run()
+            FederatedRun(grid, config, run_id, run_dir, post_training=trust_phase).run()
             return
         roster = layout.load_roster()  # the signed SecAgg roster, if the consortium made one
         with DeploymentRecorder.open(
             layout, run_id, config.to_options(), run_dir, flower_run_id=context.run_id
         ) as recorder:
             run = FederatedRun(
-                grid, config, run_id, run_dir, on_round=recorder.on_round, roster=roster
+                grid,
+                config,
+                run_id,
+                run_dir,
+                on_round=recorder.on_round,
+                roster=roster,
+                post_training=trust_phase,  # the trust layer, when the run asks for it
             )
             run.run()
             recorder.finish(run.outcome)  # run-end: completed, degraded, failed or stopped

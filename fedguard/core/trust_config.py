@@ -107,6 +107,6 @@ class TrustConfig:
         fairness = (self.fairness_epsilon,) if self.fairness_attribute is not None else ()
         drift = (self.drift_epsilon,) * (1 + self.monitor_rounds) if self.drift else ()
         # Two attribution releases: the global model's, and the distilled student's
-        # at ``fedguard export`` (see fedguard.edge.explain).
+        # at ``fedguard export`` (see fedguard.trust.explain_release).
         explain = (self.explain_epsilon,) * 2 if self.explain else ()
         return fairness + drift + explain

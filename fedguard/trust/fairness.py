@@ -1,7 +1,7 @@
 """Group fairness metrics from summed (and possibly noised) per-cohort counts.
 
 Pure functions of the counts the fairness audit releases (see
-:mod:`fedguard.client.statistics`): per cohort of the sensitive attribute, the
+:mod:`fedguard.client.statistic_release`): per cohort of the sensitive attribute, the
 confusion counts TP, FP, TN, FN of the model's decision (class 1 when its
 probability is the larger), and per score bin the number of positives, of
 negatives and the sum of predicted probabilities. Definitions follow fairlearn

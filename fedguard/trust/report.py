@@ -1,7 +1,7 @@
 """Trust sections of ``report.md`` and the model card: Markdown and PNG plots.
 
 Shared by :mod:`fedguard.simulation.report` and :mod:`fedguard.edge.card`, which
-read the same :class:`~fedguard.core.trust_results.TrustResults`. matplotlib is
+read the same :class:`~fedguard.trust.results.TrustResults`. matplotlib is
 imported only when a plot is drawn (Agg backend, no display).
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedguard.core.trust_results import (
+from fedguard.trust.results import (
     AttributionResult,
     DriftResult,
     FairnessResult,

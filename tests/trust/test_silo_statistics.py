@@ -1,4 +1,4 @@
-"""Secure DP statistics, silo side and end to end on the in-process engine."""
+"""Secure DP statistics: the release machinery and the trust producers, end to end in process."""
 
 from pathlib import Path
 
@@ -7,24 +7,24 @@ import pytest
 from flwr.app import RecordDict
 
 from fedguard.client.app import make_client_app
-from fedguard.client.statistics import (
-    SecureStatistic,
-    drift_statistic,
-    fairness_statistic,
-    noised_release,
-)
+from fedguard.client.statistic_release import SecureStatistic, noised_release
 from fedguard.core.config import ModelSpec
 from fedguard.core.datasets import schema_for
 from fedguard.core.histograms import bin_edges
 from fedguard.core.models import build_model
 from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import load_weights
-from fedguard.core.trust import TrustNoise
+from fedguard.core.trust_config import TrustNoise
 from fedguard.privacy.analysis.release import calibrate_release_noise
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
 from fedguard.privacy.secagg import SecAggAbort
-from fedguard.server.statistics import collect_secure_statistic, grid_send
+from fedguard.server.statistic_collection import collect_secure_statistic, grid_send
 from fedguard.simulation.inprocess import InProcessGrid
+from fedguard.trust.silo_statistics import (
+    SILO_AND_TRUST_PRODUCERS,
+    drift_statistic,
+    fairness_statistic,
+)
 from fedguard.wire import protocol
 from fedguard.wire.statistics import StatisticKind, StatisticRequest, fairness_vector_length
 from tests.factories import (
@@ -70,6 +70,7 @@ def _grid(tmp_path: Path, allow_non_private: bool = True) -> InProcessGrid:
     client = make_client_app(
         lambda c: silo_settings(tmp_path, int(c.node_config["partition-id"])),
         allow_non_private=allow_non_private,
+        producers=SILO_AND_TRUST_PRODUCERS,
     )
     return InProcessGrid(client, 3)
 

@@ -27,9 +27,9 @@ linearly has signed attributions ``w·(x − μ)`` that average to about zero ov
 population. Adding or removing one record moves the vector by at most
 ``sqrt(2C² + 1)`` in L2 (``|cᵢ|`` and ``cᵢ`` have norm ≤ C, the count moves by 1):
 its sensitivity, which the silo's Gaussian noise is scaled by before the vector
-leaves (see :mod:`fedguard.client.statistics`). The server divides the securely
+leaves (see :mod:`fedguard.client.statistic_release`). The server divides the securely
 summed sums by the summed count
-(:func:`fedguard.core.trust_results.attribution_from_sum`).
+(:func:`fedguard.trust.results.attribution_from_sum`).
 
 Local explanations (:func:`explain_record`): one record's attributions, computed
 on the machine that holds the record and printed there; nothing is sent.
@@ -48,12 +48,11 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from fedguard.client.statistics import SecureStatistic, register_producer
+from fedguard.client.statistic_release import SecureStatistic
 from fedguard.core.checks import positive, positive_int
 from fedguard.core.datasets import FeatureSchema, SiloData
 from fedguard.core.errors import ConfigError, ProtocolError
 from fedguard.core.preprocessing import FeatureScaler
-from fedguard.wire.statistics import StatisticKind
 
 __all__ = [
     "AttributionSettings",
@@ -258,7 +257,7 @@ def attribution_vector(
 def attribution_statistic(
     silo: SiloData, model: nn.Module | None, scaler: FeatureScaler, options: Mapping[str, Any]
 ) -> SecureStatistic:
-    """The ``attribution`` producer of :mod:`fedguard.client.statistics` (see the module doc).
+    """The ``attribution`` producer (:mod:`fedguard.client.statistic_release`, the module doc).
 
     The vector ``[Σ|cᵢ|, Σcᵢ, n]`` of the split the query names; its L2 sensitivity
     to one record is ``sqrt(2C² + 1)``.
@@ -274,9 +273,6 @@ def attribution_statistic(
         attribution_sensitivity(settings.clip_norm),
         metadata={"num-examples": float(len(part))},
     )
-
-
-register_producer(StatisticKind.ATTRIBUTION, attribution_statistic)
 
 
 # --------------------------------------------------------------------------- local

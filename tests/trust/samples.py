@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedguard.core.trust_results import (
+from fedguard.trust.results import (
     AttributionResult,
     DriftResult,
     FairnessResult,

@@ -12,7 +12,6 @@ from flwr.app import RecordDict
 
 from fedguard.audit.chain import read_records
 from fedguard.client.app import make_client_app
-from fedguard.client.explain import AttributionSettings, attribution_statistic
 from fedguard.client.silo import SiloSettings
 from fedguard.client.training import LocalData, train_non_private
 from fedguard.core.config import LocalTrainingConfig, ModelSpec
@@ -21,22 +20,24 @@ from fedguard.core.errors import FedguardError
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import load_weights, model_weights, record_to_weights
-from fedguard.core.trust import TrustNoise
-from fedguard.core.trust_results import (
-    ReleaseCost,
-    attribution_from_sum,
-    attribution_vector_length,
-)
+from fedguard.core.trust_config import TrustNoise
 from fedguard.privacy.analysis.release import release_epsilon
 from fedguard.privacy.events import GaussianRelease
 from fedguard.privacy.ledger import ChargePurpose, LedgerEntry, PrivacyLedger
 from fedguard.server.secure_round import SecAggIdentities
-from fedguard.server.statistics import (
+from fedguard.server.statistic_collection import (
     SecureStatisticResult,
     collect_secure_statistic,
     grid_send,
 )
 from fedguard.simulation.inprocess import InProcessGrid
+from fedguard.trust.explanations import AttributionSettings, attribution_statistic
+from fedguard.trust.results import (
+    ReleaseCost,
+    attribution_from_sum,
+    attribution_vector_length,
+)
+from fedguard.trust.silo_statistics import SILO_AND_TRUST_PRODUCERS
 from fedguard.wire.statistics import StatisticKind
 from tests.factories import (
     DATASET,
@@ -63,6 +64,7 @@ def _setup(tmp_path: Path) -> tuple[InProcessGrid, list[SiloSettings], FeatureSc
     app = make_client_app(
         lambda context: settings[int(str(context.node_config["partition-id"]))],
         allow_non_private=True,
+        producers=SILO_AND_TRUST_PRODUCERS,
     )
     return InProcessGrid(app, SILOS), settings, scaler, content
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 from fedguard.core.histograms import bin_edges, histogram_counts
-from fedguard.server import drift
+from fedguard.trust import drift
 
 
 def test_psi_matches_a_hand_computation() -> None:

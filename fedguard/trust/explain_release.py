@@ -3,8 +3,8 @@
 The export rebuilds the run's silos in process (see :mod:`fedguard.edge.export`);
 each silo here computes the student's clipped Integrated-Gradients sum on its own
 split with the same producer as the trust phase
-(:func:`fedguard.client.explain.attribution_statistic`) and releases it through
-the same silo-side path (:mod:`fedguard.client.statistics`): σ calibrated to the
+(:func:`fedguard.trust.explanations.attribution_statistic`) and releases it through
+the same silo-side path (:mod:`fedguard.client.statistic_release`): σ calibrated to the
 run's ``explain-epsilon`` at the silo's δ, the silo's persistent ledger charged
 (purpose ``attribution``, run id ``<teacher run id>/student-<weights hash>``,
 query round 0) *before* CSPRNG noise is added, the release stored so that
@@ -15,7 +15,7 @@ What differs from the trust phase: one process holds every silo (a simulation),
 so the sum is taken in memory instead of through SecAgg+; a deployed export
 would send the student as a statistic query. A run planned with ``explain``
 reserves budget for this release in every silo
-(:meth:`fedguard.core.trust.TrustConfig.planned_releases`); a silo without budget
+(:meth:`fedguard.core.trust_config.TrustConfig.planned_releases`); a silo without budget
 for it (a run planned otherwise) refuses it, and the export records why and goes on.
 """
 
@@ -28,26 +28,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from fedguard.client.explain import (
+from fedguard.client.silo import SiloSettings, SimulatedSiloSource
+from fedguard.client.statistic_release import noised_release
+from fedguard.core.datasets import FeatureSchema
+from fedguard.core.errors import FedguardError
+from fedguard.core.preprocessing import FeatureScaler
+from fedguard.core.serialization import model_weights, weights_sha256
+from fedguard.core.trust_config import TrustNoise
+from fedguard.runs.layout import silo_id as simulated_silo_id
+from fedguard.trust.explanations import (
     AttributionSettings,
     DataSplit,
     attribution_statistic,
     output_description,
 )
-from fedguard.client.silo import SiloSettings, SimulatedSiloSource
-from fedguard.client.statistics import noised_release
-from fedguard.core.datasets import FeatureSchema
-from fedguard.core.errors import FedguardError
-from fedguard.core.preprocessing import FeatureScaler
-from fedguard.core.serialization import model_weights, weights_sha256
-from fedguard.core.trust import TrustNoise
-from fedguard.core.trust_results import (
+from fedguard.trust.results import (
     AttributionResult,
     ReleaseCost,
     attribution_from_sum,
     attribution_vector_length,
 )
-from fedguard.runs.layout import silo_id as simulated_silo_id
 from fedguard.wire.statistics import StatisticKind, StatisticRequest
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@
 stage ``query.secagg_statistic``, then the usual ``train.secagg_*`` stages),
 and returns the decoded sum of the silos' noised vectors, who contributed, and
 what each silo says the release cost it. The server never sees one silo's
-vector. Each silo noised its own vector (see :mod:`fedguard.client.statistics`),
+vector. Each silo noised its own vector (see :mod:`fedguard.client.statistic_release`),
 so the sum carries the noise of every contributor: its variance is the sum of
 theirs, n times one silo's at equal σ and sensitivity; a trusted curator would
 add one silo's worth to the pooled sum, but here no one has to be trusted.
@@ -28,7 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedguard.core.errors import ConfigError
-from fedguard.core.trust import TrustNoise
+from fedguard.core.trust_config import TrustNoise
 from fedguard.privacy.secagg import SecAggAbort, SecAggConfig
 from fedguard.privacy.secagg.config import RING_BITS
 from fedguard.server.round_records import send_messages
@@ -181,7 +181,7 @@ def collect_secure_statistic(
     )
     if result.config.clip_range != result.config.levels / 2:  # pragma: no cover - by construction
         raise ConfigError("statistic rounds need the encoder's step at 1")
-    # Each contributor sent y − ½ (see fedguard.client.statistics): add the halves back.
+    # Each contributor sent y − ½ (see fedguard.client.statistic_release): add the halves back.
     values = (result.weighted_sum + 0.5 * result.total_weight) * step
     contributors = tuple(result.contributors)
 

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedguard.client.explain import (
+from fedguard.client.training import LocalData, train_non_private
+from fedguard.core.config import DatasetName, LocalTrainingConfig, ModelSpec, PartitionSpec
+from fedguard.core.datasets import SiloData
+from fedguard.core.errors import ConfigError
+from fedguard.core.models import build_model
+from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
+from fedguard.core.silos import simulation_silos
+from fedguard.trust.explanations import (
     AttributionSettings,
     DataSplit,
     attribution_sensitivity,
@@ -17,13 +24,6 @@ from fedguard.client.explain import (
     explain_record,
     integrated_gradients,
 )
-from fedguard.client.training import LocalData, train_non_private
-from fedguard.core.config import DatasetName, LocalTrainingConfig, ModelSpec, PartitionSpec
-from fedguard.core.datasets import SiloData
-from fedguard.core.errors import ConfigError
-from fedguard.core.models import build_model
-from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
-from fedguard.core.silos import simulation_silos
 
 
 def _trained(dataset: DatasetName) -> tuple[torch.nn.Module, FeatureScaler, SiloData, np.ndarray]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedguard.core.trust_results import (
+from fedguard.trust.results import (
     TRUST_FILENAME,
     ReleaseCost,
     TrustResults,
@@ -18,7 +18,7 @@ from fedguard.core.trust_results import (
     read_trust_results,
     write_trust_results,
 )
-from tests.trust_samples import COST, sample_attributions, sample_results
+from tests.trust.samples import COST, sample_attributions, sample_results
 
 
 def test_attribution_from_sum_divides_by_count_and_ranks_by_importance() -> None:
