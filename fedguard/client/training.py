@@ -274,12 +274,22 @@ def train_dp_sgd(
     noise; with :attr:`NoiseSource.CSPRNG` the noise ignores it.
     """
     run = run_dp_sgd(model, data.dataset(), training, dp, noise_multiplier, seed)
+    return training_result(model, len(data), run, "local DP-SGD diverged: the model")
+
+
+def training_result(
+    model: nn.Module, num_examples: int, run: DpSgdRun, diverged: str
+) -> TrainResult:
+    """The trained weights and their figures; a model holding NaN or Inf is refused.
+
+    ``diverged`` names what diverged in the error (``"... : the model"``).
+    """
     weights = model_weights(model)
     if not all(np.isfinite(v).all() for v in weights.values()):
-        raise TrainingError("local DP-SGD diverged: the model holds NaN or Inf")
+        raise TrainingError(f"{diverged} holds NaN or Inf")
     return TrainResult(
         weights=weights,
-        num_examples=len(data),
+        num_examples=num_examples,
         steps=run.steps,
         sample_rate=run.sample_rate,
         mean_loss=float(np.mean(run.losses)) if run.losses else float("nan"),
@@ -298,35 +308,41 @@ def train_non_private(
     model: nn.Module, data: LocalData, training: LocalTrainingConfig, seed: int
 ) -> TrainResult:
     """The ``--no-dp`` twin: same epochs, batch size and optimizer; shuffled batches."""
-    if len(data) == 0:
+    run = run_non_private(model, data.dataset(), training, seed)
+    return training_result(model, len(data), run, "local training diverged: the model")
+
+
+def run_non_private(
+    model: nn.Module,
+    dataset: TensorDataset,
+    training: LocalTrainingConfig,
+    seed: int,
+    batch_loss: BatchLoss | None = None,
+) -> DpSgdRun:
+    """The non-private twin of :func:`run_dp_sgd`: shuffled batches, no clipping, no noise.
+
+    Only for the ``no-dp`` research variants (local training, distillation); the
+    loss is as in :func:`run_dp_sgd`. The run's sample rate is 1 (no sampling).
+    """
+    if len(dataset) == 0:
         raise ConfigError("cannot train on an empty data set")
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        data.dataset(), batch_size=training.batch_size, shuffle=True, generator=generator
-    )
+    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(model, training)
     criterion = nn.CrossEntropyLoss()
     model.train()
     losses: list[float] = []
-    steps = 0
     for _ in range(training.local_epochs):
-        for features, labels in loader:
+        for batch in loader:
             optimizer.zero_grad()
-            loss = criterion(model(features), labels)
+            if batch_loss is None:
+                loss = criterion(model(batch[0]), batch[1])
+            else:
+                loss = batch_loss(model, batch)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            steps += 1
-    weights = model_weights(model)
-    if not all(np.isfinite(v).all() for v in weights.values()):
-        raise TrainingError("local training diverged: the model holds NaN or Inf")
-    return TrainResult(
-        weights=weights,
-        num_examples=len(data),
-        steps=steps,
-        sample_rate=1.0,
-        mean_loss=float(np.mean(losses)),
-    )
+    return DpSgdRun(steps=len(losses), sample_rate=1.0, losses=losses)
 
 
 @torch.no_grad()

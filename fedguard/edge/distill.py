@@ -54,17 +54,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from fedguard.aggregation.pipeline import AggregationPipeline, ClientUpdate
 from fedguard.audit.logs import SILO_LOG_NAME
 from fedguard.client.ledger_guard import open_silo_ledger, record_charge
 from fedguard.client.training import (
+    BatchLoss,
     LocalData,
     TrainingError,
     TrainResult,
-    make_optimizer,
     run_dp_sgd,
+    run_non_private,
+    training_result,
 )
 from fedguard.core.checks import positive, positive_int
 from fedguard.core.config import (
@@ -267,6 +269,23 @@ def distill_on_transfer_set(
 # --------------------------------------------------------------------------- DP-SGD with KD
 
 
+def _distill_dataset(data: LocalData, soft_targets: np.ndarray) -> TensorDataset:
+    """Features, labels and the teacher's soft targets, sampled together."""
+    return TensorDataset(
+        torch.from_numpy(data.features),
+        torch.from_numpy(data.labels),
+        torch.from_numpy(np.ascontiguousarray(soft_targets, dtype=np.float32)),
+    )
+
+
+def _distill_loss(temperature: float, alpha: float) -> BatchLoss:
+    def batch_loss(student: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        features, labels, soft = batch
+        return distillation_loss(student(features), soft, labels, temperature, alpha)
+
+    return batch_loss
+
+
 def train_dp_sgd_distill(
     model: nn.Module,
     data: LocalData,
@@ -289,27 +308,10 @@ def train_dp_sgd_distill(
         raise ConfigError("soft targets must be float32 with one row per training record")
     if dp.grad_sample_mode is GradSampleMode.GHOST:
         raise ConfigError("ghost clipping is not supported for the distillation loss")
-    dataset = TensorDataset(
-        torch.from_numpy(data.features),
-        torch.from_numpy(data.labels),
-        torch.from_numpy(np.ascontiguousarray(soft_targets)),
-    )
-
-    def batch_loss(student: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        features, labels, soft = batch
-        return distillation_loss(student(features), soft, labels, temperature, alpha)
-
+    dataset = _distill_dataset(data, soft_targets)
+    batch_loss = _distill_loss(temperature, alpha)
     run = run_dp_sgd(model, dataset, training, dp, noise_multiplier, seed, batch_loss)
-    weights = model_weights(model)
-    if not all(np.isfinite(v).all() for v in weights.values()):
-        raise TrainingError("DP-SGD distillation diverged: the student holds NaN or Inf")
-    return TrainResult(
-        weights=weights,
-        num_examples=len(data),
-        steps=run.steps,
-        sample_rate=run.sample_rate,
-        mean_loss=float(np.mean(run.losses)) if run.losses else float("nan"),
-    )
+    return training_result(model, len(data), run, "DP-SGD distillation diverged: the student")
 
 
 def train_non_private_distill(
@@ -323,34 +325,14 @@ def train_non_private_distill(
 
     Only for the ``no-dp`` research variant of a simulation, never for a DP run.
     """
-    if len(data) == 0:
-        raise ConfigError("cannot train on an empty data set")
-    training = config.training
-    generator = torch.Generator().manual_seed(seed)
-    dataset = TensorDataset(
-        torch.from_numpy(data.features),
-        torch.from_numpy(data.labels),
-        torch.from_numpy(np.ascontiguousarray(soft_targets, dtype=np.float32)),
+    run = run_non_private(
+        model,
+        _distill_dataset(data, soft_targets),
+        config.training,
+        seed,
+        _distill_loss(config.temperature, config.alpha),
     )
-    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
-    optimizer = make_optimizer(model, training)
-    model.train()
-    losses: list[float] = []
-    steps = 0
-    for _ in range(training.local_epochs):
-        for features, labels, soft in loader:
-            optimizer.zero_grad()
-            loss = distillation_loss(
-                model(features), soft, labels, config.temperature, config.alpha
-            )
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            steps += 1
-    weights = model_weights(model)
-    if not all(np.isfinite(v).all() for v in weights.values()):
-        raise TrainingError("distillation diverged: the student holds NaN or Inf")
-    return TrainResult(weights, len(data), steps, 1.0, float(np.mean(losses)))
+    return training_result(model, len(data), run, "distillation diverged: the student")
 
 
 # --------------------------------------------------------------------------- federated mode

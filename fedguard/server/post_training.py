@@ -41,5 +41,6 @@ class FinalModel:
     identities: SecAggIdentities | None
 
 
-#: A phase run once after a run's last round (never after a failed run).
-PostTrainingPhase = Callable[[FinalModel], None]
+#: A phase run once after a run's last round (never after a failed run); what it
+#: returns is its own (the round loop ignores it).
+PostTrainingPhase = Callable[[FinalModel], object]

@@ -30,6 +30,7 @@ from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import ModelWeights
 from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.runs.layout import VariantFolder, silo_id
+from fedguard.server.post_training import FinalModel
 from fedguard.server.secure_round import secagg_identities
 from fedguard.server.statistic_collection import grid_send
 from fedguard.simulation.identities import load_roster, silo_identity
@@ -174,17 +175,16 @@ def simulate_monitoring(
             state["round"] = query_round
             send = grid_send(grid, f"monitor-{query_round}")
             identities = secagg_identities(roster, silo_ids, nodes, send)
-            result = monitor_drift(
-                send,
-                nodes,
-                config,
-                instruction,
-                reference,
-                query_round,
-                lambda node: silo_ids.get(node, f"node-{node}"),
-                threshold=threshold,
+            final = FinalModel(
+                send=send,
+                nodes=nodes,
+                config=config,
+                run_dir=run_dir,
+                instruction=instruction,
+                silo_name=lambda node: silo_ids.get(node, f"node-{node}"),
                 identities=identities,
             )
+            result = monitor_drift(final, reference, query_round, threshold=threshold)
             record_monitoring(run_dir, result)
             results.append(result)
 

@@ -1,6 +1,6 @@
 """The trust layer's server side: fairness audit, drift reference and monitoring.
 
-After the last round, :func:`run_trust_phase` asks the silos (each through one
+After the last round, :func:`trust_phase` asks the silos (each through one
 secure DP statistic, :func:`~fedguard.server.statistic_collection.collect_secure_statistic`)
 
 * for the fairness audit of the final model on their test splits, by cohort of
@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -45,7 +45,6 @@ from fedguard.core.serialization import ModelWeights, weights_to_record
 from fedguard.privacy.secagg import SecAggAbort
 from fedguard.server.post_training import FinalModel
 from fedguard.server.secure_metrics import SiloName
-from fedguard.server.secure_round import SecAggIdentities, Send
 from fedguard.server.statistic_collection import SecureStatisticResult, collect_secure_statistic
 from fedguard.trust.drift import drift_scores, merge_bins
 from fedguard.trust.fairness import (
@@ -72,6 +71,7 @@ from fedguard.wire.protocol import RoundInstructions
 from fedguard.wire.statistics import SCORE_BINS, StatisticKind, fairness_vector_length
 
 log = logging.getLogger(__name__)
+_Released = TypeVar("_Released")
 
 REFERENCE_FILENAME = "drift-reference.json"
 LOG_FILENAME = "trust-log.jsonl"
@@ -141,15 +141,9 @@ def fairness_counts(groups: Sequence[str], vector: np.ndarray, score_bins: int) 
     return FairnessCounts(tuple(groups), tp, fp, tn, fn, hist[0], hist[1], hist[2])
 
 
-def fairness_audit(
-    send: Send,
-    nodes: Sequence[int],
-    config: RunConfig,
-    instruction: RecordDict,
-    silo_name: SiloName,
-    identities: SecAggIdentities | None = None,
-) -> tuple[FairnessResult, dict[str, Any]]:
-    """The audit of the model in ``instruction`` by cohort; (result, calibration per group)."""
+def fairness_audit(final: FinalModel) -> tuple[FairnessResult, dict[str, Any]]:
+    """The audit of the final model by cohort; (result, calibration per group)."""
+    config = final.config
     trust = config.trust
     if trust.fairness_attribute is None:
         raise DataError("no sensitive attribute configured")
@@ -157,10 +151,10 @@ def fairness_audit(
         schema_for(config.dataset), trust.fairness_attribute, trust.fairness_bands
     )
     result = collect_secure_statistic(
-        send,
-        nodes,
+        final.send,
+        final.nodes,
         StatisticKind.FAIRNESS,
-        instruction=instruction,
+        instruction=final.instruction,
         vector_length=fairness_vector_length(groups.num_groups, SCORE_BINS),
         query_round=0,
         target_epsilon=trust.fairness_epsilon,
@@ -170,11 +164,11 @@ def fairness_audit(
             "bands": list(groups.bands),
             "score-bins": SCORE_BINS,
         },
-        identities=identities,
+        identities=final.identities,
     )
     counts = fairness_counts(groups.names, result.values, SCORE_BINS)
     metrics = group_metrics(counts)
-    cost = release_cost(result, silo_name)
+    cost = release_cost(result, final.silo_name)
     fairness = FairnessResult(
         attribute=groups.attribute,
         groups=tuple(
@@ -252,19 +246,13 @@ class DriftReference:
 
 
 def _histograms(
-    send: Send,
-    nodes: Sequence[int],
-    config: RunConfig,
-    instruction: RecordDict,
-    edges: np.ndarray,
-    query_round: int,
-    split: str,
-    identities: SecAggIdentities | None = None,
+    final: FinalModel, edges: np.ndarray, query_round: int, split: str
 ) -> SecureStatisticResult:
-    content = RecordDict({k: v for k, v in instruction.items() if k != protocol.ARRAYS})
+    config = final.config
+    content = RecordDict({k: v for k, v in final.instruction.items() if k != protocol.ARRAYS})
     return collect_secure_statistic(
-        send,
-        nodes,
+        final.send,
+        final.nodes,
         StatisticKind.DRIFT,
         instruction=content,
         vector_length=edges.shape[0] * (edges.shape[1] + 1),
@@ -272,22 +260,16 @@ def _histograms(
         target_epsilon=config.trust.drift_epsilon,
         noise=config.trust.noise,
         options={"edges": edges, "split": split},
-        identities=identities,
+        identities=final.identities,
     )
 
 
-def drift_reference(
-    send: Send,
-    nodes: Sequence[int],
-    config: RunConfig,
-    instruction: RecordDict,
-    silo_name: SiloName,
-    identities: SecAggIdentities | None = None,
-) -> DriftReference:
+def drift_reference(final: FinalModel) -> DriftReference:
     """Fix the bins from the scaler's schema and release the training-time histograms."""
+    config = final.config
     schema = schema_for(config.dataset)
     edges = bin_edges(schema.standardize, config.trust.drift_bins)
-    result = _histograms(send, nodes, config, instruction, edges, 0, "train", identities)
+    result = _histograms(final, edges, 0, "train")
     counts = result.values.reshape(edges.shape[0], -1)
     return DriftReference(
         feature_names=schema.feature_names,
@@ -295,29 +277,22 @@ def drift_reference(
         counts=counts,
         merge=merge_bins(counts),
         threshold=config.trust.drift_threshold,
-        cost=release_cost(result, silo_name),
+        cost=release_cost(result, final.silo_name),
     )
 
 
 def monitor_drift(
-    send: Send,
-    nodes: Sequence[int],
-    config: RunConfig,
-    instruction: RecordDict,
+    final: FinalModel,
     reference: DriftReference,
     query_round: int,
-    silo_name: SiloName,
     split: str = "train",
     threshold: float | None = None,
-    identities: SecAggIdentities | None = None,
 ) -> DriftResult:
     """One monitoring round: current histograms against the reference, alerts per feature."""
     if query_round < 1:
         raise DataError("monitoring rounds are numbered from 1 (round 0 is the reference)")
     limit = reference.threshold if threshold is None else threshold
-    result = _histograms(
-        send, nodes, config, instruction, reference.edges, query_round, split, identities
-    )
+    result = _histograms(final, reference.edges, query_round, split)
     current = result.values.reshape(reference.counts.shape)
     scores = drift_scores(
         reference.feature_names, reference.counts, current, limit, reference.merge
@@ -326,7 +301,7 @@ def monitor_drift(
         threshold=limit,
         metric="psi",
         features=tuple(FeatureDrift(s.feature, s.psi, s.js, s.alert) for s in scores),
-        cost=release_cost(result, silo_name),
+        cost=release_cost(result, final.silo_name),
         label=f"monitor round {query_round}",
     )
 
@@ -334,22 +309,15 @@ def monitor_drift(
 # --------------------------------------------------------------------------- attributions
 
 
-def global_attributions(
-    send: Send,
-    nodes: Sequence[int],
-    config: RunConfig,
-    instruction: RecordDict,
-    silo_name: SiloName,
-    identities: SecAggIdentities | None = None,
-) -> AttributionResult:
-    """Mean clipped Integrated-Gradients attribution per feature of the model in ``instruction``."""
-    schema = schema_for(config.dataset)
-    trust = config.trust
+def global_attributions(final: FinalModel) -> AttributionResult:
+    """Mean clipped Integrated-Gradients attribution per feature of the final model."""
+    schema = schema_for(final.config.dataset)
+    trust = final.config.trust
     result = collect_secure_statistic(
-        send,
-        nodes,
+        final.send,
+        final.nodes,
         StatisticKind.ATTRIBUTION,
-        instruction=instruction,
+        instruction=final.instruction,
         # [Σ|c|, Σc, n] per silo (7b: fedguard.trust.explanations / core.trust_results)
         vector_length=attribution_vector_length(schema.num_features),
         query_round=0,
@@ -360,7 +328,7 @@ def global_attributions(
             "attribution-steps": trust.explain_steps,
             "attribution-split": "train",
         },
-        identities=identities,
+        identities=final.identities,
     )
     return attribution_from_sum(
         result.values,
@@ -369,7 +337,7 @@ def global_attributions(
         clip_norm=trust.explain_clip_norm,
         steps=trust.explain_steps,
         output="log-odds of class 1" if schema.is_binary else "log-probability of the prediction",
-        cost=release_cost(result, silo_name),
+        cost=release_cost(result, final.silo_name),
     )
 
 
@@ -394,53 +362,37 @@ def _drift_result(reference: DriftReference) -> DriftResult:
     )
 
 
-def run_trust_phase(
-    send: Send,
-    nodes: Sequence[int],
-    config: RunConfig,
-    run_dir: Path,
-    instruction: RecordDict,
-    silo_name: SiloName,
-    identities: SecAggIdentities | None = None,
-) -> TrustResults:
-    """Audit, drift reference and attributions of the final model; writes ``trust.json``.
+def trust_phase(final: FinalModel) -> TrustResults | None:
+    """The round loop's post-training phase: audit, drift reference and attributions.
 
-    A part that cannot be computed (too few silos answer, a data set without the
-    attribute) is logged and left out; the others go on. ``identities`` (the signed
-    roster, each node's silo id) authenticate every secure statistic.
+    Writes ``trust.json``; nothing when the run's trust layer is off. A part that
+    cannot be computed (too few silos answer, a data set without the attribute) is
+    logged and left out; the others go on.
     """
-    trust = config.trust
-    fairness: FairnessResult | None = None
+    trust = final.config.trust
+    if not trust.enabled:
+        return None
+    run_dir = final.run_dir
     extra: dict[str, Any] = {}
+    fairness: FairnessResult | None = None
     drift: list[DriftResult] = []
     attributions: list[AttributionResult] = []
     if trust.fairness_attribute is not None:
-        try:
-            fairness, extra["fairness_calibration"] = fairness_audit(
-                send, nodes, config, instruction, silo_name, identities
-            )
+        audited = _release(run_dir, "fairness", lambda: fairness_audit(final))
+        if audited is not None:
+            fairness, extra["fairness_calibration"] = audited
             append_log(run_dir, {"release": "fairness", "result": fairness.to_json()})
-        except (SecAggAbort, FedguardError) as failed:
-            log.error("fairness audit failed: %s", failed)
-            append_log(run_dir, {"release": "fairness", "error": str(failed)})
     if trust.drift:
-        try:
-            reference = drift_reference(send, nodes, config, instruction, silo_name, identities)
+        reference = _release(run_dir, "drift-reference", lambda: drift_reference(final))
+        if reference is not None:
             reference.save(run_dir)
             drift.append(_drift_result(reference))
             append_log(run_dir, {"release": "drift-reference", "cost": reference.cost.to_json()})
-        except (SecAggAbort, FedguardError) as failed:
-            log.error("drift reference failed: %s", failed)
-            append_log(run_dir, {"release": "drift-reference", "error": str(failed)})
     if trust.explain:
-        try:
-            attributions.append(
-                global_attributions(send, nodes, config, instruction, silo_name, identities)
-            )
-            append_log(run_dir, {"release": "attribution", "result": attributions[-1].to_json()})
-        except (SecAggAbort, FedguardError) as failed:
-            log.error("attributions failed: %s", failed)
-            append_log(run_dir, {"release": "attribution", "error": str(failed)})
+        attribution = _release(run_dir, "attribution", lambda: global_attributions(final))
+        if attribution is not None:
+            attributions.append(attribution)
+            append_log(run_dir, {"release": "attribution", "result": attribution.to_json()})
     results = TrustResults(fairness=fairness, drift=tuple(drift), attributions=tuple(attributions))
     path = write_trust_results(run_dir, results)
     if extra:
@@ -448,6 +400,16 @@ def run_trust_phase(
         data = json.loads(path.read_text(encoding="utf-8"))
         atomic_write_json(path, {**data, **extra})
     return results
+
+
+def _release(run_dir: Path, name: str, compute: Callable[[], _Released]) -> _Released | None:
+    """``compute()``, or None with the failure logged and kept in the trust log."""
+    try:
+        return compute()
+    except (SecAggAbort, FedguardError) as failed:
+        log.error("%s release failed: %s", name, failed)
+        append_log(run_dir, {"release": name, "error": str(failed)})
+        return None
 
 
 def record_monitoring(run_dir: Path, result: DriftResult) -> None:
@@ -466,19 +428,4 @@ def alerts_summary(result: DriftResult) -> str:
     return (
         f"{result.label}: alerts {alerted} (max PSI {worst.psi:.4f} on {worst.feature}, "
         f"threshold {result.threshold:g}, ε {result.cost.epsilon:.3g} per silo)"
-    )
-
-
-def trust_phase(final: FinalModel) -> None:
-    """The trust layer as the round loop's post-training phase (nothing when it is off)."""
-    if not final.config.trust.enabled:
-        return
-    run_trust_phase(
-        final.send,
-        final.nodes,
-        final.config,
-        final.run_dir,
-        final.instruction,
-        final.silo_name,
-        identities=final.identities,
     )
