@@ -365,14 +365,18 @@ def node_keygen(
 # -- reading -------------------------------------------------------------------------------
 
 
+def _read_key_file(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PkiError(f"no {what} at {path}") from None
+    except OSError as bad:
+        raise PkiError(f"cannot read {what} {path}: {bad}") from None
+
+
 def load_private_key(path: Path) -> SigningKey:
     """An unencrypted Ed25519 or ECDSA private key, in PEM (PKCS#8 / SEC1) or OpenSSH format."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise PkiError(f"no private key at {path}") from None
-    except OSError as bad:
-        raise PkiError(f"cannot read private key {path}: {bad}") from None
+    data = _read_key_file(path, "private key")
     key: object
     try:
         if data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
@@ -388,12 +392,7 @@ def load_private_key(path: Path) -> SigningKey:
 
 def load_public_key(path: Path) -> VerifyingKey:
     """An Ed25519 or ECDSA public key, in PEM (SubjectPublicKeyInfo) or OpenSSH format."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise PkiError(f"no public key at {path}") from None
-    except OSError as bad:
-        raise PkiError(f"cannot read public key {path}: {bad}") from None
+    data = _read_key_file(path, "public key")
     key: object
     try:
         if data.lstrip().startswith(b"-----BEGIN"):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedguard.core.config import RunConfig
 from fedguard.core.datasets import schema_for
@@ -281,7 +281,7 @@ def _clear_moments(
             log.warning("silo %s: no feature moments (%s)", silo_name(node), reason)
             continue
         moments = records[protocol.STATISTICS]["moments"].numpy().astype(np.float64)
-        metrics = _metrics(reply)
+        metrics = protocol.reply_metrics(reply)
         if moments.shape != (layout.length,) or not np.isfinite(moments).all():
             log.warning("silo %s: malformed feature moments rejected", silo_name(node))
             continue
@@ -400,7 +400,7 @@ def _plain_evaluation(
         if status is not OutcomeStatus.OK:
             missing[silo_name(node)] = f"{status.value}: {reason}"
             continue
-        m = _metrics(replies[node])
+        m = protocol.reply_metrics(replies[node])
         reply = replies[node]
         n = int(m.get("num-examples", 0))
         if n <= 0 or not math.isfinite(m.get("loss-sum", float("nan"))):
@@ -446,13 +446,3 @@ def _histograms(record: ArrayRecord) -> tuple[np.ndarray | None, np.ndarray | No
         if hist.shape != (AUC_BINS,) or hist.dtype.kind not in "iu" or (hist < 0).any():
             return None, None
     return pos.astype(np.int64), neg.astype(np.int64)
-
-
-def _metrics(reply: Message) -> dict[str, float]:
-    if not reply.has_content() or protocol.METRICS not in reply.content.metric_records:
-        return {}
-    return {
-        k: float(v)
-        for k, v in reply.content.metric_records[protocol.METRICS].items()
-        if isinstance(v, (int, float))
-    }

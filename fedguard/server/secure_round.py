@@ -257,16 +257,6 @@ def _payload(reply: Message) -> bytes:
     return value
 
 
-def _metrics(reply: Message) -> dict[str, float]:
-    if not reply.has_content() or protocol.METRICS not in reply.content.metric_records:
-        return {}
-    return {
-        k: float(v)
-        for k, v in reply.content.metric_records[protocol.METRICS].items()
-        if isinstance(v, (int, float))
-    }
-
-
 def run_secure_round(
     send: Send,
     nodes: list[int],
@@ -466,7 +456,7 @@ def _take_replies(
         reply = replies.get(node)
         if reply is not None and reply.has_content():
             # ε may come with any stage's reply (the release's, since charge at release)
-            report.metrics.setdefault(node, {}).update(_metrics(reply))
+            report.metrics.setdefault(node, {}).update(protocol.reply_metrics(reply))
         if status is not OutcomeStatus.OK:
             report.fail(node, NodeFailure(name, status, reason))
             continue

@@ -230,3 +230,14 @@ def reply_status(reply: Message) -> tuple[ReplyStatus, str]:
     except (KeyError, ValueError):
         return ReplyStatus.ERROR, f"reply has an unknown status {record.get('status')!r}"
     return status, str(record.get("reason", ""))
+
+
+def reply_metrics(reply: Message) -> dict[str, float]:
+    """A reply's numeric metrics (none for an error reply or one without metrics)."""
+    if not reply.has_content() or METRICS not in reply.content.metric_records:
+        return {}
+    return {
+        k: float(v)
+        for k, v in reply.content.metric_records[METRICS].items()
+        if isinstance(v, (int, float))
+    }
