@@ -15,8 +15,9 @@ Two modes (:class:`DistillMode`):
     (the same ledger file, a new run id), exactly as
     :class:`~fedguard.client.app.SiloAgent` does: before the first round σ is
     calibrated so that the planned distillation rounds fit the silo's whole
-    budget *with everything already spent composed in*; every round is charged
-    (write-ahead) before training and marked completed or failed. A silo whose
+    budget *with everything already spent composed in*; every round is checked
+    against the budget before training and charged at release (after training,
+    before the student's update leaves the silo), as a training round is. A silo whose
     budget cannot pay stops the export before anything is charged. Each record's
     tuple (features, label, teacher logits) is one sample of DP-SGD, so the
     usual sample-level guarantee holds; the teacher itself is a DP release (post-
@@ -569,29 +570,33 @@ def _train_silo(
         result = train_non_private_distill(local, silo.train, job.soft_labels, config, job.seed)
         return {"status": "ok", "train_loss": result.mean_loss}, result
     event = DpSgdRound(plan.sample_rate, plan.noise_multiplier, plan.steps_per_round)
+    what = f"distillation round {job.round_number} of run {job.run_id!r}"
+    with open_silo_ledger(silo) as ledger:
+        try:
+            ledger.check_affordable(event, what)  # refuse before touching the records
+        except BudgetExhaustedError as refused:
+            return {"status": "refused", "reason": str(refused)}, None
+    result = train_dp_sgd_distill(
+        local,
+        silo.train,
+        job.soft_labels,
+        config.training,
+        dp,
+        plan.noise_multiplier,
+        job.seed,
+        config.temperature,
+        config.alpha,
+    )
+    # Charged at release, as a training round is (fedguard.client.release): the
+    # student's update leaves the silo only after the charge is in the ledger and the
+    # signed silo log. A run that fails in training released nothing and pays nothing;
+    # a (run, round) already charged is never released a second time (LedgerError).
     with open_silo_ledger(silo) as ledger:
         try:
             entry = ledger.charge(job.run_id, job.round_number, event)
         except BudgetExhaustedError as refused:
             return {"status": "refused", "reason": str(refused)}, None
-        # Write-ahead, before training: the charge is in the signed silo log
-        # before anything derived from these records reaches the aggregate.
         record_charge(silo, ledger, entry)
-        try:
-            result = train_dp_sgd_distill(
-                local,
-                silo.train,
-                job.soft_labels,
-                config.training,
-                dp,
-                plan.noise_multiplier,
-                job.seed,
-                config.temperature,
-                config.alpha,
-            )
-        except BaseException:
-            ledger.mark(entry.entry_id, ChargeStatus.FAILED)
-            raise
         ledger.mark(entry.entry_id, ChargeStatus.COMPLETED)
     outcome = {"status": "ok", "epsilon_after": entry.epsilon_after, "train_loss": result.mean_loss}
     return outcome, result

@@ -286,3 +286,35 @@ def test_server_distillation_moves_the_student_towards_the_teacher() -> None:
         x = torch.from_numpy(held_out)
         agree = (teacher(x).argmax(1) == student(x).argmax(1)).float().mean()
     assert float(agree) >= 0.9  # on real records the student never saw
+
+
+def test_a_distillation_round_that_fails_in_training_charges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: charged at release. Training that fails released nothing and pays nothing."""
+    from fedguard.client.training import TrainingError
+    from fedguard.edge import distill
+
+    budget = PrivacyBudget(3.0, 1e-5)
+    silos, teacher = _silos(tmp_path, budget)
+    real = distill.train_dp_sgd_distill
+
+    def diverges_on_silo_1(*args: object, **kwargs: object) -> object:
+        if args[1] is silos[1].train:
+            raise TrainingError("DP-SGD distillation diverged: the student holds NaN or Inf")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(distill, "train_dp_sgd_distill", diverges_on_silo_1)
+    student = StudentSpec().build(schema_for(DatasetName.BREAST_CANCER))
+    config = DistillConfig(mode=DistillMode.FEDERATED, rounds=1)
+    with pytest.raises(TrainingError):
+        distill_federated(teacher, student, silos, config, DP, CentralDPConfig(), "t/d-1", seed=0)
+    with PrivacyLedger.open(silos[1].state_dir, silos[1].silo_id, budget) as ledger:
+        assert [e for e in ledger.entries() if e.run_id == "t/d-1"] == []
+        assert ledger.spent_epsilon() == 0.0
+    charged = [
+        r.payload
+        for r in read_records(silos[1].state_dir / SILO_LOG_NAME)
+        if r.payload.get("event") == "charged"
+    ]
+    assert charged == []
