@@ -323,12 +323,15 @@ class ParticipationPolicy:
     stops the run as ``failed`` (it can no longer do what it was asked), fewer but
     some end it ``degraded``. The defaults (2 and 1) make a run in which 4 of 6
     rounds aborted, or in which one silo of three trained, anything but completed.
-    Options: ``min-silos-per-round``, ``max-failed-rounds``
-    (:data:`fedguard.core.run_options.RUN_OPTIONS`).
+    ``reply_timeout_s``: how long the server waits for a silo's reply before the
+    silo counts as ``no-reply`` for that step (a silo that hangs then costs the
+    round this long, not the whole run). Options: ``min-silos-per-round``,
+    ``max-failed-rounds``, ``reply-timeout`` (:data:`fedguard.core.run_options.RUN_OPTIONS`).
     """
 
     min_silos_per_round: int = 2
     max_failed_rounds: int = 1
+    reply_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         for name, value, low in (
@@ -339,6 +342,7 @@ class ParticipationPolicy:
                 isinstance(value, int) and not isinstance(value, bool) and value >= low,
                 f"{name} must be an integer >= {low}, got {value!r}",
             )
+        positive("reply-timeout", self.reply_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -334,6 +334,9 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("max-failed-rounds", ("participation", "max_failed_rounds"), INT, Group.PARTICIPATION,
            "most rounds that may fail (aborted, no aggregate) before the run stops as failed; a "
            "run with fewer, but some, ends degraded"),
+    Option("reply-timeout", ("participation", "reply_timeout_s"), FLOAT, Group.PARTICIPATION,
+           "seconds the server waits for a silo's reply before it counts as no reply",
+           metavar="S"),
     Option("test-fraction", ("test_fraction",), FLOAT, Group.DATA,
            "held-out test share of each silo"),
     Option("update-clip-norm", ("update_clip_norm",), FLOAT, Group.TRAINING,

@@ -136,7 +136,6 @@ class FederatedRun:
         run_id: str,
         run_dir: Path,
         on_round: RoundCallback | None = None,
-        reply_timeout: float | None = 900.0,
         connect_timeout: float = 300.0,
         aggregator: Aggregator | None = None,
         roster: SignedRoster | None = None,
@@ -156,7 +155,7 @@ class FederatedRun:
         self.run_id = run_id
         self.run_dir = run_dir
         self.on_round = on_round
-        self.reply_timeout = reply_timeout
+        self.reply_timeout = config.participation.reply_timeout_s
         self.checkpoints = CheckpointStore(VariantFolder(run_dir).checkpoints)
         self.pipeline = AggregationPipeline(
             aggregator=checked_rule(config, aggregator),

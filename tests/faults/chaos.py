@@ -83,6 +83,11 @@ ROUNDS = 3
 TARGETS = ("superlink", "serverapp", "silo")
 #: How long ``client start`` may keep retrying a refused activation after a kill.
 SILO_RESTART_RETRY_S = 240.0
+#: How long the ServerApp waits for a silo's reply (the run's ``reply-timeout``). A
+#: SuperNode that lost its run in a SuperLink restart may never answer the resumed
+#: one; with the default 900 s the run would outlive the schedule's wall limit
+#: instead of going on without that silo (seeds 12 and 33 once did).
+REPLY_TIMEOUT_S = 45
 #: Relative slack when comparing an ε copied through JSON with the ledger's.
 _EPS_TOLERANCE = 1e-9
 
@@ -293,7 +298,9 @@ class _Driver:
         self.c = c
         self.schedule = schedule
         self.run = run
-        self.config = write_config(c.root, run, schedule.rounds)
+        self.config = write_config(
+            c.root, run, schedule.rounds, (f"reply-timeout = {REPLY_TIMEOUT_S}",)
+        )
         self.result = ChaosResult(schedule, run)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + wall_limit_s

@@ -13,6 +13,7 @@ killed run is a real process killed with SIGKILL.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -70,7 +71,6 @@ def _run(
     grid: Callable[[Any, int], InProcessGrid] = InProcessGrid,
     layout: ServerLayout | None = None,
     run_id: str = "audited",
-    reply_timeout: float = 900.0,
 ) -> list[RoundRecord]:
     records: list[RoundRecord] = []
     client = make_client_app(
@@ -90,7 +90,6 @@ def _run(
             run_id,
             run_dir,
             on_round,
-            reply_timeout,
             roster=roster,
         )
         federated.run()
@@ -260,7 +259,10 @@ class _LosingGrid(InProcessGrid):
 def test_a_disconnected_silo_is_not_reported_as_a_timeout(tmp_path: Path) -> None:
     layout = _layout(tmp_path)
     config = small_config(tmp_path, num_rounds=1, local_dp=LocalDPConfig(enabled=False))
-    records = _run(tmp_path, config, grid=_LosingGrid, layout=layout, reply_timeout=0.5)
+    config = dataclasses.replace(
+        config, participation=dataclasses.replace(config.participation, reply_timeout_s=0.5)
+    )
+    records = _run(tmp_path, config, grid=_LosingGrid, layout=layout)
     by_silo = {o.silo_id: o for o in records[1].outcomes}
     gone, silent = by_silo["silo-2"], by_silo["silo-1"]
     assert gone.status == "no-reply"
