@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from fedguard.client.app import SiloAgent
+from fedguard.client.app import SiloAgent, make_client_app
 from fedguard.client.statistic_release import SILO_PRODUCERS, producer_for
 from fedguard.core.errors import ConfigError
 from fedguard.core.trust_config import TrustConfig
 from fedguard.server.app import make_server_app
 from fedguard.server.orchestrator import FederatedRun
+from fedguard.simulation.inprocess import InProcessGrid
 from fedguard.wire.statistics import StatisticKind
 from tests.factories import silo_settings, small_config
 
@@ -21,7 +22,8 @@ def test_a_trust_run_without_a_post_training_phase_is_refused_up_front(tmp_path:
     with pytest.raises(ConfigError, match="post_training"):
         make_server_app(config, "r", tmp_path / "run")
     with pytest.raises(ConfigError, match="post-training phase"):
-        FederatedRun(None, config, "r", tmp_path / "run")  # type: ignore[arg-type]
+        grid = InProcessGrid(make_client_app(lambda _: silo_settings(tmp_path, 0)), 1)
+        FederatedRun(grid, config, "r", tmp_path / "run")
 
 
 def test_a_silo_answers_only_the_statistics_it_was_given(tmp_path: Path) -> None:
