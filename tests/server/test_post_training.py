@@ -21,8 +21,8 @@ def test_a_trust_run_without_a_post_training_phase_is_refused_up_front(tmp_path:
     config = small_config(tmp_path, trust=TRUST)
     with pytest.raises(ConfigError, match="post_training"):
         make_server_app(config, "r", tmp_path / "run")
+    grid = InProcessGrid(make_client_app(lambda _: silo_settings(tmp_path, 0)), 1)
     with pytest.raises(ConfigError, match="post-training phase"):
-        grid = InProcessGrid(make_client_app(lambda _: silo_settings(tmp_path, 0)), 1)
         FederatedRun(grid, config, "r", tmp_path / "run")
 
 
