@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# CPU torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[data,dev,edge,explain]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[data,dev,edge,explain,sources]"
 	# Test-only reference for the robust rules; --no-deps: its torchvision pin would
 	# replace the CPU torch (only byzfl.aggregators is imported, which needs neither).
 	$(BIN)/pip install --quiet --no-deps byzfl==0.0.11

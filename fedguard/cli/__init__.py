@@ -3,7 +3,8 @@
 One module per command group, each adding its subcommands to the parser:
 :mod:`~fedguard.cli.simulate` (``simulate``), :mod:`~fedguard.cli.edge`
 (``export``, ``predict``), :mod:`~fedguard.cli.explain` (``explain``),
-:mod:`~fedguard.cli.monitor` (``monitor``) and :mod:`~fedguard.cli.deploy`
+:mod:`~fedguard.cli.monitor` (``monitor``), :mod:`~fedguard.cli.contract`
+(``contract infer | check | show``) and :mod:`~fedguard.cli.deploy`
 (``ca``, ``node``, ``server``, ``client``, ``run``, ``audit``, ``models``).
 Every subcommand sets one handler, ``parser.set_defaults(handler=cmd_x)``;
 :func:`main` runs ``args.handler(args)``, whose return value is the exit status.
@@ -33,7 +34,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedguard`` parser, every command group mounted (in ``fedguard --help`` order)."""
-    from fedguard.cli import deploy, edge, explain, monitor, simulate
+    from fedguard.cli import contract, deploy, edge, explain, monitor, simulate
 
     parser = argparse.ArgumentParser(
         prog="fedguard",
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_predict_command(sub)
     explain.add_explain_command(sub)
     monitor.add_monitor_command(sub)
+    contract.add_contract_command(sub)
     deploy.add_deploy_commands(sub)
     return parser
 

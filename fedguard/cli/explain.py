@@ -79,7 +79,7 @@ def read_record(path: Path, row: int, schema: Any) -> Any:
         if row >= len(frame):
             raise ConfigError(f"{path} has {len(frame)} data rows; --row {row} is past the end")
         # Encode only the one record (the fixed code books need no other row).
-        features = encode_frame(schema, frame.iloc[[row]]).features
+        features = encode_frame(schema, frame.iloc[[row]], whole_table=False).features
         row = 0
     if row >= features.shape[0]:
         raise ConfigError(f"{path} has {features.shape[0]} data rows; --row {row} is past the end")

@@ -43,7 +43,7 @@ from fedguard.client.release import PendingCharge, charge_release, spend_metrics
 from fedguard.client.secagg_instances import InstanceKey
 from fedguard.client.secure import SecureAggregationClient, clip_update, update_delta
 from fedguard.client.secure_identity import identity_reply
-from fedguard.client.silo import SiloSettings
+from fedguard.client.silo import SiloSettings, load_silo_data
 from fedguard.client.silo_log import SIGNING_KEY, record_reply
 from fedguard.client.statistic_release import (
     SILO_PRODUCERS,
@@ -59,6 +59,7 @@ from fedguard.client.training import (
     train_dp_sgd,
     train_non_private,
 )
+from fedguard.core.contract_validation import ContractViolationError
 from fedguard.core.datasets import SiloData
 from fedguard.core.errors import (
     BudgetExhaustedError,
@@ -158,6 +159,17 @@ class SiloAgent:
             code = refused.reason.value if isinstance(refused, PolicyRefusalError) else ""
             return _reply(
                 message, self.settings.silo_id, ReplyStatus.REFUSED, str(refused), refusal=code
+            )
+        except ContractViolationError as broken:
+            # The full report (columns, counts, examples) stays in the silo's log and
+            # its report file; the server learns which checks failed, no counts.
+            log.warning("silo %s refused: %s", self.settings.silo_id, broken)
+            return _reply(
+                message,
+                self.settings.silo_id,
+                ReplyStatus.REFUSED,
+                broken.public_reason(),
+                refusal=RefusalReason.DATA_CONTRACT.value,
             )
         except FedguardError as failed:
             log.error("silo %s failed: %s", self.settings.silo_id, failed)
@@ -507,7 +519,7 @@ class SiloAgent:
         return instructions
 
     def _load(self, message: Message) -> SiloData:
-        return self.settings.data.load()
+        return load_silo_data(self.settings)
 
     @staticmethod
     def _record(message: Message, key: str) -> ArrayRecord:

@@ -65,6 +65,7 @@ class RefusalReason(StrEnum):
     SECAGG_SECOND_INSTANCE = "secagg-second-instance"
     SECAGG_STAGE = "secagg-stage"
     REPLAYED_ROUND = "replayed-round"
+    DATA_CONTRACT = "data-contract"
 
 
 class PolicyRefusalError(TrainingRefusedError):

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from fedguard.client.policy import SiloPolicy, policy_from_node_config
 from fedguard.core.config import DatasetName, PartitionSpec, PrivacyBudget
-from fedguard.core.datasets import SiloData, load_silo_frame, schema_for
-from fedguard.core.errors import ConfigError
+from fedguard.core.contract_validation import ContractViolationError, ValidationReport
+from fedguard.core.data_sources import DataSource, SourceKind, source_from_node_config
+from fedguard.core.datasets import (
+    SiloData,
+    builtin_contract,
+    check_frame,
+    load_silo_frame,
+    schema_for,
+)
+from fedguard.core.errors import ConfigError, DataError
+from fedguard.core.files import atomic_write_bytes
 from fedguard.core.seeding import derive_seed
 from fedguard.core.silos import silo_from_frame, simulation_silos
 from fedguard.privacy.secagg.roster import RosterError, SiloIdentity
@@ -31,16 +40,23 @@ class SiloDataSource(Protocol):
 
 
 @dataclass(frozen=True)
-class CsvSiloSource:
-    """A silo's own CSV file with the data set's raw columns (deployment)."""
+class TableSiloSource:
+    """A silo's own table (CSV, Parquet or a SQL query) holding the contract's columns."""
 
-    path: Path
+    table: DataSource
     dataset: DatasetName
     test_fraction: float = 0.2
     seed: int = 0
 
     def load(self) -> SiloData:
-        return _load_csv_silo(self.path.resolve(), self.dataset, self.test_fraction, self.seed)
+        return self.load_validated()[0]
+
+    def load_validated(self) -> tuple[SiloData, ValidationReport]:
+        """The silo's data and the report of its validation against the contract."""
+        table = self.table
+        if table.kind is not SourceKind.SQL:
+            table = replace(table, location=str(table.path.resolve()))
+        return _load_table_silo(table, self.dataset, self.test_fraction, self.seed)
 
 
 @dataclass(frozen=True)
@@ -75,10 +91,47 @@ def _simulated_silos(
 
 
 @functools.lru_cache(maxsize=8)
-def _load_csv_silo(path: Path, dataset: DatasetName, test_fraction: float, seed: int) -> SiloData:
+def _load_table_silo(
+    table: DataSource, dataset: DatasetName, test_fraction: float, seed: int
+) -> tuple[SiloData, ValidationReport]:
     schema = schema_for(dataset)
-    frame = load_silo_frame(path, schema)
-    return silo_from_frame(schema, frame, test_fraction, derive_seed(seed, "split", str(path)))
+    frame = load_silo_frame(table, schema)
+    report = check_frame(builtin_contract(dataset), frame)
+    split_seed = derive_seed(seed, "split", table.location)
+    return silo_from_frame(schema, frame, test_fraction, split_seed), report
+
+
+#: The silo's data-validation report, beside its ledger (it never leaves the silo).
+VALIDATION_REPORT = "data-validation.json"
+
+
+def load_silo_data(settings: SiloSettings) -> SiloData:
+    """The silo's data, validated against the contract before anything uses it.
+
+    The validation report is written to ``state_dir/data-validation.json`` either
+    way; data that break the contract raise ContractViolationError (the caller
+    refuses, having trained, charged and released nothing).
+    """
+    if not isinstance(settings.data, TableSiloSource):
+        return settings.data.load()  # simulated silos: public data, validated when split
+    try:
+        data, report = settings.data.load_validated()
+    except ContractViolationError as broken:
+        _write_report(settings.state_dir, broken.report.to_json())
+        raise
+    _write_report(settings.state_dir, report.to_json())
+    return data
+
+
+def _write_report(state_dir: Path, text: str) -> None:
+    path = state_dir / VALIDATION_REPORT
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, text.encode("utf-8"))
+    except OSError as failed:
+        raise DataError(f"cannot write the data-validation report {path}: {failed}") from None
 
 
 @dataclass(frozen=True)
@@ -104,12 +157,14 @@ class SiloSettings:
 def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings:
     """Parse a deployed SuperNode's ``--node-config`` once, at the boundary.
 
-    Keys: ``silo-id``, ``dataset``, ``data-path``, ``state-dir``, ``target-epsilon``,
-    ``delta`` and optionally ``test-fraction``, ``seed``, the policy keys of
+    Keys: ``silo-id``, ``dataset``, ``state-dir``, ``target-epsilon``, ``delta``, the
+    data source (``data-path`` for a CSV or Parquet file, or ``data-url`` and
+    ``data-query`` for a SQL database: :mod:`fedguard.core.data_sources`) and
+    optionally ``test-fraction``, ``seed``, the policy keys of
     :data:`fedguard.client.policy.POLICY_KEYS` and the SecAgg identity keys of
     :func:`identity_from_node_config`.
     """
-    required = ("silo-id", "dataset", "data-path", "state-dir", "target-epsilon", "delta")
+    required = ("silo-id", "dataset", "state-dir", "target-epsilon", "delta")
     missing = [k for k in required if k not in node_config]
     if missing:
         raise ConfigError(f"node config lacks {missing}; a silo needs all of {list(required)}")
@@ -126,8 +181,8 @@ def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings
         silo_id=str(node_config["silo-id"]),
         state_dir=Path(str(node_config["state-dir"])),
         budget=budget,
-        data=CsvSiloSource(
-            path=Path(str(node_config["data-path"])),
+        data=TableSiloSource(
+            table=source_from_node_config(node_config),
             dataset=DatasetName.parse(str(node_config["dataset"])),
             test_fraction=test_fraction,
             seed=seed,

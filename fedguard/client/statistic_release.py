@@ -55,7 +55,7 @@ from torch import nn
 
 from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.release import SPEND_METRICS, PendingCharge, charge_release, spend_metrics
-from fedguard.client.silo import SiloSettings
+from fedguard.client.silo import SiloSettings, load_silo_data
 from fedguard.core.checks import positive, positive_int
 from fedguard.core.datasets import SiloData
 from fedguard.core.errors import ConfigError, LedgerError, ProtocolError, TrainingRefusedError
@@ -331,7 +331,7 @@ def released_values(
     scaler = FeatureScaler.from_arrays(
         {k: v.numpy() for k, v in message.content.array_records[protocol.SCALER].items()}
     )
-    silo = settings.data.load()
+    silo = load_silo_data(settings)
     statistic = producer_for(producers, request.kind)(
         silo, _model(message, silo, instructions), scaler, request.options
     )

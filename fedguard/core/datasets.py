@@ -1,5 +1,7 @@
-"""What a built-in data set looks like to a model: its schema and fixed encoding.
+"""What a data set looks like to a model: its schema and encoding, read off its contract.
 
+Every data set, built-in or a consortium's own, is described by a data contract
+(:mod:`fedguard.core.contract`); the built-ins' are ``fedguard/core/contracts/*.toml``.
 The data sets themselves (sources, sizes, licences, the optional extra) are listed in
 :mod:`fedguard.core.builtin_datasets`; silos and their train/test split are in
 :mod:`fedguard.core.silos`, the audited cohorts of a raw column in
@@ -7,21 +9,23 @@ The data sets themselves (sources, sizes, licences, the optional extra) are list
 
 Missing values in the public data: flchain ``creatinine`` 1350; credit ``Income`` 381,
 ``Assets`` 47, ``Debt`` 18, ``Home`` 6, ``Job`` 2, ``Marital`` 1 (415 rows in all). Only
-those columns may be missing; each gets a ``<col>_missing`` 0/1 indicator.
+those columns may be missing (their contracts say ``impute = "indicator"``); each gets
+a ``<col>_missing`` 0/1 indicator.
 
-Encoding is data-independent, so that no silo fits anything on pooled data: categorical
-columns are one-hot over the fixed code book written below (not learned from data),
-two-level columns become one 0/1 feature, numeric columns stay float (NaN where
-missing) and are standardized later from federated statistics
-(:mod:`fedguard.core.preprocessing`), digit pixels are divided by 16.
+Encoding is data-independent, so that no silo fits anything on pooled data: a table is
+first validated against the contract (:mod:`fedguard.core.contract_validation`), then
+categorical columns are one-hot over the contract's categories (not learned from
+data), binary columns become one 0/1 feature, numeric and integer columns stay float
+(NaN where missing) and are standardized later from federated statistics
+(:mod:`fedguard.core.preprocessing`), and ``divide-by-max`` columns (digit pixels) are
+divided by the contract's maximum.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -29,7 +33,24 @@ import numpy as np
 import pandas as pd
 
 from fedguard.core.config import DatasetName
-from fedguard.core.errors import DataError, DataFileNotFoundError
+from fedguard.core.contract import (
+    ColumnType,
+    ContractColumn,
+    DataContract,
+    Scaling,
+    Task,
+    load_contract,
+)
+from fedguard.core.contract_validation import (
+    ContractViolationError,
+    ValidationReport,
+    category_codes,
+    missing_mask,
+    numeric_values,
+    validate_frame,
+)
+from fedguard.core.data_sources import DataSource, read_table
+from fedguard.core.errors import DataError
 
 # --------------------------------------------------------------------------- schema
 
@@ -149,187 +170,94 @@ class SiloData:
 
 
 # ------------------------------------------------------------------------ code books
+# A code book is a built-in data set's contract seen as an encoding: the contract
+# (fedguard/core/contracts/<name>.toml) is the only place columns are described.
+
+_CONTRACTS = Path(__file__).with_name("contracts")
 
 
-class ColumnKind(Enum):
-    NUMERIC = "numeric"  # float, standardized from federated statistics
-    CATEGORICAL = "categorical"  # one-hot over the code book levels
-    BINARY = "binary"  # two levels -> one 0/1 feature (1 = second level)
-    PIXEL = "pixel"  # bounded intensity, divided by its maximum
-
-
-@dataclass(frozen=True)
-class RawColumn:
-    name: str
-    kind: ColumnKind
-    levels: tuple[str, ...] = ()
-    # Other spellings of a level seen in other exports of the same data (e.g. R's 0/1).
-    aliases: tuple[tuple[str, str], ...] = ()
-    may_be_missing: bool = False
-    max_value: float = 0.0
-
-    def feature_names(self) -> list[str]:
-        if self.kind is ColumnKind.CATEGORICAL:
-            names = [f"{self.name}={level}" for level in self.levels]
-        elif self.kind is ColumnKind.BINARY:
-            names = [f"{self.name}={self.levels[1]}"]
-        else:
-            names = [self.name]
-        if self.may_be_missing:
-            names.append(f"{self.name}_missing")
-        return names
-
-    def standardize_flags(self) -> list[bool]:
-        flags = [self.kind is ColumnKind.NUMERIC] * (
-            len(self.feature_names()) - self.may_be_missing
-        )
-        return flags + [False] * self.may_be_missing
+@cache
+def builtin_contract(name: DatasetName) -> DataContract:
+    """The data contract of a built-in data set (shipped with fedguard)."""
+    name = DatasetName.parse(str(name))
+    contract = load_contract(_CONTRACTS / f"{name.value}.toml")
+    if contract.name != name.value:
+        raise DataError(f"the packaged contract {name.value}.toml is named {contract.name!r}")
+    return contract
 
 
 @dataclass(frozen=True)
 class CodeBook:
+    """How a data set's raw columns become features, read off its contract."""
+
     dataset: DatasetName
-    columns: tuple[RawColumn, ...]
-    label_column: str
-    class_names: tuple[str, ...]
-    # Accepted spellings of each label value -> class index.
-    label_levels: tuple[tuple[str, int], ...]
-    raw_order: tuple[str, ...]  # raw columns, label included, in the data's own order
-    input_shape: tuple[int, ...] | None = None
-    label_map: dict[str, int] = field(init=False, repr=False, compare=False)
+    contract: DataContract
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "label_map", dict(self.label_levels))
+    @property
+    def columns(self) -> tuple[ContractColumn, ...]:
+        return self.contract.columns
 
+    @property
+    def label_column(self) -> str:
+        return self.contract.label.column
 
-def _numeric(name: str, may_be_missing: bool = False) -> RawColumn:
-    return RawColumn(name, ColumnKind.NUMERIC, may_be_missing=may_be_missing)
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.contract.label.classes
 
 
-_BREAST_CANCER_MEASURES = (
-    "radius",
-    "texture",
-    "perimeter",
-    "area",
-    "smoothness",
-    "compactness",
-    "concavity",
-    "concave points",
-    "symmetry",
-    "fractal dimension",
-)
-# sklearn's names: "mean <m>" x10, "<m> error" x10, "worst <m>" x10.
-_BREAST_CANCER_COLUMNS = (
-    tuple(f"mean {m}" for m in _BREAST_CANCER_MEASURES)
-    + tuple(f"{m} error" for m in _BREAST_CANCER_MEASURES)
-    + tuple(f"worst {m}" for m in _BREAST_CANCER_MEASURES)
-)
-_DIGIT_COLUMNS = tuple(f"pixel_{row}_{col}" for row in range(8) for col in range(8))
+def column_feature_names(column: ContractColumn) -> list[str]:
+    """The encoded feature names of one contract column, missing flag included."""
+    if column.type is ColumnType.CATEGORICAL:
+        names = [f"{column.name}={level}" for level in column.categories]
+    elif column.type is ColumnType.BINARY:
+        names = [f"{column.name}={column.categories[1]}"]
+    else:
+        names = [column.name]
+    if column.may_be_missing:
+        names.append(f"{column.name}_missing")
+    return names
 
-_CREDIT_COLUMNS = (
-    _numeric("Seniority"),
-    RawColumn(
-        "Home",
-        ColumnKind.CATEGORICAL,
-        ("rent", "owner", "priv", "ignore", "parents", "other"),
-        may_be_missing=True,
-    ),
-    _numeric("Time"),
-    _numeric("Age"),
-    RawColumn(
-        "Marital",
-        ColumnKind.CATEGORICAL,
-        ("single", "married", "widow", "separated", "divorced"),
-        may_be_missing=True,
-    ),
-    RawColumn("Records", ColumnKind.BINARY, ("no", "yes")),
-    RawColumn(
-        "Job",
-        ColumnKind.CATEGORICAL,
-        ("fixed", "partime", "freelance", "others"),
-        may_be_missing=True,
-    ),
-    _numeric("Expenses"),
-    _numeric("Income", may_be_missing=True),
-    _numeric("Assets", may_be_missing=True),
-    _numeric("Debt", may_be_missing=True),
-    _numeric("Amount"),
-    _numeric("Price"),
-)
 
-_FLCHAIN_COLUMNS = (
-    _numeric("age"),
-    RawColumn("sex", ColumnKind.BINARY, ("F", "M")),
-    _numeric("sample.yr"),
-    _numeric("kappa"),
-    _numeric("lambda"),
-    _numeric("flc.grp"),
-    _numeric("creatinine", may_be_missing=True),
-    # scikit-survival spells mgus no/yes; R's survival package 0/1.
-    RawColumn("mgus", ColumnKind.BINARY, ("no", "yes"), aliases=(("0", "no"), ("1", "yes"))),
-)
+def _standardize_flags(column: ContractColumn) -> list[bool]:
+    standardized = not column.is_categorical and column.scaling is Scaling.STANDARDIZE
+    flags = [standardized] * (len(column_feature_names(column)) - column.may_be_missing)
+    return flags + [False] * column.may_be_missing
 
-_CODE_BOOKS: dict[DatasetName, CodeBook] = {
-    DatasetName.BREAST_CANCER: CodeBook(
-        dataset=DatasetName.BREAST_CANCER,
-        columns=tuple(_numeric(name) for name in _BREAST_CANCER_COLUMNS),
-        label_column="target",
-        class_names=("malignant", "benign"),
-        label_levels=(("0", 0), ("1", 1), ("malignant", 0), ("benign", 1)),
-        raw_order=(*_BREAST_CANCER_COLUMNS, "target"),
-    ),
-    DatasetName.DIGITS: CodeBook(
-        dataset=DatasetName.DIGITS,
-        columns=tuple(RawColumn(name, ColumnKind.PIXEL, max_value=16.0) for name in _DIGIT_COLUMNS),
-        label_column="target",
-        class_names=tuple(str(digit) for digit in range(10)),
-        label_levels=tuple((str(digit), digit) for digit in range(10)),
-        raw_order=(*_DIGIT_COLUMNS, "target"),
-        input_shape=(1, 8, 8),
-    ),
-    DatasetName.FLCHAIN: CodeBook(
-        dataset=DatasetName.FLCHAIN,
-        columns=_FLCHAIN_COLUMNS,
-        label_column="death",
-        class_names=("alive", "death"),
-        label_levels=(("0", 0), ("1", 1)),
-        raw_order=(*(column.name for column in _FLCHAIN_COLUMNS), "death"),
-    ),
-    DatasetName.CREDIT: CodeBook(
-        dataset=DatasetName.CREDIT,
-        columns=_CREDIT_COLUMNS,
-        label_column="Status",
-        class_names=("good", "bad"),
-        label_levels=(("good", 0), ("bad", 1)),
-        raw_order=("Status", *(column.name for column in _CREDIT_COLUMNS)),
-    ),
-}
+
+def schema_from_contract(dataset: DatasetName, contract: DataContract) -> FeatureSchema:
+    """The feature schema a contract defines (classification tasks only, for now)."""
+    if contract.label.task is Task.REGRESSION:
+        raise DataError(
+            f"contract {contract.name!r} has a regression label; fedguard trains "
+            "classification models only so far (regression is not done)"
+        )
+    feature_names = [n for column in contract.columns for n in column_feature_names(column)]
+    standardize = [f for column in contract.columns for f in _standardize_flags(column)]
+    return FeatureSchema(
+        dataset=dataset,
+        feature_names=tuple(feature_names),
+        standardize=tuple(standardize),
+        num_classes=contract.label.num_classes,
+        class_names=contract.label.classes,
+        input_shape=contract.input_shape or (len(feature_names),),
+        raw_columns=contract.raw_columns,
+        label_column=contract.label.column,
+    )
 
 
 @cache
 def schema_for(name: DatasetName) -> FeatureSchema:
     """The fixed schema of a built-in data set (needs no data and no optional package)."""
-    book = code_book_for(name)
-    feature_names = [n for column in book.columns for n in column.feature_names()]
-    standardize = [f for column in book.columns for f in column.standardize_flags()]
-    return FeatureSchema(
-        dataset=book.dataset,
-        feature_names=tuple(feature_names),
-        standardize=tuple(standardize),
-        num_classes=len(book.class_names),
-        class_names=book.class_names,
-        input_shape=book.input_shape or (len(feature_names),),
-        raw_columns=book.raw_order,
-        label_column=book.label_column,
-    )
+    dataset = DatasetName.parse(str(name))
+    return schema_from_contract(dataset, builtin_contract(dataset))
 
 
 def code_book_for(name: DatasetName) -> CodeBook:
-    """The fixed code book of a built-in data set, by name."""
-    if not isinstance(name, DatasetName):
-        # Accept the plain string at this boundary too; parse raises UnknownDatasetError.
-        name = DatasetName.parse(str(name))
-    return _CODE_BOOKS[name]
+    """The code book of a built-in data set, by name."""
+    # Accept the plain string at this boundary too; parse raises UnknownDatasetError.
+    dataset = DatasetName.parse(str(name))
+    return CodeBook(dataset, builtin_contract(dataset))
 
 
 def code_book(schema: FeatureSchema) -> CodeBook:
@@ -339,7 +267,7 @@ def code_book(schema: FeatureSchema) -> CodeBook:
             f"the schema given does not match fedguard's schema of {schema.dataset}; "
             "encodings are fixed per data set: get the schema from schema_for()"
         )
-    return _CODE_BOOKS[schema.dataset]
+    return code_book_for(schema.dataset)
 
 
 # ------------------------------------------------------------------------ silo files
@@ -356,163 +284,76 @@ def require_columns(schema: FeatureSchema, present: Iterable[object], where: str
         )
 
 
-def load_silo_frame(path: Path, schema: FeatureSchema) -> pd.DataFrame:
-    """A silo's own CSV file, reduced to ``schema.raw_columns`` (extra columns are ignored)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataFileNotFoundError(
-            f"silo data file {path} does not exist; check the data path given to this silo"
-        )
-    if not path.is_file():
-        raise DataError(f"silo data path {path} is not a file; give the path of a CSV file")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"silo data file {path} is empty; it needs a header and rows") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
-        raise DataError(f"cannot read silo data file {path} as CSV: {error}") from None
-    if frame.empty:
-        raise DataError(f"silo data file {path} has a header but no rows")
-    require_columns(schema, frame.columns, f"silo data file {path}")
-    return frame.loc[:, list(schema.raw_columns)]
+def load_silo_frame(source: DataSource | Path, schema: FeatureSchema) -> pd.DataFrame:
+    """A silo's own table (CSV, Parquet or SQL), reduced to the contract's columns.
+
+    Columns the contract does not name are dropped here and never read further; a
+    contract column the table lacks is left for validation to report with the rest.
+    """
+    if not isinstance(source, DataSource):
+        source = DataSource.file(Path(source))
+    frame = read_table(source)
+    present = {str(column) for column in frame.columns}
+    frame = frame.set_axis([str(column) for column in frame.columns], axis=1)
+    return frame.loc[:, [c for c in schema.raw_columns if c in present]]
 
 
 # ------------------------------------------------------------------------ encoding
+# Encoding runs only on a table that passed the contract (validate_frame), so it
+# has no error paths of its own: every check lives in one place.
 
 
-def _level_text(value: object) -> str:
-    # One spelling per value whatever the reader produced: 1, 1.0, True and "1" -> "1".
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def _as_levels(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(level texts, missing mask) of a column; texts are '' where missing."""
-    values = series.astype(object).to_numpy()
-    missing = np.asarray(pd.isna(values), dtype=bool)
-    texts = np.array(
-        [
-            "" if is_missing else _level_text(value)
-            for value, is_missing in zip(values, missing, strict=True)
-        ],
-        dtype=object,
-    )
-    return texts, missing
-
-
-def _examples(values: Iterable[object], limit: int = 5) -> str:
-    unique = sorted({str(value) for value in values})
-    shown = ", ".join(repr(value) for value in unique[:limit])
-    return shown + (f" (and {len(unique) - limit} more)" if len(unique) > limit else "")
-
-
-def _check_missing(dataset: DatasetName, column: RawColumn, missing: np.ndarray) -> None:
-    if missing.any() and not column.may_be_missing:
-        raise DataError(
-            f"column {column.name!r} has {int(missing.sum())} missing value(s), but the "
-            f"{dataset} schema allows none there; fill them in or drop those rows"
-        )
-
-
-def _encode_column(dataset: DatasetName, column: RawColumn, series: pd.Series) -> np.ndarray:
-    """The (n, k) float64 block of one raw column, missing indicator included."""
-    if column.kind in (ColumnKind.NUMERIC, ColumnKind.PIXEL):
-        raw = series.astype(object)
-        missing = np.asarray(pd.isna(raw), dtype=bool)
-        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        not_numeric = np.isnan(values) & ~missing
-        if not_numeric.any():
-            raise DataError(
-                f"column {column.name!r} must be numeric; found "
-                f"{_examples(raw.to_numpy()[not_numeric])}"
-            )
-        if np.isinf(values).any():
-            raise DataError(f"column {column.name!r} holds infinite values; fix or drop them")
-        _check_missing(dataset, column, missing)
-        if column.kind is ColumnKind.PIXEL:
-            outside = (values < 0) | (values > column.max_value)
-            if outside.any():
-                raise DataError(
-                    f"column {column.name!r} must lie in [0, {column.max_value:g}]; found "
-                    f"{_examples(values[outside])}"
-                )
-            values = values / column.max_value
-        block = values[:, None]
-    else:
-        texts, missing = _as_levels(series)
-        _check_missing(dataset, column, missing)
-        aliases = dict(column.aliases)
-        index_of = {level: i for i, level in enumerate(column.levels)}
-        codes = np.full(texts.shape[0], -1, dtype=np.int64)
-        unknown: list[str] = []
-        for row, text in enumerate(texts):
-            if missing[row]:
-                continue
-            code = index_of.get(aliases.get(text, text))
-            if code is None:
-                unknown.append(text)
-            else:
-                codes[row] = code
-        if unknown:
-            raise DataError(
-                f"column {column.name!r} holds value(s) outside the {dataset} code book: "
-                f"{_examples(unknown)}; allowed: {list(column.levels)}"
-            )
-        if column.kind is ColumnKind.BINARY:
+def _encode_column(column: ContractColumn, series: pd.Series) -> np.ndarray:
+    """The (n, k) float64 block of one validated column, missing flag included."""
+    missing = missing_mask(series)
+    if column.is_categorical:
+        codes, _ = category_codes(column.categories, column.aliases, series, missing)
+        if column.type is ColumnType.BINARY:
             block = (codes == 1).astype(np.float64)[:, None]
         else:
-            block = np.zeros((texts.shape[0], len(column.levels)), dtype=np.float64)
+            block = np.zeros((len(series), len(column.categories)), dtype=np.float64)
             present = np.flatnonzero(codes >= 0)
             block[present, codes[present]] = 1.0
+    else:
+        values, _ = numeric_values(series, missing)
+        if column.scaling is Scaling.DIVIDE_BY_MAX and column.maximum is not None:
+            values = values / column.maximum
+        block = values[:, None]
     if column.may_be_missing:
         block = np.concatenate([block, missing.astype(np.float64)[:, None]], axis=1)
     return np.asarray(block, dtype=np.float64)
 
 
 def encode_labels(book: CodeBook, series: pd.Series) -> np.ndarray:
-    """Class indices of a label column; DataError for a missing or unknown label."""
-    texts, missing = _as_levels(series)
-    if missing.any():
-        raise DataError(
-            f"label column {book.label_column!r} has {int(missing.sum())} missing value(s); "
-            "drop the rows without a label"
-        )
-    codes = np.array([book.label_map.get(text, -1) for text in texts], dtype=np.int64)
-    unknown = texts[codes < 0]
-    if unknown.size:
-        raise DataError(
-            f"label column {book.label_column!r} holds value(s) outside the classes of "
-            f"{book.dataset}: {_examples(unknown)}; allowed: "
-            f"{[level for level, _ in book.label_levels]}"
-        )
+    """Class indices of a validated label column."""
+    label = book.contract.label
+    codes, _ = category_codes(label.classes, label.aliases, series, missing_mask(series))
     return np.asarray(codes, dtype=np.int64)
 
 
-def _check_frame(schema: FeatureSchema, frame: pd.DataFrame) -> None:
-    if not isinstance(frame, pd.DataFrame):
-        raise DataError(f"expected a pandas DataFrame, got {type(frame).__name__}")
-    require_columns(schema, frame.columns, "the data frame")
-    columns = list(frame.columns)
-    repeated = sorted({c for c in columns if c in schema.raw_columns and columns.count(c) > 1})
-    if repeated:
-        raise DataError(f"the data frame has repeated column(s) {repeated}; keep one of each")
+def check_frame(
+    contract: DataContract, frame: pd.DataFrame, *, whole_table: bool = True
+) -> ValidationReport:
+    """Validate ``frame`` against ``contract``; ContractViolationError if it breaks it."""
+    report = validate_frame(contract, frame, whole_table=whole_table)
+    if not report.ok:
+        raise ContractViolationError(report)
+    return report
 
 
-def encode_frame(schema: FeatureSchema, frame: pd.DataFrame) -> EncodedData:
-    """Encode raw rows with the data set's fixed, data-independent encoding.
+def encode_frame(
+    schema: FeatureSchema, frame: pd.DataFrame, *, whole_table: bool = True
+) -> EncodedData:
+    """Validate raw rows against the data set's contract, then encode them.
 
-    Raises DataError naming the column for a missing required column, a category
-    outside the code book, a non-numeric value in a numeric column, a missing value
-    where the schema allows none, a missing label or a label outside the classes.
+    Raises ContractViolationError (a DataError) naming each violated check, its
+    column and its count (:mod:`fedguard.core.contract_validation`).
+    ``whole_table=False``: records checked one by one (see ``validate_frame``).
     """
     book = code_book(schema)
-    _check_frame(schema, frame)
-    blocks = [_encode_column(book.dataset, column, frame[column.name]) for column in book.columns]
+    check_frame(book.contract, frame, whole_table=whole_table)
+    frame = frame.set_axis([str(c) for c in frame.columns], axis=1)
+    blocks = [_encode_column(column, frame[column.name]) for column in book.columns]
     features = np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float64)
     labels = encode_labels(book, frame[book.label_column])
     return EncodedData(features, labels)

@@ -11,7 +11,8 @@ from enum import StrEnum
 import numpy as np
 
 from fedguard.core.config import DatasetName
-from fedguard.core.datasets import ColumnKind, FeatureSchema, code_book
+from fedguard.core.contract import ColumnType, Scaling
+from fedguard.core.datasets import FeatureSchema, code_book, column_feature_names
 from fedguard.core.errors import ConfigError, DataError
 
 # Age bands used when a numeric age column is audited without explicit bands.
@@ -89,15 +90,20 @@ def sensitive_groups(
             f"{[column.name for column in book.columns]}"
         )
     column = columns[attribute]
-    first = schema.feature_names.index(column.feature_names()[0])
-    indices = tuple(range(first, first + len(column.feature_names())))
+    features = column_feature_names(column)
+    first = schema.feature_names.index(features[0])
+    indices = tuple(range(first, first + len(features)))
     missing = ("missing",) if column.may_be_missing else ()
-    if column.kind in (ColumnKind.BINARY, ColumnKind.CATEGORICAL):
+    if column.is_categorical:
         if bands:
             raise ConfigError(f"column {attribute!r} is categorical; it takes no bands")
-        kind = GroupKind.BINARY if column.kind is ColumnKind.BINARY else GroupKind.CATEGORICAL
+        kind = GroupKind.BINARY if column.type is ColumnType.BINARY else GroupKind.CATEGORICAL
         return SensitiveGroups(
-            attribute, (*column.levels, *missing), indices, kind, has_missing=column.may_be_missing
+            attribute,
+            (*column.categories, *missing),
+            indices,
+            kind,
+            has_missing=column.may_be_missing,
         )
     cuts = tuple(float(b) for b in bands) or _DEFAULT_BANDS.get((book.dataset, attribute), ())
     if not cuts:
@@ -113,7 +119,8 @@ def sensitive_groups(
         f"{attribute}>={cuts[-1]:g}",
         *missing,
     )
-    unit = column.max_value if column.kind is ColumnKind.PIXEL else 1.0
+    scaled = column.scaling is Scaling.DIVIDE_BY_MAX and column.maximum is not None
+    unit = column.maximum if scaled and column.maximum is not None else 1.0
     return SensitiveGroups(
         attribute, names, indices, GroupKind.NUMERIC, cuts, unit, has_missing=column.may_be_missing
     )

@@ -15,6 +15,7 @@ import pandas as pd
 from fedguard.core.builtin_datasets import load_pooled_frame
 from fedguard.core.checks import fraction
 from fedguard.core.config import DatasetName, PartitionKind, PartitionSpec
+from fedguard.core.contract_validation import ContractViolationError
 from fedguard.core.datasets import (
     EncodedData,
     FeatureSchema,
@@ -120,6 +121,8 @@ def simulation_silos(
         split_seed = derive_seed(seed, "silo", index, "split")
         try:
             silos.append(silo_from_frame(schema, silo_frame, test_fraction, split_seed))
-        except PartitionError as error:
+        except (PartitionError, ContractViolationError) as error:
+            # The public data meet their contracts; a partition can still leave a silo
+            # too small for it (too-few-rows) or for a train/test split.
             raise PartitionError(f"silo {index}: {error}") from None
     return silos

@@ -163,10 +163,11 @@ def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iter
 def test_every_command_sets_one_handler() -> None:
     leaves = dict(_leaves(build_parser()))
     assert {path[0] for path in leaves} == {
-        "simulate", "export", "predict", "explain", "monitor",
+        "simulate", "export", "predict", "explain", "monitor", "contract",
         "ca", "node", "server", "client", "run", "audit", "models",
     }  # fmt: skip
     assert ("client", "reset-ledger") in leaves and ("ca", "sign-roster") in leaves
+    assert {("contract", "infer"), ("contract", "check"), ("contract", "show")} <= set(leaves)
     for path, parser in leaves.items():
         defaults = {k: v for k, v in parser._defaults.items() if k.endswith("handler")}
         assert list(defaults) == ["handler"], path

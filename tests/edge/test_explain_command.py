@@ -78,7 +78,7 @@ def test_explain_errors_are_one_line(
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     assert main(["explain", str(dp_run), "--data", str(bad), "--row", "0"]) == 2
-    assert "lacks column" in capsys.readouterr().err
+    assert "missing-column" in capsys.readouterr().err
 
 
 def test_simulate_explain_options_reach_the_run_config() -> None:
