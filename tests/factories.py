@@ -22,7 +22,7 @@ from fedguard.core.config import (
     PrivacyBudget,
     RunConfig,
 )
-from fedguard.core.datasets import schema_for
+from fedguard.core.datasets import builtin_contract, schema_for
 from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.seeding import seed_torch
@@ -108,7 +108,8 @@ def instruction(
         round=round_number,
         planned_rounds=planned_rounds,
         seed=0,
-        dataset=dataset,
+        contract_name=builtin_contract(dataset).name,
+        contract_hash=builtin_contract(dataset).content_hash(),
         model=ModelSpec(),
         training=LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.1),
         local_dp=dp or LocalDPConfig(),

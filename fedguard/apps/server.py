@@ -54,7 +54,17 @@ def _deployed_main(grid: Grid, context: Context) -> None:
             return
         roster = layout.load_roster()  # the signed SecAgg roster, if the consortium made one
         with DeploymentRecorder.open(
-            layout, run_id, config.to_options(), run_dir, flower_run_id=context.run_id
+            layout,
+            run_id,
+            config.to_options(),
+            run_dir,
+            flower_run_id=context.run_id,
+            # The agreed data contract, by content: every silo checks it each round.
+            data_contract={
+                "name": config.contract.name,
+                "version": config.contract.version,
+                "sha256": config.contract.content_hash(),
+            },
         ) as recorder:
             run = FederatedRun(
                 grid,

@@ -153,6 +153,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
             ca_cert=Path(args.ca_cert),
             key=Path(args.key),
             dataset=args.dataset,
+            contract=args.contract,
             target_epsilon=args.target_epsilon,
             delta=args.delta,
             runtime_port=args.runtime_port,
@@ -404,8 +405,13 @@ def _add_client_start(client_sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--silo-id", default=None, help="[default: the state folder's name]")
     p.add_argument(
-        "--dataset", default=defaults.dataset.value, choices=[d.value for d in DatasetName]
-    )
+        "--dataset", default=defaults.dataset.value, choices=[d.value for d in DatasetName],
+        help="a built-in data set (ignored with --contract)",
+    )  # fmt: skip
+    p.add_argument(
+        "--contract", default=None, metavar="FILE",
+        help="this silo's copy of the consortium's data contract (TOML)",
+    )  # fmt: skip
     p.add_argument("--target-epsilon", type=float, default=defaults.budget.epsilon)
     p.add_argument("--delta", type=float, default=defaults.budget.delta)
     p.add_argument(

@@ -97,7 +97,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     saved = load_saved_run(args.run_dir, args.variant)
-    schema = schema_for(saved.config.dataset)
+    schema = schema_for(saved.config.contract)
     model = build_model(schema, saved.config.model)
     load_weights(model, saved.teacher_weights)
     record = read_record(Path(args.data), args.row, schema)

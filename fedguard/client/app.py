@@ -43,7 +43,7 @@ from fedguard.client.release import PendingCharge, charge_release, spend_metrics
 from fedguard.client.secagg_instances import InstanceKey
 from fedguard.client.secure import SecureAggregationClient, clip_update, update_delta
 from fedguard.client.secure_identity import identity_reply
-from fedguard.client.silo import SiloSettings, load_silo_data
+from fedguard.client.silo import SiloSettings, check_contract, load_silo_data
 from fedguard.client.silo_log import SIGNING_KEY, record_reply
 from fedguard.client.statistic_release import (
     SILO_PRODUCERS,
@@ -511,11 +511,7 @@ class SiloAgent:
         instructions = RoundInstructions.from_record(
             message.content.config_records[protocol.CONFIG]
         )
-        if instructions.dataset != self.settings.data.dataset:
-            raise ProtocolError(
-                f"the server trains on {instructions.dataset.value!r}, "
-                f"but silo {self.settings.silo_id} holds {self.settings.data.dataset.value!r}"
-            )
+        check_contract(self.settings, instructions.contract_name, instructions.contract_hash)
         return instructions
 
     def _load(self, message: Message) -> SiloData:

@@ -12,8 +12,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from fedguard.client.policy import SiloPolicy, policy_from_node_config
+from fedguard.client.policy import (
+    PolicyRefusalError,
+    RefusalReason,
+    SiloPolicy,
+    policy_from_node_config,
+)
 from fedguard.core.config import DatasetName, PartitionSpec, PrivacyBudget
+from fedguard.core.contract import DataContract, load_contract
 from fedguard.core.contract_validation import ContractViolationError, ValidationReport
 from fedguard.core.data_sources import DataSource, SourceKind, source_from_node_config
 from fedguard.core.datasets import (
@@ -26,27 +32,32 @@ from fedguard.core.datasets import (
 from fedguard.core.errors import ConfigError, DataError
 from fedguard.core.files import atomic_write_bytes
 from fedguard.core.seeding import derive_seed
-from fedguard.core.silos import silo_from_frame, simulation_silos
+from fedguard.core.silos import PooledData, silo_from_frame, simulation_silos
 from fedguard.privacy.secagg.roster import RosterError, SiloIdentity
 
 
 class SiloDataSource(Protocol):
-    """Where a silo's records come from."""
+    """Where a silo's records come from, and the data contract they must meet."""
 
     @property
-    def dataset(self) -> DatasetName: ...
+    def contract(self) -> DataContract: ...
 
     def load(self) -> SiloData: ...
 
 
 @dataclass(frozen=True)
 class TableSiloSource:
-    """A silo's own table (CSV, Parquet or a SQL query) holding the contract's columns."""
+    """A silo's own table (CSV, Parquet or a SQL query) under its own copy of the contract."""
 
     table: DataSource
-    dataset: DatasetName
+    contract: DataContract
     test_fraction: float = 0.2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.contract, DataContract):
+            # A built-in data set by name (DatasetName or its text).
+            object.__setattr__(self, "contract", builtin_contract(self.contract))
 
     def load(self) -> SiloData:
         return self.load_validated()[0]
@@ -54,16 +65,23 @@ class TableSiloSource:
     def load_validated(self) -> tuple[SiloData, ValidationReport]:
         """The silo's data and the report of its validation against the contract."""
         table = self.table
+        stamp: tuple[int, int] | None = None
         if table.kind is not SourceKind.SQL:
             table = replace(table, location=str(table.path.resolve()))
-        return _load_table_silo(table, self.dataset, self.test_fraction, self.seed)
+            # The file's size and time are in the cache key: a corrected file is reread.
+            try:
+                info = table.path.stat()
+                stamp = (info.st_mtime_ns, info.st_size)
+            except OSError:
+                stamp = None  # read_table says why
+        return _load_table_silo(table, self.contract, self.test_fraction, self.seed, stamp)
 
 
 @dataclass(frozen=True)
 class SimulatedSiloSource:
-    """Silo ``index`` of a seeded partition of a built-in data set (simulation)."""
+    """Silo ``index`` of a seeded partition of pooled rows (simulation)."""
 
-    dataset: DatasetName
+    data: PooledData
     num_silos: int
     partition: PartitionSpec
     index: int
@@ -71,12 +89,18 @@ class SimulatedSiloSource:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # A built-in data set by name is its packaged rows under its own contract.
+        object.__setattr__(self, "data", PooledData.of(self.data))
         if not 0 <= self.index < self.num_silos:
             raise ConfigError(f"silo index {self.index} outside 0..{self.num_silos - 1}")
 
+    @property
+    def contract(self) -> DataContract:
+        return self.data.contract
+
     def load(self) -> SiloData:
         silos = _simulated_silos(
-            self.dataset, self.num_silos, self.partition, self.test_fraction, self.seed
+            self.data, self.num_silos, self.partition, self.test_fraction, self.seed
         )
         return silos[self.index]
 
@@ -85,20 +109,36 @@ class SimulatedSiloSource:
 # Ray actor (or process) running it lives on, and reloading data every round is waste.
 @functools.lru_cache(maxsize=8)
 def _simulated_silos(
-    dataset: DatasetName, num_silos: int, partition: PartitionSpec, test_fraction: float, seed: int
+    data: PooledData, num_silos: int, partition: PartitionSpec, test_fraction: float, seed: int
 ) -> tuple[SiloData, ...]:
-    return tuple(simulation_silos(dataset, num_silos, partition, test_fraction, seed))
+    return tuple(simulation_silos(data, num_silos, partition, test_fraction, seed))
 
 
 @functools.lru_cache(maxsize=8)
 def _load_table_silo(
-    table: DataSource, dataset: DatasetName, test_fraction: float, seed: int
+    table: DataSource,
+    contract: DataContract,
+    test_fraction: float,
+    seed: int,
+    stamp: tuple[int, int] | None,
 ) -> tuple[SiloData, ValidationReport]:
-    schema = schema_for(dataset)
+    schema = schema_for(contract)
     frame = load_silo_frame(table, schema)
-    report = check_frame(builtin_contract(dataset), frame)
+    report = check_frame(contract, frame)
     split_seed = derive_seed(seed, "split", table.location)
     return silo_from_frame(schema, frame, test_fraction, split_seed), report
+
+
+def check_contract(settings: SiloSettings, name: str, content_hash: str) -> None:
+    """Refuse a request made under another data contract than the silo's own."""
+    own = settings.data.contract
+    if content_hash != own.content_hash():
+        raise PolicyRefusalError(
+            RefusalReason.DATA_CONTRACT,
+            f"the server works under data contract {name!r} ({content_hash[:12]}), but silo "
+            f"{settings.silo_id} holds data under {own.name!r} ({own.content_hash()[:12]}); "
+            "the consortium must agree on one contract file",
+        )
 
 
 #: The silo's data-validation report, beside its ledger (it never leaves the silo).
@@ -157,14 +197,16 @@ class SiloSettings:
 def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings:
     """Parse a deployed SuperNode's ``--node-config`` once, at the boundary.
 
-    Keys: ``silo-id``, ``dataset``, ``state-dir``, ``target-epsilon``, ``delta``, the
+    Keys: ``silo-id``, the data contract (``contract``: the path of the silo's own copy
+    of the consortium's TOML file, or ``dataset``: a built-in data set), ``state-dir``,
+    ``target-epsilon``, ``delta``, the
     data source (``data-path`` for a CSV or Parquet file, or ``data-url`` and
     ``data-query`` for a SQL database: :mod:`fedguard.core.data_sources`) and
     optionally ``test-fraction``, ``seed``, the policy keys of
     :data:`fedguard.client.policy.POLICY_KEYS` and the SecAgg identity keys of
     :func:`identity_from_node_config`.
     """
-    required = ("silo-id", "dataset", "state-dir", "target-epsilon", "delta")
+    required = ("silo-id", "state-dir", "target-epsilon", "delta")
     missing = [k for k in required if k not in node_config]
     if missing:
         raise ConfigError(f"node config lacks {missing}; a silo needs all of {list(required)}")
@@ -183,7 +225,7 @@ def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings
         budget=budget,
         data=TableSiloSource(
             table=source_from_node_config(node_config),
-            dataset=DatasetName.parse(str(node_config["dataset"])),
+            contract=contract_from_node_config(node_config),
             test_fraction=test_fraction,
             seed=seed,
         ),
@@ -195,6 +237,21 @@ def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings
             else None
         ),
     )
+
+
+def contract_from_node_config(node_config: Mapping[str, object]) -> DataContract:
+    """The silo's own contract: its copy of the consortium's file, or a built-in's."""
+    path, name = node_config.get("contract"), node_config.get("dataset")
+    if path not in (None, "") and name not in (None, ""):
+        raise ConfigError("node config names both 'contract' and 'dataset'; give one")
+    if path not in (None, ""):
+        return load_contract(Path(str(path)))
+    if name in (None, ""):
+        raise ConfigError(
+            "node config names no data contract: give 'contract' (a TOML file) or "
+            "'dataset' (a built-in data set)"
+        )
+    return builtin_contract(DatasetName.parse(str(name)))
 
 
 #: Node-config keys of a silo's SecAgg identity (both or neither).

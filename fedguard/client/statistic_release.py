@@ -55,7 +55,7 @@ from torch import nn
 
 from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.release import SPEND_METRICS, PendingCharge, charge_release, spend_metrics
-from fedguard.client.silo import SiloSettings, load_silo_data
+from fedguard.client.silo import SiloSettings, check_contract, load_silo_data
 from fedguard.core.checks import positive, positive_int
 from fedguard.core.datasets import SiloData
 from fedguard.core.errors import ConfigError, LedgerError, ProtocolError, TrainingRefusedError
@@ -194,7 +194,7 @@ def feature_moments_statistic(
     Layout and L2 sensitivity √(1 + m + 2d): :mod:`fedguard.core.feature_moments`.
     No ``num-examples`` metadata: the row count is inside the vector, summed.
     """
-    layout = moment_layout(silo.schema.dataset)
+    layout = moment_layout(silo.schema)
     return SecureStatistic(layout.vector(silo.train.features), layout.l2_sensitivity)
 
 
@@ -321,11 +321,7 @@ def released_values(
     if protocol.CONFIG not in message.content.config_records:
         raise ProtocolError("statistic query has no config record")
     instructions = RoundInstructions.from_record(message.content.config_records[protocol.CONFIG])
-    if instructions.dataset != settings.data.dataset:
-        raise ProtocolError(
-            f"the query is about {instructions.dataset.value!r}, but silo {settings.silo_id} "
-            f"holds {settings.data.dataset.value!r}"
-        )
+    check_contract(settings, instructions.contract_name, instructions.contract_hash)
     if protocol.SCALER not in message.content.array_records:
         raise ProtocolError("statistic query has no scaler")
     scaler = FeatureScaler.from_arrays(

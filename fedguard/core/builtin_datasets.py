@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from fedguard.core.config import DatasetName
-from fedguard.core.datasets import code_book_for, require_columns, schema_for
+from fedguard.core.datasets import require_columns, schema_for
 from fedguard.core.errors import MissingExtraError
 
 _DATA_EXTRA_HINT = "install the optional extra: pip install 'fedguard[data]'"
@@ -43,7 +43,7 @@ def load_pooled_frame(name: DatasetName) -> pd.DataFrame:
     Label-leaking columns are dropped. Only simulation uses this, and only to
     partition rows across silos; nothing is ever fitted on it.
     """
-    return _pooled_frame(code_book_for(name).dataset).copy()
+    return _pooled_frame(DatasetName.parse(str(name))).copy()
 
 
 @cache

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedguard.core.aggregation_config import AggregatorConfig, AggregatorName
 from fedguard.core.checks import positive
+from fedguard.core.contract import DataContract, load_contract, packaged_contract
 from fedguard.core.errors import ConfigError, UnknownDatasetError
 from fedguard.core.options import float_text
 from fedguard.core.trust_config import TrustConfig
@@ -387,8 +388,25 @@ class RunConfig:
     out: Path = Path("runs")
     engine: Engine = Engine.RAY
     run_name: str | None = None
+    # A consortium's own data contract (TOML; fedguard.core.contract); None: the
+    # built-in ``dataset``'s own contract.
+    contract_file: Path | None = None
+    # The pooled table a simulation partitions across silos under ``contract_file``
+    # (a researcher's own rows); None: the built-in data set's packaged rows.
+    data_table: Path | None = None
 
     def __post_init__(self) -> None:
+        _require(
+            self.data_table is None or self.contract_file is not None,
+            "a data table (--data) needs its data contract (--contract FILE)",
+        )
+        # Parsed once, here at the boundary; every schema of the run comes from it.
+        contract = (
+            packaged_contract(self.dataset.value)
+            if self.contract_file is None
+            else load_contract(self.contract_file)
+        )
+        object.__setattr__(self, "_contract", contract)
         # A run name is a folder name (out/<run-name>) and a Flower override value.
         _require(
             self.run_name is None
@@ -426,6 +444,17 @@ class RunConfig:
             f"{self.num_clients} silo(s) of the run: lower min-silos-per-round",
         )
         self._check_aggregation()
+
+    @property
+    def contract(self) -> DataContract:
+        """The run's data contract: the consortium's file, or the built-in data set's."""
+        contract: DataContract = self.__dict__["_contract"]
+        return contract
+
+    @property
+    def data_name(self) -> str:
+        """The data set's name for reports and file names (the contract's name)."""
+        return self.contract.name
 
     def _check_aggregation(self) -> None:
         """Refuse combinations that cannot give what they claim (never clamp silently)."""

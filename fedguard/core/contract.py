@@ -44,6 +44,8 @@ TOML layout (every key but ``name``, ``[label]`` and one ``[[column]]`` optional
     max_missing_share = 0.05     # more than this at a silo is a violation
     impute = "indicator"         # none | indicator (a 0/1 missing flag; numerics get the
                                  # federated mean)
+    public_range = [18, 90]      # what DP statistics clip to (default: [min, max]); a
+                                 # standardized column needs one or the other
 
     [[column]]
     name = "clinic"
@@ -65,6 +67,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,7 @@ __all__ = [
     "contract_from_mapping",
     "contract_to_toml",
     "load_contract",
+    "packaged_contract",
 ]
 
 
@@ -177,6 +181,10 @@ class ContractColumn:
     max_missing_share: float = 0.0
     impute: ImputeMethod = ImputeMethod.NONE
     scaling: Scaling = Scaling.STANDARDIZE
+    # The public range the DP feature statistics clip this column to (values outside
+    # are valid, only clipped); None: the contract's [min, max]. Standardized columns
+    # need one or the other: the statistic's sensitivity is computed from it.
+    public_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         where = f"column {self.name!r}"
@@ -206,12 +214,16 @@ class ContractColumn:
             raise ContractError(f"{where} needs at least 2 categories, got {self.categories}")
         if self.minimum is not None or self.maximum is not None:
             raise ContractError(f"{where} is {self.type.value}: a range makes no sense there")
-        if self.scaling is not Scaling.STANDARDIZE:
-            raise ContractError(f"{where} is {self.type.value}: it takes no scaling")
+        if self.scaling is not Scaling.STANDARDIZE or self.public_range is not None:
+            raise ContractError(f"{where} is {self.type.value}: it takes no scaling or range")
 
     def _check_range(self, where: str) -> None:
         if self.categories or self.aliases:
             raise ContractError(f"{where} is {self.type.value}: it takes no categories")
+        if self.public_range is not None and not (
+            len(self.public_range) == 2 and self.public_range[0] < self.public_range[1]
+        ):
+            raise ContractError(f"{where}: public_range must be [lo, hi] with lo < hi")
         if (
             self.minimum is not None
             and self.maximum is not None
@@ -231,6 +243,15 @@ class ContractColumn:
     @property
     def is_categorical(self) -> bool:
         return self.type in (ColumnType.BINARY, ColumnType.CATEGORICAL)
+
+    @property
+    def clip_range(self) -> tuple[float, float] | None:
+        """The range DP statistics clip to: ``public_range``, else [min, max] if both set."""
+        if self.public_range is not None:
+            return self.public_range
+        if self.minimum is not None and self.maximum is not None and self.minimum < self.maximum:
+            return (self.minimum, self.maximum)
+        return None
 
     @property
     def may_be_missing(self) -> bool:
@@ -404,6 +425,8 @@ def _column_mapping(column: ContractColumn) -> dict[str, Any]:
         out["impute"] = column.impute.value
     if column.scaling is not Scaling.STANDARDIZE:
         out["scaling"] = column.scaling.value
+    if column.public_range is not None:
+        out["public_range"] = list(column.public_range)
     return out
 
 
@@ -433,6 +456,7 @@ _COLUMN_KEYS = {
     "max_missing_share",
     "impute",
     "scaling",
+    "public_range",
 }
 _LABEL_KEYS = {
     "column",
@@ -479,7 +503,17 @@ def _parse_column(table: Mapping[str, Any], index: int) -> ContractColumn:
         max_missing_share=_share(table.get("max_missing_share", 0.0), f"{where}: share"),
         impute=_enum(ImputeMethod, table.get("impute", "none"), f"{where}: impute"),
         scaling=_enum(Scaling, table.get("scaling", "standardize"), f"{where}: scaling"),
+        public_range=_range(table.get("public_range"), f"{where}: public_range"),
     )
+
+
+def _range(value: object, where: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    bounds = _sequence(value, where)
+    if len(bounds) != 2:
+        raise ContractError(f"{where} must be [lo, hi], got {value!r}")
+    return (_finite(bounds[0], where), _finite(bounds[1], where))
 
 
 def _parse_label(value: object) -> LabelSpec:
@@ -545,6 +579,23 @@ def _sequence(value: object, where: str) -> Sequence[object]:
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise ContractError(f"{where} must be a list, got {value!r}")
     return value
+
+
+#: The built-in data sets' contracts, shipped with fedguard.
+BUILTIN_CONTRACTS = Path(__file__).with_name("contracts")
+
+
+@cache
+def packaged_contract(name: str) -> DataContract:
+    """The contract of a built-in data set, by its name (``flchain``)."""
+    path = BUILTIN_CONTRACTS / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in BUILTIN_CONTRACTS.glob("*.toml"))
+        raise ContractError(f"no built-in data contract {name!r}; built in: {known}")
+    contract = load_contract(path)
+    if contract.name != name:
+        raise ContractError(f"the packaged contract {path.name} is named {contract.name!r}")
+    return contract
 
 
 def load_contract(path: Path) -> DataContract:

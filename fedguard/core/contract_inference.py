@@ -13,6 +13,8 @@ The heuristics (each one a line in the notes):
 - a column whose every value is distinct text or whole numbers in a run of row
   numbers is an identifier: dropped;
 - text that parses as dates is dropped (dates are not supported);
+- one distinct value at this silo: dropped (the consortium adds it back if the
+  other silos vary);
 - two distinct values: binary; text with at most ``max_categories`` distinct
   values: categorical; more distinct texts: dropped as free text;
 - numbers: integer if every value is whole, else numeric, with the observed range;
@@ -104,6 +106,10 @@ def _infer_column(
         return DroppedColumn(name, "no values at this silo"), "dropped: every value is missing"
     numbers = _numbers(present)
     distinct = present.map(level_text).nunique()
+    if distinct == 1:
+        only = level_text(present.iloc[0])
+        reason = f"one value ({only!r}) at this silo: add it back if other silos vary"
+        return DroppedColumn(name, reason), f"dropped: {reason}"
     if _identifier(present, numbers, len(series)):
         return DroppedColumn(name, "identifier: every value distinct"), "dropped: an identifier"
     if numbers is None and _looks_like_dates(present.astype(str)):
@@ -192,7 +198,15 @@ def infer_contract(
             dropped.append(inferred)
         else:
             kept.append(inferred)
-    duplicates = float(frame.duplicated().mean()) if len(frame) else 0.0
+    if not kept:
+        raise ContractError(
+            "every column was dropped (identifiers, constants, free text or dates): "
+            "nothing is left to learn from; " + "; ".join(notes)
+        )
+    # Duplicates over what the contract keeps: rows that differ only in dropped
+    # columns (an identifier) repeat once those are gone.
+    kept_columns = [c.name for c in kept] + [label]
+    duplicates = float(frame.loc[:, kept_columns].duplicated().mean()) if len(frame) else 0.0
     if duplicates:
         notes.append(f"{duplicates:.1%} of rows repeat an earlier row: allowed up to that share")
     notes.append(

@@ -39,7 +39,7 @@ from fedguard.core.contract import (
     DataContract,
     Scaling,
     Task,
-    load_contract,
+    packaged_contract,
 )
 from fedguard.core.contract_validation import (
     ContractViolationError,
@@ -57,9 +57,14 @@ from fedguard.core.errors import DataError
 
 @dataclass(frozen=True)
 class FeatureSchema:
-    """What a model sees of a data set: encoded features, classes, and the raw columns."""
+    """What a model sees of a data set: encoded features, classes, and the raw columns.
 
-    dataset: DatasetName
+    Derived from the data set's contract alone (:func:`schema_for`); the contract
+    travels with it, so that whoever holds a schema can encode, validate and
+    compare by the contract's hash.
+    """
+
+    contract: DataContract
     feature_names: tuple[str, ...]
     standardize: tuple[bool, ...]
     num_classes: int
@@ -69,8 +74,8 @@ class FeatureSchema:
     label_column: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dataset, DatasetName):
-            raise DataError(f"schema dataset must be a DatasetName, got {self.dataset!r}")
+        if not isinstance(self.contract, DataContract):
+            raise DataError(f"a schema needs its DataContract, got {self.contract!r}")
         if not self.input_shape or any(
             not isinstance(size, int) or size < 1 for size in self.input_shape
         ):
@@ -94,6 +99,15 @@ class FeatureSchema:
             )
         if self.label_column not in self.raw_columns:
             raise DataError(f"label column {self.label_column!r} is not among the raw columns")
+
+    @property
+    def dataset(self) -> str:
+        """The data set's name: its contract's (``credit``, ``covid-testing``)."""
+        return self.contract.name
+
+    @property
+    def contract_hash(self) -> str:
+        return self.contract.content_hash()
 
     @property
     def num_features(self) -> int:
@@ -173,25 +187,21 @@ class SiloData:
 # A code book is a built-in data set's contract seen as an encoding: the contract
 # (fedguard/core/contracts/<name>.toml) is the only place columns are described.
 
-_CONTRACTS = Path(__file__).with_name("contracts")
 
-
-@cache
 def builtin_contract(name: DatasetName) -> DataContract:
     """The data contract of a built-in data set (shipped with fedguard)."""
-    name = DatasetName.parse(str(name))
-    contract = load_contract(_CONTRACTS / f"{name.value}.toml")
-    if contract.name != name.value:
-        raise DataError(f"the packaged contract {name.value}.toml is named {contract.name!r}")
-    return contract
+    return packaged_contract(DatasetName.parse(str(name)).value)
 
 
 @dataclass(frozen=True)
 class CodeBook:
     """How a data set's raw columns become features, read off its contract."""
 
-    dataset: DatasetName
     contract: DataContract
+
+    @property
+    def dataset(self) -> str:
+        return self.contract.name
 
     @property
     def columns(self) -> tuple[ContractColumn, ...]:
@@ -225,7 +235,8 @@ def _standardize_flags(column: ContractColumn) -> list[bool]:
     return flags + [False] * column.may_be_missing
 
 
-def schema_from_contract(dataset: DatasetName, contract: DataContract) -> FeatureSchema:
+@cache
+def schema_from_contract(contract: DataContract) -> FeatureSchema:
     """The feature schema a contract defines (classification tasks only, for now)."""
     if contract.label.task is Task.REGRESSION:
         raise DataError(
@@ -235,7 +246,7 @@ def schema_from_contract(dataset: DatasetName, contract: DataContract) -> Featur
     feature_names = [n for column in contract.columns for n in column_feature_names(column)]
     standardize = [f for column in contract.columns for f in _standardize_flags(column)]
     return FeatureSchema(
-        dataset=dataset,
+        contract=contract,
         feature_names=tuple(feature_names),
         standardize=tuple(standardize),
         num_classes=contract.label.num_classes,
@@ -246,28 +257,29 @@ def schema_from_contract(dataset: DatasetName, contract: DataContract) -> Featur
     )
 
 
-@cache
-def schema_for(name: DatasetName) -> FeatureSchema:
-    """The fixed schema of a built-in data set (needs no data and no optional package)."""
-    dataset = DatasetName.parse(str(name))
-    return schema_from_contract(dataset, builtin_contract(dataset))
-
-
-def code_book_for(name: DatasetName) -> CodeBook:
-    """The code book of a built-in data set, by name."""
+def schema_for(data: DatasetName | DataContract) -> FeatureSchema:
+    """The schema of a contract, or of a built-in data set by name (needs no data)."""
+    if isinstance(data, DataContract):
+        return schema_from_contract(data)
     # Accept the plain string at this boundary too; parse raises UnknownDatasetError.
-    dataset = DatasetName.parse(str(name))
-    return CodeBook(dataset, builtin_contract(dataset))
+    return schema_from_contract(builtin_contract(DatasetName.parse(str(data))))
+
+
+def code_book_for(data: DatasetName | DataContract) -> CodeBook:
+    """The code book of a contract, or of a built-in data set by name."""
+    if isinstance(data, DataContract):
+        return CodeBook(data)
+    return CodeBook(builtin_contract(DatasetName.parse(str(data))))
 
 
 def code_book(schema: FeatureSchema) -> CodeBook:
-    """The code book of ``schema``, which must be fedguard's own schema of its data set."""
-    if schema != schema_for(schema.dataset):
+    """The code book of ``schema``, which must be the schema its own contract defines."""
+    if schema != schema_from_contract(schema.contract):
         raise DataError(
-            f"the schema given does not match fedguard's schema of {schema.dataset}; "
-            "encodings are fixed per data set: get the schema from schema_for()"
+            f"the schema given does not match the schema of data contract {schema.dataset!r}; "
+            "encodings are fixed by the contract: get the schema from schema_for()"
         )
-    return code_book_for(schema.dataset)
+    return CodeBook(schema.contract)
 
 
 # ------------------------------------------------------------------------ silo files

@@ -5,9 +5,10 @@ features with the mean and standard deviation of the union of the silos'
 training rows. Their sums (count, Σx, Σx²) depend on the training records, so
 each silo releases them as a DP statistic (:mod:`fedguard.client.statistic_release`,
 kind ``feature-moments``): that needs a finite L2 sensitivity, so every numeric
-feature has a **public range** ``[lo, hi]`` fixed per data set here (domain
-knowledge, not fitted on any silo), each value is clipped to it and mapped to
-``u = (x − c) / r ∈ [−1, 1]`` (``c`` the range's centre, ``r`` its half width).
+feature has a **public range** ``[lo, hi]`` written in the data set's contract
+(``public_range``, else ``min``/``max``: domain knowledge, not fitted on any silo),
+each value is clipped to it and mapped to ``u = (x − c) / r ∈ [−1, 1]`` (``c`` the
+range's centre, ``r`` its half width).
 
 Layout of one silo's vector (only the features the schema standardizes;
 one-hot, indicator and pixel features need no statistic)::
@@ -29,18 +30,16 @@ rather than to noise (which could produce a near-zero scale and blow a feature u
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 
-from fedguard.core.config import DatasetName
-from fedguard.core.datasets import FeatureSchema, schema_for
+from fedguard.core.datasets import FeatureSchema, code_book
 from fedguard.core.errors import ConfigError, DataError
 from fedguard.core.preprocessing import FeatureScaler
 
-__all__ = ["PUBLIC_BOUNDS", "MomentLayout", "moment_layout"]
+__all__ = ["MomentLayout", "moment_layout"]
 
 # Below this standard deviation (in the feature's own units) a feature is constant.
 _MIN_STD = 1e-8
@@ -48,57 +47,6 @@ _MIN_STD = 1e-8
 # with: mean 0 ± 1/2; variance (1/4)^2 ± (1/4)^2 (a standard deviation of 1/8 the range).
 _PRIOR_MEAN, _PRIOR_MEAN_ERROR = 0.0, 0.5
 _PRIOR_VARIANCE, _PRIOR_VARIANCE_ERROR = 0.0625, 0.0625
-
-_BREAST_CANCER_BOUNDS = {
-    # Ranges of the measures of a fine-needle aspirate of a breast mass (Street, Wolberg
-    # and Mangasarian 1993), rounded outward; "mean" and "worst" per nucleus, "error" the
-    # standard error over nuclei.
-    "radius": ((5.0, 30.0), (0.0, 3.0), (5.0, 40.0)),
-    "texture": ((5.0, 40.0), (0.0, 5.0), (10.0, 50.0)),
-    "perimeter": ((40.0, 200.0), (0.0, 22.0), (50.0, 260.0)),
-    "area": ((100.0, 2500.0), (0.0, 550.0), (150.0, 4300.0)),
-    "smoothness": ((0.05, 0.17), (0.0, 0.032), (0.07, 0.23)),
-    "compactness": ((0.0, 0.35), (0.0, 0.14), (0.0, 1.1)),
-    "concavity": ((0.0, 0.45), (0.0, 0.4), (0.0, 1.3)),
-    "concave points": ((0.0, 0.21), (0.0, 0.053), (0.0, 0.3)),
-    "symmetry": ((0.1, 0.31), (0.0, 0.08), (0.15, 0.67)),
-    "fractal dimension": ((0.045, 0.1), (0.0, 0.03), (0.05, 0.21)),
-}
-
-#: Public range of every standardized feature, per data set (feature name -> (lo, hi)).
-PUBLIC_BOUNDS: Mapping[DatasetName, Mapping[str, tuple[float, float]]] = {
-    DatasetName.BREAST_CANCER: {
-        name: bounds
-        for measure, per_kind in _BREAST_CANCER_BOUNDS.items()
-        for name, bounds in zip(
-            (f"mean {measure}", f"{measure} error", f"worst {measure}"), per_kind, strict=True
-        )
-    },
-    DatasetName.DIGITS: {},  # pixels are divided by their maximum: nothing is standardized
-    DatasetName.FLCHAIN: {
-        # The Olmsted County serum free light chain study (Dispenzieri et al. 2012):
-        # residents aged 50 and over, samples from 1995 to 2003, FLC in mg/dL.
-        "age": (50.0, 100.0),
-        "sample.yr": (1995.0, 2003.0),
-        "kappa": (0.0, 6.0),
-        "lambda": (0.0, 6.0),
-        "flc.grp": (1.0, 10.0),  # decile group of the total FLC
-        "creatinine": (0.0, 4.0),  # mg/dL
-    },
-    DatasetName.CREDIT: {
-        # Consumer credit applications (modeldata::credit_data): years, months, and
-        # monetary amounts in the data set's own units.
-        "Seniority": (0.0, 40.0),
-        "Time": (0.0, 72.0),
-        "Age": (18.0, 75.0),
-        "Expenses": (30.0, 180.0),
-        "Income": (0.0, 500.0),
-        "Assets": (0.0, 40000.0),
-        "Debt": (0.0, 5000.0),
-        "Amount": (0.0, 5000.0),
-        "Price": (0.0, 5000.0),
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -191,18 +139,25 @@ def _combine(
 
 
 @cache
-def moment_layout(dataset: DatasetName) -> MomentLayout:
-    """The moment layout of a built-in data set, from its schema and public bounds."""
-    schema = schema_for(dataset)
-    bounds = PUBLIC_BOUNDS.get(dataset, {})
+def moment_layout(schema: FeatureSchema) -> MomentLayout:
+    """The moment layout of a schema, from its contract's public ranges.
+
+    Every standardized column needs a public range (``public_range``, else the
+    contract's ``min`` and ``max``): the statistic clips each value to it, which is
+    what bounds one record's influence.
+    """
+    contract = code_book(schema).contract
+    bounds = {c.name: c.clip_range for c in contract.columns if not c.is_categorical}
     names = schema.feature_names
     features = tuple(i for i, flag in enumerate(schema.standardize) if flag)
-    lacking = [names[i] for i in features if names[i] not in bounds]
+    lacking = [names[i] for i in features if bounds.get(names[i]) is None]
     if lacking:
-        raise ConfigError(f"no public range for the {dataset} feature(s) {lacking}")
-    lower = np.array([bounds[names[i]][0] for i in features], dtype=np.float64)
-    upper = np.array([bounds[names[i]][1] for i in features], dtype=np.float64)
-    if not (lower < upper).all():
-        raise ConfigError(f"the public ranges of {dataset} must have lo < hi")
+        raise ConfigError(
+            f"data contract {contract.name!r} gives no public range for the standardized "
+            f"column(s) {lacking}: give each a public_range (or min and max)"
+        )
+    ranges = [bounds[names[i]] for i in features]
+    lower = np.array([r[0] for r in ranges if r is not None], dtype=np.float64)
+    upper = np.array([r[1] for r in ranges if r is not None], dtype=np.float64)
     missable = tuple(k for k, i in enumerate(features) if f"{names[i]}_missing" in names)
     return MomentLayout(schema, features, missable, lower, upper)

@@ -203,6 +203,12 @@ class Option:
 RUN_OPTIONS: tuple[Option, ...] = (
     Option("dataset", ("dataset",), choice(DatasetName, DatasetName.parse), Group.DATA,
            "built-in data set"),
+    Option("contract", ("contract_file",), optional(PATH), Group.DATA,
+           "the consortium's data contract (TOML; default: the built-in data set's)",
+           metavar="FILE"),
+    Option("data", ("data_table",), optional(PATH), Group.DATA,
+           "simulation: a pooled CSV/Parquet table under --contract, split across silos",
+           metavar="TABLE"),
     Option("clients", ("num_clients",), INT, Group.DATA, "number of silos"),
     Option("rounds", ("num_rounds",), INT, Group.TRAINING, "federated rounds"),
     Option("partition", ("partition", "kind"), PARTITION, Group.DATA,

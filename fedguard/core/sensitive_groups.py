@@ -16,7 +16,7 @@ from fedguard.core.datasets import FeatureSchema, code_book, column_feature_name
 from fedguard.core.errors import ConfigError, DataError
 
 # Age bands used when a numeric age column is audited without explicit bands.
-_DEFAULT_BANDS: dict[tuple[DatasetName, str], tuple[float, ...]] = {
+_DEFAULT_BANDS: dict[tuple[str, str], tuple[float, ...]] = {
     (DatasetName.FLCHAIN, "age"): (60.0, 70.0, 80.0),
     (DatasetName.CREDIT, "Age"): (30.0, 40.0, 50.0),
 }

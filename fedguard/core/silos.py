@@ -8,24 +8,30 @@ pooled public data set (:mod:`fedguard.core.builtin_datasets`) into silos
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fedguard.core.builtin_datasets import load_pooled_frame
 from fedguard.core.checks import fraction
-from fedguard.core.config import DatasetName, PartitionKind, PartitionSpec
+from fedguard.core.config import DatasetName, PartitionKind, PartitionSpec, RunConfig
+from fedguard.core.contract import DataContract
 from fedguard.core.contract_validation import ContractViolationError
+from fedguard.core.data_sources import DataSource, read_table
 from fedguard.core.datasets import (
+    CodeBook,
     EncodedData,
     FeatureSchema,
     SiloData,
+    builtin_contract,
     code_book_for,
     encode_frame,
     encode_labels,
     schema_for,
 )
-from fedguard.core.errors import ConfigError, PartitionError
+from fedguard.core.errors import ConfigError, DataError, PartitionError, UnknownDatasetError
 from fedguard.core.partitioning import partition_indices
 from fedguard.core.seeding import derive_seed, numpy_rng
 
@@ -82,23 +88,92 @@ def silo_from_frame(
     return SiloData(schema=schema, train=train, test=test)
 
 
+@dataclass(frozen=True)
+class PooledData:
+    """What a simulation partitions: rows under a contract.
+
+    ``table`` None: the packaged rows of the built-in data set the contract is named
+    after (its own contract, or the consortium's edit of it); else a researcher's
+    own CSV or Parquet table.
+    """
+
+    contract: DataContract
+    table: Path | None = None
+
+    @classmethod
+    def of(cls, data: PooledData | DatasetName | DataContract) -> PooledData:
+        if isinstance(data, PooledData):
+            return data
+        if isinstance(data, DataContract):
+            return cls(data)
+        return cls(builtin_contract(DatasetName.parse(str(data))))
+
+    @classmethod
+    def for_run(cls, config: RunConfig) -> PooledData:
+        table = None if config.data_table is None else config.data_table.resolve()
+        return cls(config.contract, table)
+
+    def frame(self, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+        """The pooled rows: the contract's columns the table has, and ``keep``.
+
+        ``keep``: a column to split by that the contract drops (a clinic, a state):
+        it assigns rows to silos and is never encoded.
+        """
+        if self.table is not None:
+            frame = read_table(DataSource.file(self.table))
+        else:
+            try:
+                name = DatasetName.parse(self.contract.name)
+            except UnknownDatasetError:
+                raise ConfigError(
+                    f"data contract {self.contract.name!r} is not a built-in data set: give "
+                    "the pooled table to split across the simulated silos (--data TABLE)"
+                ) from None
+            frame = load_pooled_frame(name)
+        frame = frame.set_axis([str(c) for c in frame.columns], axis=1)
+        wanted = [
+            *self.contract.raw_columns,
+            *(c for c in keep if c not in self.contract.raw_columns),
+        ]
+        present = [c for c in wanted if c in frame.columns]
+        return frame.loc[:, present].reset_index(drop=True)
+
+
+def _pooled_labels(pooled: PooledData, book: CodeBook, frame: pd.DataFrame) -> np.ndarray:
+    """Class indices of the pooled rows (a label-skewed partition needs them)."""
+    if book.label_column not in frame.columns:
+        raise DataError(f"the pooled table has no label column {book.label_column!r}")
+    labels = encode_labels(book, frame[book.label_column])
+    bad = int((labels < 0).sum())
+    if bad:
+        where = pooled.table or f"the packaged {pooled.contract.name} data"
+        raise DataError(
+            f"{bad} row(s) of {where} have a missing label or one outside the classes of "
+            f"contract {pooled.contract.name!r}: drop or fix them before splitting"
+        )
+    return labels
+
+
 def simulation_silos(
-    name: DatasetName,
+    data: PooledData | DatasetName | DataContract,
     num_silos: int,
     partition: PartitionSpec,
     test_fraction: float,
     seed: int,
 ) -> list[SiloData]:
-    """Partition a pooled public data set into simulated silos, each with its own test set.
+    """Partition pooled rows into simulated silos, each with its own test set.
 
-    The pooled frame is only used to assign rows; each silo then encodes its own rows
-    and splits them with a seed derived from ``seed`` and its index.
+    The pooled frame is only used to assign rows; each silo then validates, encodes
+    and splits only its own rows, with a seed derived from ``seed`` and its index.
     """
     fraction("test_fraction", test_fraction)
-    book = code_book_for(name)
-    schema = schema_for(book.dataset)
-    frame = load_pooled_frame(book.dataset)
-    labels = encode_labels(book, frame[book.label_column])
+    pooled = PooledData.of(data)
+    name = pooled.contract.name
+    book = code_book_for(pooled.contract)
+    schema = schema_for(pooled.contract)
+    split_by = (partition.column,) if partition.column is not None else ()
+    frame = pooled.frame(keep=split_by)
+    labels = _pooled_labels(pooled, book, frame)
     column_values: np.ndarray | None = None
     if partition.kind is PartitionKind.COLUMN:
         feature_columns = [c for c in schema.raw_columns if c != schema.label_column]
@@ -116,8 +191,9 @@ def simulation_silos(
         column_values = frame[partition.column].to_numpy()
     parts = partition_indices(partition, labels, num_silos, seed, column_values)
     silos: list[SiloData] = []
+    contract_columns = [c for c in frame.columns if c in schema.raw_columns]
     for index, rows in enumerate(parts):
-        silo_frame = frame.iloc[rows]
+        silo_frame = frame.iloc[rows].loc[:, contract_columns]
         split_seed = derive_seed(seed, "silo", index, "split")
         try:
             silos.append(silo_from_frame(schema, silo_frame, test_fraction, split_seed))

@@ -50,7 +50,7 @@ def toml_table(values: Mapping[str, object]) -> str:
 
 def node_config_toml(
     silo_id: str,
-    dataset: DatasetName,
+    data: DatasetName | Path,
     data_path: Path,
     state_dir: Path,
     budget: PrivacyBudget,
@@ -67,7 +67,8 @@ def node_config_toml(
     """
     values: dict[str, object] = {
         "silo-id": silo_id,
-        "dataset": dataset.value,
+        # A built-in data set by name, or the silo's copy of the consortium's contract.
+        **({"dataset": data.value} if isinstance(data, DatasetName) else {"contract": str(data)}),
         "data-path": str(data_path),
         "state-dir": str(state_dir),
         "target-epsilon": float(budget.epsilon),

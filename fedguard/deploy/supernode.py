@@ -95,6 +95,8 @@ class ClientStart:
     silo_id: str | None = None
     secagg_identity: str | None = None
     consortium_key: str | None = None
+    # The silo's own copy of the consortium's data contract (instead of ``dataset``).
+    contract: str | None = None
 
 
 def supernode_command(
@@ -203,6 +205,31 @@ def _check_silo_state(node_config: str, layout: SiloLayout) -> float:
         ) from error
 
 
+def _check_silo_data(node_config: str, layout: SiloLayout) -> str:
+    """Validate the silo's table against its contract before anything is spawned.
+
+    The same :func:`~fedguard.client.silo.load_silo_data` every message runs: the
+    report goes to the state folder; a table that breaks the contract stops the
+    start with its summary (nothing connected, nothing charged).
+    """
+    from fedguard.client.silo import VALIDATION_REPORT, load_silo_data, settings_from_node_config
+
+    settings = settings_from_node_config(tomllib.loads(node_config))
+    try:
+        data = load_silo_data(settings)
+    except FedguardError as error:
+        raise SiloStateError(
+            f"silo {settings.silo_id}: its data failed the start check, so no SuperNode was "
+            f"started (report: {layout.root / VALIDATION_REPORT}): {error}"
+        ) from error
+    contract = settings.data.contract
+    rows = len(data.train) + len(data.test)
+    return (
+        f"{rows} rows meet data contract {contract.name!r} v{contract.version} "
+        f"({contract.content_hash()[:12]})"
+    )
+
+
 def _checked_data(start: ClientStart) -> Path:
     """The silo's data file, once every input of ``client start`` is checked."""
     data = start.data.resolve()
@@ -227,7 +254,7 @@ def _node_config(
     )
     return node_config_toml(
         silo_id,
-        DatasetName.parse(start.dataset),
+        Path(start.contract).resolve() if start.contract else DatasetName.parse(start.dataset),
         data,
         layout.root,
         budget,
@@ -271,6 +298,7 @@ def start_client(start: ClientStart) -> int:
         silo_id = start.silo_id or layout.root.name
         node_config = _node_config(start, layout, data, budget, silo_id)
         spent = _check_silo_state(node_config, layout)
+        validated = _check_silo_data(node_config, layout)
         layout.node_config.write_text(node_config)
         command = supernode_command(
             start.superlink,
@@ -292,6 +320,7 @@ def start_client(start: ClientStart) -> int:
         if executor_pid is not None:
             print(f"  warm ClientApp executor PID {executor_pid}")
         print(f"  ledger: ε {spent:.6g} of {budget.epsilon:g} spent (checked against the silo log)")
+        print(f"  data: {validated}")
         print(f"  log: {layout.supernode_log}")
         if start.foreground:
             return _wait_foreground(pid, executor_pid)

@@ -168,7 +168,7 @@ def _model_section(inputs: CardInputs) -> dict[str, Any]:
         )
     }
     return {
-        "name": f"{run.dataset.value}-student-int8",
+        "name": f"{run.data_name}-student-int8",
         "summary": (
             f"An int8 {inputs.student_spec.describe(schema)} distilled from the federated "
             f"global model of run `{saved.run_dir.name}` ({saved.variant}), for "
@@ -211,7 +211,7 @@ def _model_section(inputs: CardInputs) -> dict[str, Any]:
 def _intended_use_section(inputs: CardInputs) -> dict[str, Any]:
     return {
         "primary": (
-            f"Decision support on {inputs.saved.config.dataset.value}-like records at the edge "
+            f"Decision support on {inputs.saved.config.data_name}-like records at the edge "
             "(bedside monitors, branch terminals, phones), under the consortium's oversight; a "
             "person reviews every decision."
         ),
@@ -228,7 +228,12 @@ def _intended_use_section(inputs: CardInputs) -> dict[str, Any]:
 def _data_section(inputs: CardInputs) -> dict[str, Any]:
     run = inputs.saved.config
     return {
-        "dataset": run.dataset.value,
+        "dataset": run.data_name,
+        "data_contract": {
+            "name": run.contract.name,
+            "version": run.contract.version,
+            "sha256": run.contract.content_hash(),
+        },
         "source": "built-in public data set, partitioned into simulated silos",
         "num_silos": len(inputs.silos),
         "partition": str(run.partition),

@@ -44,7 +44,7 @@ from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.seeding import derive_seed
 from fedguard.core.serialization import load_weights
-from fedguard.core.silos import simulation_silos
+from fedguard.core.silos import PooledData, simulation_silos
 from fedguard.edge.card import render_markdown, trust_section
 from fedguard.edge.card_builder import CardInputs, build_card, card_summary, jsonable
 from fedguard.edge.distill import (
@@ -206,12 +206,16 @@ def _output_folder(saved: SavedRun, config: ExportConfig) -> Path:
 def _rebuild_silos(saved: SavedRun) -> tuple[list[SiloData], FeatureStatistics]:
     """The run's silos, rebuilt in process, checked against the run's own (DP) scaler."""
     c = saved.config
-    silos = simulation_silos(c.dataset, c.num_clients, c.partition, c.test_fraction, c.seed)
+    silos = simulation_silos(
+        PooledData.for_run(c), c.num_clients, c.partition, c.test_fraction, c.seed
+    )
     stats = FeatureStatistics.sum([FeatureStatistics.from_features(s.train) for s in silos])
     stored = saved.scaler
-    agrees = scaler_reproduced(saved.variant_dir, c.dataset, [s.train for s in silos], stored)
+    agrees = scaler_reproduced(
+        saved.variant_dir, schema_for(c.contract), [s.train for s in silos], stored
+    )
     if agrees is None:  # a run folder from before the DP scaler: exact pooled sums
-        agrees = same_scaler(FeatureScaler.from_statistics(stats, schema_for(c.dataset)), stored)
+        agrees = same_scaler(FeatureScaler.from_statistics(stats, schema_for(c.contract)), stored)
     if not agrees:
         raise RunFolderError(
             "the silo data rebuilt from the run's config do not reproduce the run's feature "
@@ -237,7 +241,7 @@ def _check_teacher(saved: SavedRun, per_silo_accuracy: Mapping[str, float]) -> N
 
 def _load_teacher(saved: SavedRun) -> _Teacher:
     """The run's last global model and rebuilt silos, checked against what the run recorded."""
-    schema = schema_for(saved.config.dataset)
+    schema = schema_for(saved.config.contract)
     silos, stats = _rebuild_silos(saved)
     model = build_model(schema, saved.config.model)
     load_weights(model, saved.teacher_weights)

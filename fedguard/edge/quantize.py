@@ -267,7 +267,7 @@ def export_onnx(
     """Export ``model`` with the scaler folded in to ``path`` (fp32, dynamic batch)."""
     onnx = _onnx()
     metadata = ModelMetadata(
-        dataset=schema.dataset.value,
+        dataset=schema.dataset,
         feature_names=schema.feature_names,
         class_names=schema.class_names,
         input_name=INPUT_NAME,

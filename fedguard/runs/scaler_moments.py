@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedguard.core.config import DatasetName
-from fedguard.core.datasets import EncodedData
+from fedguard.core.datasets import EncodedData, FeatureSchema
 from fedguard.core.errors import DataError
 from fedguard.core.feature_moments import moment_layout
 from fedguard.core.preprocessing import FeatureScaler
@@ -36,7 +35,7 @@ def same_scaler(a: FeatureScaler, b: FeatureScaler) -> bool:
 
 
 def scaler_reproduced(
-    run_dir: Path, dataset: DatasetName, train: Sequence[EncodedData], stored: FeatureScaler
+    run_dir: Path, schema: FeatureSchema, train: Sequence[EncodedData], stored: FeatureScaler
 ) -> bool | None:
     """Whether ``train`` (the silos' rows, rebuilt) and ``stored`` fit the run's moments.
 
@@ -48,7 +47,7 @@ def scaler_reproduced(
     Raises:
         DataError: the moment file is malformed.
     """
-    layout = moment_layout(dataset)
+    layout = moment_layout(schema)
     if layout.num_features == 0:  # nothing is standardized: the identity scaler
         return same_scaler(FeatureScaler.identity(layout.schema.num_features), stored)
     path = Path(run_dir) / MOMENTS_FILENAME

@@ -223,7 +223,9 @@ class FederatedRun:
         if resumed is None:
             scaler = self._federated_scaler(nodes)
             seed_torch(derive_seed(self.config.seed, "initial-model"))
-            weights = model_weights(build_model(schema_for(self.config.dataset), self.config.model))
+            weights = model_weights(
+                build_model(schema_for(self.config.contract), self.config.model)
+            )
             self._round_zero(nodes, weights, scaler)
             first = 1
         else:
@@ -492,7 +494,8 @@ class FederatedRun:
             round=round_number,
             planned_rounds=self.config.num_rounds,
             seed=self.config.seed,
-            dataset=self.config.dataset,
+            contract_name=self.config.contract.name,
+            contract_hash=self.config.contract.content_hash(),
             model=self.config.model,
             training=self.config.training,
             local_dp=self.config.local_dp,
@@ -568,7 +571,7 @@ class FederatedRun:
             self.silo_name,
             identities=self.identities_for(0, nodes, secure_only=True),
         )
-        write_moments(self.run_dir, release, self.config.dataset.value)
+        write_moments(self.run_dir, release, self.config.data_name)
         return release.scaler
 
     def _evaluate(

@@ -192,8 +192,8 @@ def federated_scaler(
     Raises:
         RunAbortedError: no usable moments (no silo answered, or SecAgg aborted).
     """
-    schema = schema_for(config.dataset)
-    layout = moment_layout(config.dataset)
+    schema = schema_for(config.contract)
+    layout = moment_layout(schema)
     noise = TrustNoise.GAUSSIAN if config.local_dp.enabled else TrustNoise.NONE
     epsilon = config.local_dp.scaler_epsilon
     if layout.num_features == 0:  # nothing to standardize (pixels): nothing is asked
@@ -331,7 +331,7 @@ def _secure_evaluation(
     silo_name: SiloName,
     identities: SecAggIdentities | None = None,
 ) -> EvaluationSummary:
-    num_classes = schema_for(config.dataset).num_classes
+    num_classes = schema_for(config.contract).num_classes
     try:
         result = collect_secure_statistic(
             send,

@@ -61,7 +61,7 @@ from fedguard.core.serialization import (
     load_weights,
     unflatten_weights,
 )
-from fedguard.core.silos import simulation_silos
+from fedguard.core.silos import PooledData, simulation_silos
 from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.runs.layout import VariantFolder, silo_id
 from fedguard.simulation.attack_config import (
@@ -265,7 +265,7 @@ def adversaries(attack: AttackConfig, config: RunConfig) -> dict[str, ByzantineS
     indices = attack.byzantine_indices(config.num_clients, config.seed)
     sources = [
         SimulatedSiloSource(
-            dataset=config.dataset,
+            data=PooledData.for_run(config),
             num_silos=config.num_clients,
             partition=config.partition,
             index=i,
@@ -289,7 +289,11 @@ def attack_success_rate(
         raise ConfigError(f"{run_dir} has no checkpoint")
     weights, scaler = checkpoint.weights(), checkpoint.scaler()
     silos = simulation_silos(
-        config.dataset, config.num_clients, config.partition, config.test_fraction, config.seed
+        PooledData.for_run(config),
+        config.num_clients,
+        config.partition,
+        config.test_fraction,
+        config.seed,
     )
     schema = silos[0].schema
     features = np.concatenate([s.test.features for s in silos])

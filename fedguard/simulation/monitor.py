@@ -23,11 +23,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedguard.client.app import make_client_app
 from fedguard.client.silo import SiloDataSource, SiloSettings, SimulatedSiloSource
 from fedguard.core.checks import positive_int
-from fedguard.core.config import DatasetName, RunConfig
+from fedguard.core.config import RunConfig
+from fedguard.core.contract import DataContract
 from fedguard.core.datasets import EncodedData, SiloData, schema_for
 from fedguard.core.errors import ConfigError, DataError
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import ModelWeights
+from fedguard.core.silos import PooledData
 from fedguard.runs.checkpoints import CheckpointStore
 from fedguard.runs.layout import VariantFolder, silo_id
 from fedguard.server.post_training import FinalModel
@@ -55,8 +57,8 @@ class DriftedSiloSource:
     shift: tuple[float, ...]
 
     @property
-    def dataset(self) -> DatasetName:
-        return self.inner.dataset
+    def contract(self) -> DataContract:
+        return self.inner.contract
 
     def load(self) -> SiloData:
         silo = self.inner.load()
@@ -71,18 +73,18 @@ class DriftedSiloSource:
 
 
 def drift_shift(
-    scaler: FeatureScaler, dataset: DatasetName, k: float, features: Sequence[str] | None
+    scaler: FeatureScaler, contract: DataContract, k: float, features: Sequence[str] | None
 ) -> tuple[float, ...]:
     """``k`` standard deviations (the federated scaler's) of the chosen features, raw units.
 
     ``features`` None: every standardized feature.
     """
-    schema = schema_for(dataset)
+    schema = schema_for(contract)
     chosen = set(features) if features else None
     if chosen is not None and not chosen <= set(schema.feature_names):
         raise ConfigError(
             f"unknown feature(s) {sorted(chosen - set(schema.feature_names))}; the "
-            f"{dataset} features are {list(schema.feature_names)}"
+            f"{contract.name} features are {list(schema.feature_names)}"
         )
     return tuple(
         float(k * scaler.scale[j])
@@ -139,14 +141,14 @@ def simulate_monitoring(
         raise ConfigError(f"drift silos {unknown} outside 0..{config.num_clients - 1}")
     reference = DriftReference.load(run_dir)
     roster = load_roster(run_dir)  # the run's signed SecAgg roster
-    moved = drift_shift(run.scaler, config.dataset, shift, features)
+    moved = drift_shift(run.scaler, config.contract, shift, features)
     first = _next_query_round(run_dir)
     state = {"round": first}
 
     def settings(context: Context) -> SiloSettings:
         index = int(str(context.node_config["partition-id"]))
         source: SiloDataSource = SimulatedSiloSource(
-            config.dataset,
+            PooledData.for_run(config),
             config.num_clients,
             config.partition,
             index,

@@ -10,6 +10,7 @@ from typing import Any
 
 from fedguard.client.policy import NOT_PRIVATE_AGAINST_SERVER
 from fedguard.core.config import NoiseSource, RunConfig
+from fedguard.core.datasets import schema_for
 from fedguard.core.files import atomic_write_json
 from fedguard.privacy.central_accounting import central_dp_statement, read_central_dp
 from fedguard.simulation.runner import SiloPlan, VariantResult
@@ -40,7 +41,7 @@ def package_versions() -> dict[str, str]:
 
 
 def _headline(config: RunConfig) -> str:
-    return "auc" if config.dataset.value in {"flchain", "credit", "breast-cancer"} else "accuracy"
+    return "auc" if schema_for(config.contract).is_binary else "accuracy"
 
 
 def _metric(record: dict[str, Any], name: str) -> float:
@@ -116,6 +117,11 @@ def build_report(
     return {
         "fedguard_report_version": 1,
         "config": config.to_dict(),
+        "data_contract": {
+            "name": config.contract.name,
+            "version": config.contract.version,
+            "sha256": config.contract.content_hash(),
+        },
         "seed": config.seed,
         "package_versions": package_versions(),
         "privacy": {
@@ -288,9 +294,7 @@ def _plots(run_dir: Path, config: RunConfig, report: dict[str, Any]) -> dict[str
         axes[1].plot(
             rounds, [_metric(r, "loss") for r in variant["history"]], marker="o", label=name
         )
-    axes[0].set(
-        xlabel="round", ylabel=f"test {key} (pooled)", title=f"{config.dataset.value}: {key}"
-    )
+    axes[0].set(xlabel="round", ylabel=f"test {key} (pooled)", title=f"{config.data_name}: {key}")
     axes[1].set(xlabel="round", ylabel="test loss (pooled)", title="loss")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -342,10 +346,12 @@ def _markdown(
 ) -> str:
     key = _headline(config)
     out = [
-        f"# fedguard run: {config.dataset.value}",
+        f"# fedguard run: {config.data_name}",
         "",
         f"{config.num_clients} silos, partition `{config.partition}`, {config.num_rounds} rounds, "
         f"seed {config.seed}, engine `{config.engine.value}`.",
+        f"Data contract `{config.contract.name}` v{config.contract.version}, "
+        f"sha256 `{config.contract.content_hash()}`.",
         "",
         "## Results",
         "",

@@ -34,7 +34,7 @@ from fedguard.client.silo import SiloSettings, SimulatedSiloSource
 from fedguard.core.config import Engine, NoiseSource, RunConfig
 from fedguard.core.datasets import SiloData
 from fedguard.core.errors import InfeasibleBudgetError
-from fedguard.core.silos import simulation_silos
+from fedguard.core.silos import PooledData, simulation_silos
 from fedguard.privacy.analysis.dp_sgd import calibrate_noise_multiplier, poisson_schedule
 from fedguard.privacy.ledger import PrivacyLedger
 from fedguard.runs.layout import VariantFolder, silo_id
@@ -91,7 +91,11 @@ def plan_silos(config: RunConfig) -> tuple[list[SiloData], list[SiloPlan]]:
     starts: an empty silo, a budget too small for one round.
     """
     silos = simulation_silos(
-        config.dataset, config.num_clients, config.partition, config.test_fraction, config.seed
+        PooledData.for_run(config),
+        config.num_clients,
+        config.partition,
+        config.test_fraction,
+        config.seed,
     )
     plans = []
     for index, silo in enumerate(silos):
@@ -143,7 +147,7 @@ def _client_settings(config: RunConfig, run_dir: Path) -> Callable[[Context], Si
             state_dir=VariantFolder(run_dir).silo(silo_id(index)),
             budget=config.budget,
             data=SimulatedSiloSource(
-                dataset=config.dataset,
+                data=PooledData.for_run(config),
                 num_silos=config.num_clients,
                 partition=config.partition,
                 index=index,
@@ -268,7 +272,7 @@ def read_ledgers(config: RunConfig, run_dir: Path) -> dict[str, list[dict[str, A
 
 def default_run_name(config: RunConfig) -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    return config.run_name or f"{config.dataset.value}-{stamp}"
+    return config.run_name or f"{config.data_name}-{stamp}"
 
 
 def simulate(

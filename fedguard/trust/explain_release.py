@@ -34,6 +34,7 @@ from fedguard.core.datasets import FeatureSchema
 from fedguard.core.errors import FedguardError
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import model_weights, weights_sha256
+from fedguard.core.silos import PooledData
 from fedguard.core.trust_config import TrustNoise
 from fedguard.runs.layout import silo_id as simulated_silo_id
 from fedguard.trust.explanations import (
@@ -75,7 +76,7 @@ def silo_settings(saved: SavedRun, index: int) -> SiloSettings:
         state_dir=saved.silo_dir(silo_id),
         budget=run.budget,
         data=SimulatedSiloSource(
-            dataset=run.dataset,
+            data=PooledData.for_run(run),
             num_silos=run.num_clients,
             partition=run.partition,
             index=index,

@@ -89,7 +89,8 @@ def trust_instruction(
         round=config.num_rounds,
         planned_rounds=config.num_rounds,
         seed=config.seed,
-        dataset=config.dataset,
+        contract_name=config.contract.name,
+        contract_hash=config.contract.content_hash(),
         model=config.model,
         training=config.training,
         local_dp=config.local_dp,
@@ -148,7 +149,7 @@ def fairness_audit(final: FinalModel) -> tuple[FairnessResult, dict[str, Any]]:
     if trust.fairness_attribute is None:
         raise DataError("no sensitive attribute configured")
     groups = sensitive_groups(
-        schema_for(config.dataset), trust.fairness_attribute, trust.fairness_bands
+        schema_for(config.contract), trust.fairness_attribute, trust.fairness_bands
     )
     result = collect_secure_statistic(
         final.send,
@@ -267,7 +268,7 @@ def _histograms(
 def drift_reference(final: FinalModel) -> DriftReference:
     """Fix the bins from the scaler's schema and release the training-time histograms."""
     config = final.config
-    schema = schema_for(config.dataset)
+    schema = schema_for(config.contract)
     edges = bin_edges(schema.standardize, config.trust.drift_bins)
     result = _histograms(final, edges, 0, "train")
     counts = result.values.reshape(edges.shape[0], -1)
@@ -311,7 +312,7 @@ def monitor_drift(
 
 def global_attributions(final: FinalModel) -> AttributionResult:
     """Mean clipped Integrated-Gradients attribution per feature of the final model."""
-    schema = schema_for(final.config.dataset)
+    schema = schema_for(final.config.contract)
     trust = final.config.trust
     result = collect_secure_statistic(
         final.send,

@@ -27,7 +27,6 @@ from enum import StrEnum
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedguard.core.config import (
-    DatasetName,
     GradSampleMode,
     LocalDPConfig,
     LocalTrainingConfig,
@@ -37,7 +36,7 @@ from fedguard.core.config import (
 )
 from fedguard.core.errors import ConfigError, ProtocolError, UnknownDatasetError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the data contract (name, hash) replaced the data set name
 
 FEATURE_STATISTICS = "query.feature_statistics"
 TRAIN = "train"
@@ -74,7 +73,9 @@ class RoundInstructions:
     round: int
     planned_rounds: int
     seed: int
-    dataset: DatasetName
+    # The run's data contract: its name and SHA-256; a silo under another refuses.
+    contract_name: str
+    contract_hash: str
     model: ModelSpec
     training: LocalTrainingConfig
     local_dp: LocalDPConfig
@@ -92,6 +93,11 @@ class RoundInstructions:
             )
         if not self.run_id:
             raise ProtocolError("run id is empty")
+        if not self.contract_name or len(self.contract_hash) != 64:
+            raise ProtocolError(
+                f"an instruction names its data contract and its SHA-256, got "
+                f"{self.contract_name!r} {self.contract_hash!r}"
+            )
         if not all(isinstance(e, float) and 0 < e < float("inf") for e in self.planned_releases):
             raise ProtocolError(f"planned releases must be ε > 0, got {self.planned_releases!r}")
         if self.round < 0 or self.planned_rounds < 1:
@@ -107,7 +113,8 @@ class RoundInstructions:
                 "round": self.round,
                 "planned-rounds": self.planned_rounds,
                 "seed": self.seed,
-                "dataset": self.dataset.value,
+                "contract": self.contract_name,
+                "contract-hash": self.contract_hash,
                 "hidden": list(self.model.hidden),
                 "local-epochs": self.training.local_epochs,
                 "batch-size": self.training.batch_size,
@@ -142,7 +149,8 @@ class RoundInstructions:
                 round=_int(record, "round"),
                 planned_rounds=_int(record, "planned-rounds"),
                 seed=_int(record, "seed"),
-                dataset=DatasetName.parse(_str(record, "dataset")),
+                contract_name=_str(record, "contract"),
+                contract_hash=_str(record, "contract-hash"),
                 model=ModelSpec(hidden=tuple(int(h) for h in hidden)),
                 training=LocalTrainingConfig(
                     local_epochs=_int(record, "local-epochs"),

@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord
 from fedguard.client.app import SiloAgent, make_client_app
 from fedguard.client.silo import settings_from_node_config
 from fedguard.core.config import DatasetName, LocalDPConfig, PrivacyBudget
+from fedguard.core.datasets import schema_for
 from fedguard.core.errors import ConfigError
 from fedguard.core.feature_moments import moment_layout
 from fedguard.core.trust_config import TrustNoise
@@ -121,7 +122,8 @@ def test_wrong_dataset_and_malformed_instructions_are_errors(tmp_path: Path) -> 
     weights, scaler = initial_weights(), local_scaler(settings)
     wrong = instruction(1, weights, scaler, dataset=DatasetName.DIGITS)
     _, (status, reason) = _train(SiloAgent(settings), wrong)
-    assert status is ReplyStatus.ERROR and "digits" in reason
+    # Another data contract than the silo's own: a refusal naming both.
+    assert status is ReplyStatus.REFUSED and "digits" in reason and "breast-cancer" in reason
     broken = instruction(1, weights, scaler)
     broken.content.config_records[protocol.CONFIG] = ConfigRecord({"run-id": "x"})
     _, (status, reason) = _train(SiloAgent(settings), broken)
@@ -140,7 +142,7 @@ def test_evaluate_and_statistics_replies(tmp_path: Path) -> None:
     assert metrics["num-examples"] == len(settings.data.load().test)
     assert protocol.HISTOGRAMS in reply.content.array_records
     # Plain mode's feature moments: the DP release in clear, charged to the ledger first.
-    layout = moment_layout(DATASET)
+    layout = moment_layout(schema_for(DATASET))
     request = StatisticRequest(
         StatisticKind.FEATURE_MOMENTS, 0, 0.2, TrustNoise.GAUSSIAN, 2.0**-6, layout.length, {}
     )

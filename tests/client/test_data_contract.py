@@ -212,3 +212,22 @@ def test_a_failing_query_is_a_typed_error_without_the_password(tmp_path: Path) -
     source = DataSource.sql(f"sqlite:///{tmp_path / 'none.sqlite'}", "SELECT * FROM absent")
     with pytest.raises(DataError, match="query failed"):
         read_table(source)
+
+
+def test_a_server_under_another_version_of_the_contract_is_refused(tmp_path: Path) -> None:
+    """Same name, other content (a widened range): the hashes differ, the silo refuses."""
+    import dataclasses
+
+    own = builtin_contract(DATASET)
+    edited = dataclasses.replace(own, version=own.version + 1)
+    assert edited.name == own.name and edited.content_hash() != own.content_hash()
+    settings = dataclasses.replace(
+        _settings(tmp_path, _csv_clean(tmp_path)),
+        data=TableSiloSource(_csv_clean(tmp_path), edited),
+    )
+    status, reason, refusal = _train(settings)
+    assert status is ReplyStatus.REFUSED
+    assert refusal == RefusalReason.DATA_CONTRACT.value
+    assert own.content_hash()[:12] in reason and edited.content_hash()[:12] in reason
+    assert _charged(settings) == 0
+    assert not (settings.state_dir / VALIDATION_REPORT).exists()  # refused before loading

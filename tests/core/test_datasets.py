@@ -15,6 +15,7 @@ from fedguard.core.datasets import (
     EncodedData,
     FeatureSchema,
     SiloData,
+    builtin_contract,
     encode_frame,
     load_silo_frame,
     schema_for,
@@ -50,7 +51,8 @@ def assert_encoded_equal(first: EncodedData, second: EncodedData) -> None:
 def test_schema_is_consistent(name: DatasetName) -> None:
     schema = schema_for(name)
     _rows, counts, raw_features, encoded = EXPECTED[name]
-    assert schema.dataset is name
+    assert schema.dataset == name.value
+    assert schema.contract_hash == builtin_contract(name).content_hash()
     assert schema.num_features == encoded == len(schema.feature_names) == len(schema.standardize)
     assert schema.num_classes == len(counts) == len(schema.class_names)
     assert schema.is_binary == (len(counts) == 2)
@@ -87,12 +89,12 @@ def test_schema_validation() -> None:
     good = schema_for(DatasetName.BREAST_CANCER)
     with pytest.raises(DataError, match="feature names do not fit input_shape"):
         FeatureSchema(
-            good.dataset, good.feature_names[:-1], good.standardize[:-1], 2,
+            good.contract, good.feature_names[:-1], good.standardize[:-1], 2,
             good.class_names, good.input_shape, good.raw_columns, good.label_column,
         )  # fmt: skip
     with pytest.raises(DataError, match="label column"):
         FeatureSchema(
-            good.dataset, good.feature_names, good.standardize, 2,
+            good.contract, good.feature_names, good.standardize, 2,
             good.class_names, good.input_shape, good.raw_columns, "nope",
         )  # fmt: skip
 
@@ -267,7 +269,7 @@ def test_encode_accepts_other_spellings(flchain_rows: pd.DataFrame) -> None:
 def test_encode_rejects_foreign_schema(flchain_rows: pd.DataFrame) -> None:
     schema = schema_for(DatasetName.FLCHAIN)
     altered = FeatureSchema(
-        schema.dataset, schema.feature_names, schema.standardize, 2,
+        schema.contract, schema.feature_names, schema.standardize, 2,
         ("a", "b"), schema.input_shape, schema.raw_columns, schema.label_column,
     )  # fmt: skip
     with pytest.raises(DataError, match="schema_for"):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedguard.core.config import DatasetName, PartitionSpec
-from fedguard.core.datasets import EncodedData, FeatureSchema, schema_for
+from fedguard.core.datasets import EncodedData, FeatureSchema, builtin_contract, schema_for
 from fedguard.core.errors import DataError
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.silos import simulation_silos
@@ -15,7 +15,7 @@ from fedguard.core.silos import simulation_silos
 def make_schema(standardize: list[bool]) -> FeatureSchema:
     d = len(standardize)
     return FeatureSchema(
-        dataset=DatasetName.BREAST_CANCER,
+        contract=builtin_contract(DatasetName.BREAST_CANCER),
         feature_names=tuple(f"f{i}" for i in range(d)),
         standardize=tuple(standardize),
         num_classes=2,

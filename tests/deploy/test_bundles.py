@@ -28,7 +28,7 @@ def test_node_config_is_toml_flower_and_fedguard_both_read(tmp_path: Path) -> No
     assert settings.silo_id == "hospital-a"
     assert settings.budget == PrivacyBudget(3.0, 1e-5)
     assert settings.state_dir == tmp_path
-    assert settings.data.dataset is DatasetName.BREAST_CANCER
+    assert settings.data.contract.name == DatasetName.BREAST_CANCER.value
     assert parsed["signing-key"] == str(tmp_path / "node.key")
     assert parsed["data-path"] == str(data)
 

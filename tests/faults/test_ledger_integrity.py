@@ -16,6 +16,7 @@ from flwr.app import Message
 from fedguard.audit.chain import read_records
 from fedguard.audit.logs import SILO_LOG_NAME
 from fedguard.client.app import make_client_app
+from fedguard.core.config import DatasetName
 from fedguard.privacy.ledger import PrivacyLedger
 from fedguard.wire import protocol
 from fedguard.wire.protocol import ReplyStatus
@@ -181,7 +182,11 @@ def test_reset_ledger_command_needs_confirmation_and_logs_the_reset(tmp_path: Pa
     state = settings.state_dir
     (state / "node-config.toml").write_text(
         node_config_toml(
-            "silo-0", settings.data.dataset, tmp_path / "x.csv", state, settings.budget
+            "silo-0",
+            DatasetName.parse(settings.data.contract.name),
+            tmp_path / "x.csv",
+            state,
+            settings.budget,
         )
     )
     args = ["client", "reset-ledger", "--state-dir", str(state), "--reason", "new agreement"]

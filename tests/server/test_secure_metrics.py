@@ -70,7 +70,8 @@ def _config_record(config: RunConfig, round_number: int = 0) -> Any:
         round=round_number,
         planned_rounds=config.num_rounds,
         seed=config.seed,
-        dataset=config.dataset,
+        contract_name=config.contract.name,
+        contract_hash=config.contract.content_hash(),
         model=config.model,
         training=config.training,
         local_dp=config.local_dp,
@@ -96,7 +97,7 @@ def test_secure_scaler_matches_the_pooled_statistics_within_the_dp_noise(tmp_pat
         str,
         identities=consortium_identities(tmp_path, SILOS),
     )
-    layout = moment_layout(DATASET)
+    layout = moment_layout(schema_for(DATASET))
     silos = _pooled(tmp_path)
     exact = np.sum([layout.vector(s.train.features) for s in silos], axis=0)
     assert release.secure and release.contributors == SILOS
@@ -143,7 +144,7 @@ def test_exact_secure_moments_give_the_pooled_scaler(tmp_path: Path) -> None:
     )
     # The public ranges cover these data (nothing is clipped); only the lattice rounds:
     # each silo's Σu moves by less than one step (2^-6), unbiasedly.
-    layout = moment_layout(DATASET)
+    layout = moment_layout(schema_for(DATASET))
     rows = sum(len(s.train) for s in silos)
     step = layout.half_width * SILOS * MOMENTS_RESOLUTION / rows
     index = list(layout.features)
@@ -159,7 +160,7 @@ def test_plain_mode_sums_the_silos_dp_releases_sent_in_clear(tmp_path: Path) -> 
         grid_send(grid, "moments"), sorted(grid.get_node_ids()), config, _config_record(config), str
     )
     assert not release.secure and release.contributors == SILOS and release.noise_std > 0
-    layout = moment_layout(DATASET)
+    layout = moment_layout(schema_for(DATASET))
     exact = np.sum([layout.vector(s.train.features) for s in _pooled(tmp_path)], axis=0)
     assert np.abs((release.values - exact) / release.noise_std).max() < 5.0
 
