@@ -23,7 +23,7 @@ from fedguard.core.config import (
     RunConfig,
 )
 from fedguard.core.datasets import builtin_contract, schema_for
-from fedguard.core.models import build_model
+from fedguard.core.models import build_model, model_hash_for
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.seeding import seed_torch
 from fedguard.core.serialization import ModelWeights, model_weights, weights_to_record
@@ -111,6 +111,7 @@ def instruction(
         contract_name=builtin_contract(dataset).name,
         contract_hash=builtin_contract(dataset).content_hash(),
         model=ModelSpec(),
+        model_hash=model_hash_for(schema_for(dataset), ModelSpec()),
         training=LocalTrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.1),
         local_dp=dp or LocalDPConfig(),
     )

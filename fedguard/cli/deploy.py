@@ -154,6 +154,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
             key=Path(args.key),
             dataset=args.dataset,
             contract=args.contract,
+            model_factory=args.model_factory,
             target_epsilon=args.target_epsilon,
             delta=args.delta,
             runtime_port=args.runtime_port,
@@ -411,6 +412,10 @@ def _add_client_start(client_sub: Any) -> None:
     p.add_argument(
         "--contract", default=None, metavar="FILE",
         help="this silo's copy of the consortium's data contract (TOML)",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-factory", default=None, metavar="MODULE:FUNCTION",
+        help="the consortium's own torch model, from this silo's installation",
     )  # fmt: skip
     p.add_argument("--target-epsilon", type=float, default=defaults.budget.epsilon)
     p.add_argument("--delta", type=float, default=defaults.budget.delta)

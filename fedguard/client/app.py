@@ -56,6 +56,7 @@ from fedguard.client.training import (
     LocalData,
     TrainResult,
     evaluate,
+    silo_model,
     train_dp_sgd,
     train_non_private,
 )
@@ -69,7 +70,6 @@ from fedguard.core.errors import (
     ProtocolError,
     TrainingRefusedError,
 )
-from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.seeding import derive_seed
 from fedguard.core.serialization import (
@@ -220,7 +220,7 @@ class SiloAgent:
         instructions = self._instructions(message)
         self._check_request(instructions)
         silo = self._load(message)
-        model = build_model(silo.schema, instructions.model)
+        model = silo_model(self.settings, silo.schema, instructions)
         global_weights = record_to_weights(self._record(message, protocol.ARRAYS))
         load_weights(model, global_weights)
         data = self._local_data(message, silo, train=True)
@@ -400,7 +400,7 @@ class SiloAgent:
             )
         instructions = self._instructions(message)
         silo = self._load(message)
-        model = build_model(silo.schema, instructions.model)
+        model = silo_model(self.settings, silo.schema, instructions)
         load_weights(model, record_to_weights(self._record(message, protocol.ARRAYS)))
         result = evaluate(
             model, self._local_data(message, silo, train=False), silo.schema.num_classes

@@ -66,6 +66,7 @@ class RefusalReason(StrEnum):
     SECAGG_STAGE = "secagg-stage"
     REPLAYED_ROUND = "replayed-round"
     DATA_CONTRACT = "data-contract"
+    MODEL_ARCHITECTURE = "model-architecture"
 
 
 class PolicyRefusalError(TrainingRefusedError):

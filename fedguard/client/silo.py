@@ -188,6 +188,9 @@ class SiloSettings:
     # The node key the silo signs its log with (node config ``signing-key``); None:
     # the log is only chained (simulation).
     signing_key: Path | None = None
+    # The consortium's own model, ``package.module:function`` from this silo's own
+    # installation (node config ``model-factory``); the server's name is never imported.
+    model_factory: str = ""
 
     def __post_init__(self) -> None:
         if not self.silo_id or "/" in self.silo_id:
@@ -236,6 +239,7 @@ def settings_from_node_config(node_config: Mapping[str, object]) -> SiloSettings
             if node_config.get("signing-key") not in (None, "")
             else None
         ),
+        model_factory=str(node_config.get("model-factory", "")).strip(),
     )
 
 

@@ -56,13 +56,13 @@ from torch import nn
 from fedguard.client.ledger_guard import open_silo_ledger
 from fedguard.client.release import SPEND_METRICS, PendingCharge, charge_release, spend_metrics
 from fedguard.client.silo import SiloSettings, check_contract, load_silo_data
+from fedguard.client.training import silo_model
 from fedguard.core.checks import positive, positive_int
 from fedguard.core.datasets import SiloData
 from fedguard.core.errors import ConfigError, LedgerError, ProtocolError, TrainingRefusedError
 from fedguard.core.feature_moments import moment_layout
 from fedguard.core.files import atomic_write_bytes
 from fedguard.core.metrics import AUC_BINS
-from fedguard.core.models import build_model
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.serialization import load_weights, record_to_weights
 from fedguard.core.trust_config import TrustNoise
@@ -259,10 +259,12 @@ def lattice_vector(values: np.ndarray, resolution: float) -> np.ndarray:
     return np.asarray(values, dtype=np.float64) / resolution - 0.5
 
 
-def _model(message: Message, silo: SiloData, instructions: RoundInstructions) -> nn.Module | None:
+def _model(
+    settings: SiloSettings, message: Message, silo: SiloData, instructions: RoundInstructions
+) -> nn.Module | None:
     if protocol.ARRAYS not in message.content.array_records:
         return None
-    model = build_model(silo.schema, instructions.model)
+    model = silo_model(settings, silo.schema, instructions)
     load_weights(model, record_to_weights(message.content.array_records[protocol.ARRAYS]))
     return model
 
@@ -329,7 +331,7 @@ def released_values(
     )
     silo = load_silo_data(settings)
     statistic = producer_for(producers, request.kind)(
-        silo, _model(message, silo, instructions), scaler, request.options
+        silo, _model(settings, message, silo, instructions), scaler, request.options
     )
     if statistic.values.size != request.vector_length:
         raise ProtocolError(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -42,18 +42,24 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedguard.client.policy import PolicyRefusalError, RefusalReason
+from fedguard.client.silo import SiloSettings
 from fedguard.core.config import (
     GradSampleMode,
     LocalDPConfig,
     LocalTrainingConfig,
+    ModelFamily,
     NoiseSource,
     OptimizerKind,
 )
+from fedguard.core.datasets import FeatureSchema
 from fedguard.core.errors import ConfigError, FedguardError
 from fedguard.core.metrics import score_histograms
+from fedguard.core.models import architecture_hash, build_model
 from fedguard.core.serialization import ModelWeights, model_weights
 from fedguard.privacy.analysis.dp_sgd import poisson_schedule
 from fedguard.privacy.noise import CsprngGaussian, seeded_torch_generator
+from fedguard.wire.protocol import RoundInstructions
 
 
 @dataclass(frozen=True)
@@ -419,3 +425,31 @@ def _override(
         _CSPRNG_CLASSES[(base, method)] = cls
     target.__class__ = cls
     setattr(target, attribute, source)  # an attribute Opacus lacks
+
+
+def silo_model(
+    settings: SiloSettings, schema: FeatureSchema, instructions: RoundInstructions
+) -> nn.Module:
+    """The model this silo trains or evaluates, refused unless it is the server's.
+
+    A ``factory`` model comes from the silo's own ``model-factory`` (never the name
+    the server sent); every model's architecture hash must equal the instruction's.
+    """
+    spec = instructions.model
+    if spec.family is ModelFamily.FACTORY:
+        if not settings.model_factory:
+            raise PolicyRefusalError(
+                RefusalReason.MODEL_ARCHITECTURE,
+                f"the server trains the consortium's own model ({spec.factory!r}); silo "
+                f"{settings.silo_id} has no model-factory in its node config",
+            )
+        spec = replace(spec, factory=settings.model_factory)
+    model = build_model(schema, spec)
+    own = architecture_hash(model)
+    if instructions.model_hash != own:
+        raise PolicyRefusalError(
+            RefusalReason.MODEL_ARCHITECTURE,
+            f"the server's model architecture ({instructions.model_hash[:12] or 'none'}) is "
+            f"not silo {settings.silo_id}'s own ({own[:12]}, {spec.family.value})",
+        )
+    return model

@@ -346,16 +346,51 @@ class ParticipationPolicy:
         positive("reply-timeout", self.reply_timeout_s)
 
 
+class ModelFamily(StrEnum):
+    """Which model a run trains (fedguard.core.models)."""
+
+    AUTO = "auto"  # the CNN for images, the MLP for tables
+    LOGISTIC = "logistic"  # one linear layer: logistic (softmax) regression
+    MLP = "mlp"
+    CNN = "cnn"
+    FACTORY = "factory"  # the consortium's own torch module, from ``factory``
+
+
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """Model architecture. ``hidden`` sizes apply to the tabular MLP."""
+    """Model architecture. ``hidden`` sizes apply to the tabular MLP.
+
+    ``factory`` (family ``factory``): ``package.module:function``, called as
+    ``function(input_shape=..., num_classes=...)`` and returning the ``nn.Module``.
+    A silo never imports what the server names: it builds the model from the
+    factory in its own node config and refuses unless the architecture's hash
+    equals the one the server sent.
+    """
 
     hidden: tuple[int, ...] = (64, 64)
+    family: ModelFamily = ModelFamily.AUTO
+    factory: str = ""
 
     def __post_init__(self) -> None:
         _require(
             len(self.hidden) >= 1 and all(isinstance(h, int) and h >= 1 for h in self.hidden),
             f"hidden sizes must be integers >= 1, got {self.hidden!r}",
+        )
+        _require(
+            isinstance(self.family, ModelFamily),
+            f"model family must be a ModelFamily, got {self.family!r}",
+        )
+        _require(
+            (self.family is ModelFamily.FACTORY) == bool(self.factory),
+            f"model family 'factory' and a model-factory go together, got family "
+            f"{self.family.value!r} with factory {self.factory!r}",
+        )
+        _require(
+            not self.factory or _FACTORY.fullmatch(self.factory) is not None,
+            f"model-factory must read package.module:function, got {self.factory!r}",
         )
 
 

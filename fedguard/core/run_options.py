@@ -37,6 +37,7 @@ from fedguard.core.config import (
     DatasetName,
     Engine,
     GradSampleMode,
+    ModelFamily,
     NoiseSource,
     OptimizerKind,
     PartitionKind,
@@ -149,6 +150,8 @@ NAME = Codec(lambda name, value: str(value) or None, lambda text: text or "")
 #: A column name where blank means none (``fairness-attribute``).
 COLUMN = Codec(lambda name, value: str(value).strip() or None, lambda text: text or "")
 PATH = Codec(lambda name, value: Path(str(value)), str)
+#: Text where ``""`` means none, kept as ``""`` (``model-factory``).
+NAME_TEXT = Codec(lambda name, value: str(value).strip(), str)
 #: ``iid``, ``dirichlet:ALPHA`` or ``column:NAME``: a partition's kind, alpha and column.
 PARTITION = Codec(_parse_partition, _render_partition)
 #: ``"nnm,bucketing"`` <-> the pre-aggregation steps, in order.
@@ -334,6 +337,11 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "none: exact sums without DP, research only"),
     Option("hidden", ("model", "hidden"), INTS, Group.TRAINING,
            "hidden layer sizes of the tabular MLP", metavar="H1,H2,..."),
+    Option("model", ("model", "family"), choice(ModelFamily), Group.TRAINING,
+           "model family (auto: a CNN for images, an MLP for tables)"),
+    Option("model-factory", ("model", "factory"), NAME_TEXT, Group.TRAINING,
+           "your own torch model: package.module:function (with --model factory)",
+           metavar="MODULE:FUNCTION"),
     Option("min-silos-per-round", ("participation", "min_silos_per_round"), INT,
            Group.PARTICIPATION, "fewest silos whose updates a round must aggregate; a run "
            "with rounds below it ends degraded (failed if no round reaches it)"),

@@ -57,6 +57,7 @@ def node_config_toml(
     signing_key: Path | None = None,
     secagg_identity: Path | None = None,
     consortium_key: Path | None = None,
+    model_factory: str | None = None,
 ) -> str:
     """The ``--node-config`` file of a silo (the keys ``fedguard.client.app`` reads).
 
@@ -76,6 +77,8 @@ def node_config_toml(
     }
     if signing_key is not None:
         values["signing-key"] = str(signing_key)
+    if model_factory:
+        values["model-factory"] = model_factory
     if (secagg_identity is None) != (consortium_key is None):
         raise ConfigError("a SecAgg identity needs both the identity key and the consortium key")
     if secagg_identity is not None and consortium_key is not None:

@@ -97,6 +97,8 @@ class ClientStart:
     consortium_key: str | None = None
     # The silo's own copy of the consortium's data contract (instead of ``dataset``).
     contract: str | None = None
+    # The consortium's own model, from this silo's installation (package.module:function).
+    model_factory: str | None = None
 
 
 def supernode_command(
@@ -261,6 +263,7 @@ def _node_config(
         signing_key=start.key.resolve(),
         secagg_identity=identity[0] if identity else None,
         consortium_key=identity[1] if identity else None,
+        model_factory=start.model_factory,
     )
 
 

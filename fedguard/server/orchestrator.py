@@ -60,7 +60,7 @@ from fedguard.core.errors import (
     ConfigError,
 )
 from fedguard.core.files import atomic_write_json
-from fedguard.core.models import build_model
+from fedguard.core.models import build_model, model_hash_for
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.seeding import derive_seed, numpy_rng, seed_torch
 from fedguard.core.serialization import (
@@ -501,6 +501,7 @@ class FederatedRun:
             local_dp=self.config.local_dp,
             planned_releases=self.config.trust.planned_releases(),
             update_clip_norm=self.config.update_clip_norm,
+            model_hash=model_hash_for(schema_for(self.config.contract), self.config.model),
         )
 
     def _instruction(

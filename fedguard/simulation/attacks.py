@@ -254,7 +254,7 @@ def _trained_delta(
     data: LocalData,
     seed: int,
 ) -> np.ndarray:
-    model = build_model(silo.schema, instructions.model)
+    model = build_model(silo.schema, instructions.model)  # the attacker's own copy
     load_weights(model, global_weights)
     result = train_non_private(model, data, instructions.training, seed)
     return update_delta(global_weights, result.weights)

@@ -39,6 +39,7 @@ from fedguard.core.datasets import schema_for
 from fedguard.core.errors import DataError, FedguardError
 from fedguard.core.files import atomic_write_json
 from fedguard.core.histograms import bin_edges
+from fedguard.core.models import model_hash_for
 from fedguard.core.preprocessing import FeatureScaler
 from fedguard.core.sensitive_groups import sensitive_groups
 from fedguard.core.serialization import ModelWeights, weights_to_record
@@ -94,6 +95,7 @@ def trust_instruction(
         model=config.model,
         training=config.training,
         local_dp=config.local_dp,
+        model_hash=model_hash_for(schema_for(config.contract), config.model),
     )
     return RecordDict(
         {

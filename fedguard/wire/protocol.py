@@ -30,13 +30,16 @@ from fedguard.core.config import (
     GradSampleMode,
     LocalDPConfig,
     LocalTrainingConfig,
+    ModelFamily,
     ModelSpec,
     NoiseSource,
     OptimizerKind,
 )
 from fedguard.core.errors import ConfigError, ProtocolError, UnknownDatasetError
 
-PROTOCOL_VERSION = 2  # 2: the data contract (name, hash) replaced the data set name
+# 2: the data contract (name, hash) replaced the data set name; the model family,
+# factory and architecture hash joined.
+PROTOCOL_VERSION = 2
 
 FEATURE_STATISTICS = "query.feature_statistics"
 TRAIN = "train"
@@ -85,6 +88,9 @@ class RoundInstructions:
     # L2 bound each silo clips its update Δ = new − global to (0: none). Robustness,
     # not privacy: the server checks plain updates and decoded sums against it.
     update_clip_norm: float = 0.0
+    # SHA-256 of the model's architecture (fedguard.core.models.architecture_hash): a
+    # silo whose own model hashes otherwise refuses; "" is refused too.
+    model_hash: str = ""
 
     def __post_init__(self) -> None:
         if not (self.update_clip_norm >= 0 and self.update_clip_norm < float("inf")):
@@ -116,6 +122,9 @@ class RoundInstructions:
                 "contract": self.contract_name,
                 "contract-hash": self.contract_hash,
                 "hidden": list(self.model.hidden),
+                "model-family": self.model.family.value,
+                "model-factory": self.model.factory,
+                "model-hash": self.model_hash,
                 "local-epochs": self.training.local_epochs,
                 "batch-size": self.training.batch_size,
                 "learning-rate": self.training.learning_rate,
@@ -151,7 +160,12 @@ class RoundInstructions:
                 seed=_int(record, "seed"),
                 contract_name=_str(record, "contract"),
                 contract_hash=_str(record, "contract-hash"),
-                model=ModelSpec(hidden=tuple(int(h) for h in hidden)),
+                model=ModelSpec(
+                    hidden=tuple(int(h) for h in hidden),
+                    family=ModelFamily(_str(record, "model-family")),
+                    factory=_str(record, "model-factory"),
+                ),
+                model_hash=_str(record, "model-hash"),
                 training=LocalTrainingConfig(
                     local_epochs=_int(record, "local-epochs"),
                     batch_size=_int(record, "batch-size"),

@@ -16,6 +16,7 @@ from fedguard.core.config import LocalDPConfig, RunConfig, SecureAggregationConf
 from fedguard.core.datasets import schema_for
 from fedguard.core.errors import ConfigError
 from fedguard.core.feature_moments import moment_layout
+from fedguard.core.models import model_hash_for
 from fedguard.core.preprocessing import FeatureScaler, FeatureStatistics
 from fedguard.core.serialization import weights_to_record
 from fedguard.privacy.ledger import ChargePurpose, PrivacyLedger
@@ -75,6 +76,7 @@ def _config_record(config: RunConfig, round_number: int = 0) -> Any:
         model=config.model,
         training=config.training,
         local_dp=config.local_dp,
+        model_hash=model_hash_for(schema_for(config.contract), config.model),
     ).to_record()
 
 
