@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 
 from fedguard.audit.pki import init_ca, issue_server_cert, node_keygen
+from fedguard.core.builtin_datasets import load_pooled_frame
+from fedguard.core.config import DatasetName
 
 pytestmark = pytest.mark.slow  # whole runs, engines or processes: the slow tier
 
@@ -242,7 +244,8 @@ def deployment(
         issue_server_cert(root / "ca", root / folder)
     for key in keys:
         node_keygen(root / "keys" / key, comment=key, secagg_identity=True)
-    (root / "data.csv").write_text("unused,target\n0,0\n")  # read by training only
+    # `client start` validates the silo's table against its contract before it connects.
+    load_pooled_frame(DatasetName.BREAST_CANCER).head(60).to_csv(root / "data.csv", index=False)
     try:
         d.fedguard("server", "start", "--server-dir", "server", "--address", d.address)
         for key in keys:

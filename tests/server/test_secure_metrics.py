@@ -112,12 +112,15 @@ def test_secure_scaler_matches_the_pooled_statistics_within_the_dp_noise(tmp_pat
     assert abs(float(np.sum(z**2)) - k) < 6 * math.sqrt(2 * k)
     # The scaler is post-processing of the noised sum only, and fits the rebuilt data.
     train = [s.train for s in silos]
-    assert scaler_reproduced(tmp_path / "elsewhere", DATASET, train, release.scaler) is None
+    assert (
+        scaler_reproduced(tmp_path / "elsewhere", schema_for(DATASET), train, release.scaler)
+        is None
+    )
     (tmp_path / MOMENTS_FILENAME).write_text(json.dumps(release.to_json(DATASET.value)))
-    assert scaler_reproduced(tmp_path, DATASET, train, release.scaler)
+    assert scaler_reproduced(tmp_path, schema_for(DATASET), train, release.scaler)
     # Other data are caught only when far off: at this noise (≈ 221 a value, 455 rows)
     # one silo more or less passes the 6σ check (±1325); eight times the rows does not.
-    assert not scaler_reproduced(tmp_path, DATASET, train * 8, release.scaler)
+    assert not scaler_reproduced(tmp_path, schema_for(DATASET), train * 8, release.scaler)
     # Each silo charged the release once, under its own purpose, before any training.
     for i in range(SILOS):
         settings = silo_settings(tmp_path, i)
