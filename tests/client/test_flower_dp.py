@@ -347,3 +347,29 @@ def test_evaluate_reports_loss_accuracy_and_size(tmp_path: Path) -> None:
         DpRefusal.BAD_ARRAYS
     )
     assert charges(tmp_path) == []
+
+
+def _threat_model_rows(message: str) -> set[tuple[str, str]]:
+    """(record, field) rows of docs/threat-model.md §3.4 for ``message``."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "threat-model.md").read_text()
+    section = text.split("### 3.4", 1)[1].split("\n## ", 1)[0]
+    rows = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 5 and cells[0] == message:
+            rows.add((cells[1], cells[2]))
+    return rows
+
+
+def test_every_reply_field_is_the_threat_models(tmp_path: Path) -> None:
+    ctx = context(node_config(tmp_path))
+    trained = silo().train(train_message(1, state_arrays(small_model())), ctx)
+    sent = {("metrics", key) for key in trained.content["metrics"]}
+    sent.add(("arrays", "(every model tensor)"))
+    assert set(trained.content.keys()) == {"arrays", "metrics"}
+    assert sent == _threat_model_rows("train")
+    message = train_message(1)
+    message.metadata.__dict__["_message_type"] = "evaluate"
+    evaluated = silo().evaluate(message, ctx)
+    assert set(evaluated.content.keys()) == {"metrics"}
+    assert {("metrics", k) for k in evaluated.content["metrics"]} == _threat_model_rows("evaluate")
